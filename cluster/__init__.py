@@ -1,0 +1,1 @@
+"""Strata's control plane: front ends, scheduling, catalog, tiering, configuration."""

@@ -1,0 +1,178 @@
+"""The Python client for a Strata node's gRPC API."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cluster.rpc import strata_pb2 as pb
+from cluster.rpc import strata_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 4 * 1024 * 1024
+STATUS_NAMES = {
+    pb.INGEST_STATUS_STORED: "stored",
+    pb.INGEST_STATUS_DUPLICATE: "duplicate",
+    pb.INGEST_STATUS_REJECTED: "rejected",
+}
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """The server's answer for one file, with the path it was read from."""
+
+    source: str
+    status: str  # "stored" | "duplicate" | "rejected"
+    reason: str
+    message: str
+    sop_instance_uid: str
+    version: int
+    bytes_in: int
+    bytes_stored: int
+    transfer_syntax_stored: str
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """A whole file given back by the server, checked against the SHA-256 it announced."""
+
+    data: bytes
+    transfer_syntax: str
+    sha256: str
+
+
+class StrataClient:
+    """Ingest, retrieve and find against one Strata node."""
+
+    def __init__(self, address: str = "127.0.0.1:50051") -> None:
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                ("grpc.max_send_message_length", 8 * 1024 * 1024),
+            ],
+        )
+        self.archive = pb_grpc.ArchiveStub(self._channel)
+        self.catalog = pb_grpc.CatalogStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> StrataClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server accepts connections."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def ingest_files(
+        self,
+        paths: Iterable[Path],
+        *,
+        on_sent: Callable[[int], None] | None = None,
+    ) -> Iterator[IngestOutcome]:
+        """Send files over one Ingest stream; yield one outcome per file as they arrive.
+
+        Files are read lazily chunk by chunk, so memory stays flat however many are sent.
+        """
+        names: dict[str, str] = {}
+
+        def sources() -> Iterator[tuple[str, Iterator[bytes]]]:
+            for index, path in enumerate(paths):
+                file_id = str(index)
+                names[file_id] = str(path)
+                yield file_id, _read_chunks(path, on_sent)
+
+        yield from self._ingest(sources(), names)
+
+    def ingest_bytes(self, files: Iterable[tuple[str, bytes]]) -> Iterator[IngestOutcome]:
+        """Send in-memory files (name, bytes); yield one outcome per file."""
+        names: dict[str, str] = {}
+
+        def sources() -> Iterator[tuple[str, Iterator[bytes]]]:
+            for index, (name, data) in enumerate(files):
+                file_id = str(index)
+                names[file_id] = name
+                chunks = (data[i : i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES))
+                yield file_id, chunks
+
+        yield from self._ingest(sources(), names)
+
+    def _ingest(
+        self, sources: Iterator[tuple[str, Iterator[bytes]]], names: dict[str, str]
+    ) -> Iterator[IngestOutcome]:
+        def requests() -> Iterator[pb.IngestChunk]:
+            for file_id, chunks in sources:
+                previous: bytes | None = None
+                for chunk in chunks:
+                    if previous is not None:
+                        yield pb.IngestChunk(file_id=file_id, data=previous)
+                    previous = chunk
+                yield pb.IngestChunk(file_id=file_id, data=previous or b"", last=True)
+
+        for result in self.archive.Ingest(requests()):
+            yield IngestOutcome(
+                source=names.get(result.file_id, result.file_id),
+                status=STATUS_NAMES.get(result.status, "unknown"),
+                reason=result.reason,
+                message=result.message,
+                sop_instance_uid=result.sop_instance_uid,
+                version=result.version,
+                bytes_in=result.bytes_in,
+                bytes_stored=result.bytes_stored,
+                transfer_syntax_stored=result.transfer_syntax_stored,
+            )
+
+    def retrieve(self, sop_instance_uid: str, *, stored: bool = False, version: int = 0) -> Retrieved:
+        """One instance: the original bytes, or (``stored``) its stored compressed form."""
+        request = pb.RetrieveRequest(
+            sop_instance_uid=sop_instance_uid,
+            syntax=pb.RETRIEVE_SYNTAX_STORED if stored else pb.RETRIEVE_SYNTAX_ORIGINAL,
+            version=version,
+        )
+        parts: list[bytes] = []
+        first: pb.RetrieveChunk | None = None
+        for chunk in self.archive.Retrieve(request):
+            first = first or chunk
+            parts.append(chunk.data)
+        if first is None:
+            raise RuntimeError("the server sent no data")
+        data = b"".join(parts)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != first.total_size or digest != first.sha256:
+            raise RuntimeError("the file received does not match the size and SHA-256 announced")
+        return Retrieved(data, first.transfer_syntax, digest)
+
+    def find_studies(self, **filters: object) -> list[pb.Study]:
+        return list(self.catalog.FindStudies(pb.FindRequest(**filters)).studies)  # type: ignore[arg-type]
+
+    def find_instances(self, **filters: object) -> list[pb.Instance]:
+        return list(self.catalog.FindInstances(pb.FindRequest(**filters)).instances)  # type: ignore[arg-type]
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files named, and every file below folders named, in a stable order."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                out.extend(Path(root) / name for name in sorted(files))
+        else:
+            out.append(path)
+    return out
+
+
+def _read_chunks(path: Path, on_sent: Callable[[int], None] | None) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            if on_sent:
+                on_sent(len(chunk))
+            yield chunk

@@ -1,0 +1,136 @@
+"""Strata's configuration: one typed object, loaded once from a TOML file and the environment.
+
+Precedence: defaults < TOML file (``--config`` or ``$STRATA_CONFIG``) < ``STRATA_<KEY>``
+environment variables < command-line flags. Every key is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+CHUNK_LIMIT = 4 * MiB  # the wire limit on one IngestChunk's data
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; names the key and what is allowed."""
+
+
+def _config_home() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+
+
+CODECS = {"htj2k": "1.2.840.10008.1.2.4.201"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting Strata reads. See README.md, "Configuration"."""
+
+    # Front end
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_file_bytes: int = 1024 * MiB
+    max_inflight_bytes: int = 1536 * MiB
+    # Storage
+    data_dir: Path = field(default_factory=lambda: _data_home() / "strata")
+    key_file: Path = field(default_factory=lambda: _config_home() / "strata" / "keys.json")
+    minio_endpoint: str = ""  # empty: embedded MinIO under data_dir (serve --embedded)
+    minio_access_key: str = ""
+    minio_secret_key: str = ""
+    minio_drives: int = 4
+    catalog_bucket: str = "strata-catalog"
+    tier: str = "hot"
+    codec: str = "htj2k"
+    # Compute
+    ray_address: str = ""  # empty: start a local Ray; "auto": join the running cluster
+    worker_cpus: int = 0  # 0: all cores Ray sees
+    batch_max_files: int = 8
+    batch_max_bytes: int = 64 * MiB
+    batch_wait_ms: int = 20
+    commit_max_rows: int = 64
+    commit_wait_ms: int = 50
+
+    def validate(self) -> Config:
+        """Return self, or raise ConfigError naming the first bad key."""
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be 1..65535, not {self.port}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec must be one of {sorted(CODECS)}, not {self.codec!r}")
+        if self.tier not in ("hot", "warm", "cold"):
+            raise ConfigError(f"tier must be one of 'hot', 'warm', 'cold', not {self.tier!r}")
+        if self.max_file_bytes <= 0:
+            raise ConfigError("max_file_bytes must be positive")
+        if self.max_inflight_bytes < self.max_file_bytes + CHUNK_LIMIT:
+            raise ConfigError(
+                "max_inflight_bytes must be at least max_file_bytes + 4 MiB, so that one "
+                f"largest file fits ({self.max_inflight_bytes} < {self.max_file_bytes} + 4 MiB)"
+            )
+        if self.minio_drives < 4:
+            raise ConfigError(
+                f"minio_drives must be at least 4 for erasure coding, not {self.minio_drives}"
+            )
+        if self.minio_endpoint and not (self.minio_access_key and self.minio_secret_key):
+            raise ConfigError(
+                "minio_access_key and minio_secret_key are required with minio_endpoint"
+            )
+        for name in ("batch_max_files", "batch_max_bytes", "commit_max_rows"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.worker_cpus < 0:
+            raise ConfigError(f"worker_cpus must be 0 (all) or more, not {self.worker_cpus}")
+        return self
+
+    @property
+    def transfer_syntax(self) -> str:
+        return CODECS[self.codec]
+
+
+def load(path: Path | None = None, **overrides: Any) -> Config:
+    """Defaults, then the TOML file, then STRATA_* variables, then ``overrides``."""
+    values: dict[str, Any] = {}
+    path = path or (Path(os.environ["STRATA_CONFIG"]) if os.environ.get("STRATA_CONFIG") else None)
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {error}") from None
+        values.update(document.get("strata", document))
+    known = {f.name: f for f in fields(Config)}
+    for name in known:
+        env = os.environ.get(f"STRATA_{name.upper()}")
+        if env is not None:
+            values[name] = env
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+    config = Config()
+    converted: dict[str, Any] = {}
+    for name, value in values.items():
+        default = getattr(config, name)
+        converted[name] = _convert(name, value, default)
+    return replace(config, **converted).validate()
+
+
+def _convert(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, Path):
+        return Path(os.path.expanduser(str(value)))
+    if isinstance(default, bool):
+        return str(value).lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    return str(value)

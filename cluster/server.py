@@ -1,0 +1,47 @@
+"""Assembling the gRPC server: Archive, Catalog, health checking and reflection."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.frontend import ArchiveService, CatalogService
+from cluster.rpc import strata_pb2 as pb
+from cluster.rpc import strata_pb2_grpc as pb_grpc
+
+# A 4 MiB chunk plus its framing must fit one message; larger chunks are refused by gRPC.
+MAX_MESSAGE = 8 * 1024 * 1024
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Archive"].full_name,
+    pb.DESCRIPTOR.services_by_name["Catalog"].full_name,
+)
+
+
+async def start_server(
+    archive: ArchiveService, catalog: CatalogService, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving on ``host:port`` (0 picks a free port); returns the server and port."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+    )
+    pb_grpc.add_ArchiveServicer_to_server(archive, server)
+    pb_grpc.add_CatalogServicer_to_server(catalog, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not listen on {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,50 @@
+"""Configuration loading and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load
+
+
+def test_defaults_are_valid() -> None:
+    config = load()
+    assert config.host == "127.0.0.1"
+    assert config.port == 50051
+    assert config.codec == "htj2k"
+
+
+def test_file_then_environment_then_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "strata.toml"
+    path.write_text('[strata]\nport = 6000\ntier = "warm"\nbatch_max_files = 4\n')
+    monkeypatch.setenv("STRATA_BATCH_MAX_FILES", "12")
+    config = load(path, tier="cold")
+    assert (config.port, config.batch_max_files, config.tier) == (6000, 12, "cold")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"codec": "gif"}, "codec must be one of"),
+        ({"tier": "lukewarm"}, "tier must be one of"),
+        ({"port": 70000}, "port must be"),
+        ({"minio_drives": 2}, "at least 4"),
+        ({"max_inflight_bytes": 10}, "max_inflight_bytes"),
+        ({"batch_max_files": "many"}, "batch_max_files must be a whole number"),
+        ({"minio_endpoint": "127.0.0.1:9000"}, "minio_access_key"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(**overrides)
+
+
+def test_unknown_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "strata.toml"
+    path.write_text("[strata]\nprot = 1\n")
+    with pytest.raises(ConfigError, match="unknown configuration key.*prot"):
+        load(path)

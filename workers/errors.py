@@ -1,0 +1,33 @@
+"""Rejections: a machine-readable reason code plus a sentence a person can act on."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why an instance was not stored. The values are part of the wire API."""
+
+    NOT_DICOM = "not_dicom"
+    TRUNCATED = "truncated"
+    MISSING_UID = "missing_uid"
+    PIXEL_LENGTH_MISMATCH = "pixel_length_mismatch"
+    TOO_LARGE = "too_large"
+    INCOMPLETE_STREAM = "incomplete_stream"
+    CHUNK_TOO_LARGE = "chunk_too_large"
+    BAD_REQUEST = "bad_request"
+    STORAGE_FAILED = "storage_failed"
+    INTERNAL = "internal_error"
+
+
+class RejectError(Exception):
+    """An input that Strata refuses to store; carries the reason code and a sentence.
+
+    The sentence must never contain PHI: name the element and what is wrong with it,
+    not the value of a patient attribute.
+    """
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message

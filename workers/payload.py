@@ -1,0 +1,71 @@
+"""What an object's segments hold, and the manifest (segment 0) that describes them.
+
+Two shapes:
+
+* ``split`` — the pixel data was re-encoded losslessly. Segments: manifest, the file's bytes
+  before the Pixel Data value (prefix), one codestream per frame, the bytes after it
+  (suffix). The original is prefix + decoded pixels + trailing pad + suffix.
+* ``whole`` — stored as received. Segments: manifest, the whole file.
+
+The manifest makes every object self-describing, so that the archive can be rebuilt from
+the object store alone if the catalog is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass
+
+from workers.split import PixelLayout
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Segment 0 of every object (encrypted like the rest)."""
+
+    kind: str  # "split" or "whole"
+    sha256: str  # of the original file
+    original_length: int
+    transfer_syntax_in: str
+    transfer_syntax_stored: str
+    layout: PixelLayout | None = None
+    trailing: bytes = b""
+    frame_count: int = 0
+
+    def to_bytes(self) -> bytes:
+        document = {
+            "format": MANIFEST_FORMAT,
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "original_length": self.original_length,
+            "transfer_syntax_in": self.transfer_syntax_in,
+            "transfer_syntax_stored": self.transfer_syntax_stored,
+            "layout": asdict(self.layout) if self.layout else None,
+            "trailing": base64.b64encode(self.trailing).decode(),
+            "frame_count": self.frame_count,
+        }
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Manifest:
+        document = json.loads(raw)
+        if document.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"manifest format {document.get('format')!r} is not supported")
+        layout = document["layout"]
+        return cls(
+            kind=document["kind"],
+            sha256=document["sha256"],
+            original_length=document["original_length"],
+            transfer_syntax_in=document["transfer_syntax_in"],
+            transfer_syntax_stored=document["transfer_syntax_stored"],
+            layout=PixelLayout(**layout) if layout else None,
+            trailing=base64.b64decode(document["trailing"]),
+            frame_count=document["frame_count"],
+        )
+
+    def frame_segment(self, frame: int) -> int:
+        """Index of the segment holding ``frame`` (0-based) in a ``split`` object."""
+        return 2 + frame

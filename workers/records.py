@@ -1,0 +1,95 @@
+"""Plain data passed between the pipeline's stages and to the catalog.
+
+Every type here is a frozen dataclass of builtins so that Ray can pickle it cheaply and
+tests can build one by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One whole file as received by a front end, with its SHA-256 (hex)."""
+
+    file_id: str
+    data: bytes
+    sha256: str
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One stored object: the row of the catalog table ``instances``.
+
+    Identity attributes of the patient appear only as keyed HMAC pseudonyms; names and
+    birth dates are never carried here.
+    """
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    body_part: str
+    study_date: date | None
+    patient_pseudonym: str
+    accession_pseudonym: str
+    transfer_syntax_in: str
+    transfer_syntax_stored: str
+    # "transcoded" when the pixel data was re-encoded losslessly, "as_received" otherwise;
+    # storage_note says why in a sentence (e.g. which layout the codec cannot represent).
+    storage_action: str
+    storage_note: str
+    frames: int
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+    samples_per_pixel: int
+    photometric_interpretation: str
+    bytes_in: int
+    bytes_stored: int
+    sha256: str
+    object_key: str
+    tier: str
+    key_id: str
+    ingest_time: datetime
+    # Assigned by the catalog writer: 1 for the first file with this SOP Instance UID,
+    # n + 1 for each later different file with the same UID.
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A file the pipeline wrote to the object store; not yet committed to the catalog."""
+
+    file_id: str
+    record: InstanceRecord
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A file the pipeline refused; nothing was written for it."""
+
+    file_id: str
+    reason: str
+    message: str
+
+
+Outcome = Stored | Rejected
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the S3-compatible object store (MinIO) listens and how to sign in to it."""
+
+    endpoint: str  # "127.0.0.1:9000", no scheme
+    access_key: str
+    secret_key: str
+    secure: bool = False
+    region: str = "us-east-1"
