@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     get.set_defaults(run=_get)
 
     query = commands.add_parser("query", help="SQL over the catalog (DuckDB)")
-    query.add_argument("sql", help="e.g. \"SELECT modality, count(*) FROM instances GROUP BY 1\"")
+    query.add_argument("sql", help='e.g. "SELECT modality, count(*) FROM instances GROUP BY 1"')
     query.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
     query.set_defaults(run=_query)
 

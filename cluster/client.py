@@ -100,7 +100,9 @@ class StrataClient:
             for index, (name, data) in enumerate(files):
                 file_id = str(index)
                 names[file_id] = name
-                chunks = (data[i : i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES))
+                chunks = (
+                    data[i : i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES)
+                )
                 yield file_id, chunks
 
         yield from self._ingest(sources(), names)
@@ -130,7 +132,9 @@ class StrataClient:
                 transfer_syntax_stored=result.transfer_syntax_stored,
             )
 
-    def retrieve(self, sop_instance_uid: str, *, stored: bool = False, version: int = 0) -> Retrieved:
+    def retrieve(
+        self, sop_instance_uid: str, *, stored: bool = False, version: int = 0
+    ) -> Retrieved:
         """One instance: the original bytes, or (``stored``) its stored compressed form."""
         request = pb.RetrieveRequest(
             sop_instance_uid=sop_instance_uid,

@@ -54,7 +54,9 @@ def run_demo(config: Config, work_dir: Path | None = None) -> int:
         )
         report = asyncio.run(_run(config, files + rejects))
         _print(report, files)
-        rejected_good = [o for o in report.outcomes if o.status == "rejected" and "rejects" not in o.source]
+        rejected_good = [
+            o for o in report.outcomes if o.status == "rejected" and "rejects" not in o.source
+        ]
         return 0 if not rejected_good and report.verified else 1
 
 
@@ -62,7 +64,8 @@ async def _run(config: Config, files: list[Path]) -> DemoReport:
     stack = Stack(config, embedded=True)
     with console.status("starting MinIO (4 drives, erasure coded), Ray and the gRPC server…"):
         await stack.start()
-    console.print(f"node up: gRPC {stack.address}, MinIO {stack.minio.settings.endpoint if stack.minio else ''}")
+    minio = stack.minio.settings.endpoint if stack.minio else "external"
+    console.print(f"node up: gRPC {stack.address}, MinIO {minio}")
     try:
         report = await asyncio.to_thread(_client_work, stack.address, files)
         assert stack.store_settings is not None
@@ -93,11 +96,11 @@ def _client_work(address: str, files: list[Path]) -> DemoReport:
         by_path = {o.source: o for o in report.outcomes if o.status == "stored"}
         seen: set[str] = set()
         for path in files:
-            outcome = by_path.get(str(path))
-            if outcome is None or path.parent.name in seen:
+            stored = by_path.get(str(path))
+            if stored is None or path.parent.name in seen:
                 continue
             seen.add(path.parent.name)
-            retrieved = client.retrieve(outcome.sop_instance_uid)
+            retrieved = client.retrieve(stored.sop_instance_uid)
             if hashlib.sha256(path.read_bytes()).hexdigest() != retrieved.sha256:
                 raise RuntimeError(f"{path} came back different")
             report.verified.append(f"{path.parent.name}/{path.name}")
@@ -128,8 +131,12 @@ def _print(report: DemoReport, good_files: list[Path]) -> None:
     for modality, instances, raw, stored, syntax in report.catalog_rows:
         assert isinstance(raw, int) and isinstance(stored, int)
         table.add_row(
-            str(modality), str(instances), f"{raw / 1e6:.1f}", f"{stored / 1e6:.1f}",
-            f"{raw / stored:.2f}", str(syntax),
+            str(modality),
+            str(instances),
+            f"{raw / 1e6:.1f}",
+            f"{stored / 1e6:.1f}",
+            f"{raw / stored:.2f}",
+            str(syntax),
         )
     console.print(table)
 
@@ -142,7 +149,9 @@ def _print(report: DemoReport, good_files: list[Path]) -> None:
     summary.add_row("MB in", f"{bytes_in / 1e6:.1f}")
     summary.add_row("MB stored (encrypted, before erasure parity)", f"{bytes_stored / 1e6:.1f}")
     summary.add_row("compression ratio", f"{bytes_in / max(bytes_stored, 1):.2f}")
-    summary.add_row("ingest MB/s (end to end, acknowledged)", f"{bytes_in / 1e6 / report.seconds:.1f}")
+    summary.add_row(
+        "ingest MB/s (end to end, acknowledged)", f"{bytes_in / 1e6 / report.seconds:.1f}"
+    )
     summary.add_row("instances/s", f"{counts['stored'] / report.seconds:.1f}")
     summary.add_row("rejected", str(counts["rejected"]))
     for reason, count in reasons.most_common():

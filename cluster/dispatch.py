@@ -108,7 +108,7 @@ class Dispatcher:
                     result = FileResult(outcome.file_id, row.status, record=row.record)
                 if not pending.future.done():
                     pending.future.set_result(result)
-        except Exception as error:  # noqa: BLE001 - every waiting file gets an answer
+        except Exception as error:
             log.exception("a batch of %d files failed", len(batch))
             for pending in batch:
                 if not pending.future.done():

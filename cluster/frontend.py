@@ -90,7 +90,9 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                 reader.cancel()
 
     async def _read(
-        self, requests: AsyncIterator[pb.IngestChunk], results: asyncio.Queue[pb.IngestResult | None]
+        self,
+        requests: AsyncIterator[pb.IngestChunk],
+        results: asyncio.Queue[pb.IngestResult | None],
     ) -> None:
         tasks: set[asyncio.Task[None]] = set()
         current: _Assembly | None = None
@@ -177,7 +179,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         current.chunks.clear()
         try:
             result = await self._store_once(current.file_id, data, sha256)
-        except Exception as error:  # noqa: BLE001 - the sender must get an answer
+        except Exception as error:
             log.exception("file %s could not be stored", sha256[:12])
             result = FileResult(
                 current.file_id,
@@ -196,13 +198,15 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             first = await asyncio.shield(earlier)
             status = "duplicate" if first.status != "rejected" else "rejected"
             return FileResult(file_id, status, first.record, first.reason, first.message)
-        known = await self._catalog.lookup_sha256.remote(sha256)
-        if known is not None:
-            return FileResult(file_id, "duplicate", record=known)
+        # Registered before the first await, so an identical file arriving meanwhile waits.
         future: asyncio.Future[FileResult] = asyncio.get_running_loop().create_future()
         self._inflight[sha256] = future
         try:
-            result = await self._dispatcher.submit(IngestItem(file_id, data, sha256))
+            known = await self._catalog.lookup_sha256.remote(sha256)
+            if known is not None:
+                result = FileResult(file_id, "duplicate", record=known)
+            else:
+                result = await self._dispatcher.submit(IngestItem(file_id, data, sha256))
             future.set_result(result)
             return result
         except BaseException as error:
@@ -236,7 +240,9 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             return
         except ray.exceptions.RayTaskError as error:
             cause = error.cause if isinstance(error.cause, RestoreError) else None
-            log.error("retrieve of object %s failed", record.object_key)
+            log.error(
+                "retrieve of object %s failed: %s", record.object_key, type(error.cause).__name__
+            )
             await context.abort(
                 grpc.StatusCode.DATA_LOSS if cause else grpc.StatusCode.INTERNAL,
                 str(cause) if cause else "the object could not be read; the error was logged",

@@ -13,19 +13,21 @@ PROTO = ROOT / "proto" / "strata" / "v1" / "strata.proto"
 
 
 def generate(out_dir: Path) -> None:
-    """Write strata_pb2.py, strata_pb2.pyi and strata_pb2_grpc.py under out_dir/cluster/rpc."""
+    """Write the message and service stubs (and their .pyi types) under out_dir/cluster/rpc."""
     (out_dir / "cluster" / "rpc").mkdir(parents=True, exist_ok=True)
     include = Path(protoc.__file__).parent / "_proto"
     # The -I mapping makes the generated imports read `from cluster.rpc import strata_pb2`.
-    plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+    plugins = Path(sys.executable).parent
     args = [
         "protoc",
         f"-I{include}",
         f"-Icluster/rpc={PROTO.parent}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        f"--plugin=protoc-gen-mypy={plugin}",
+        f"--plugin=protoc-gen-mypy={plugins / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={plugins / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
         str(PROTO),
     ]
     cwd = os.getcwd()

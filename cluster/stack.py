@@ -95,7 +95,9 @@ class Stack:
                 runtime_env={"env_vars": {"PYTHONHASHSEED": "0"}},
             )
             self._started_ray = True
-        worker_cpus = config.worker_cpus or int(ray.cluster_resources().get("CPU", os.cpu_count()))
+        worker_cpus = config.worker_cpus or int(
+            ray.cluster_resources().get("CPU", os.cpu_count())  # type: ignore[no-untyped-call]
+        )
 
         self._catalog = (
             ray.remote(CatalogWriter)
@@ -139,7 +141,7 @@ class Stack:
         if self._catalog is not None:
             try:
                 await self._catalog.close.remote()
-            except Exception:  # noqa: BLE001 - shutting down anyway
+            except Exception:
                 log.exception("catalog writer did not close cleanly")
             ray.kill(self._catalog)
             self._catalog = None
@@ -163,7 +165,9 @@ def node_store_settings(config: Config) -> StoreSettings:
     node running under ``data_dir`` (it records its address in ``node.json``, mode 0600).
     """
     if config.minio_endpoint:
-        return StoreSettings(config.minio_endpoint, config.minio_access_key, config.minio_secret_key)
+        return StoreSettings(
+            config.minio_endpoint, config.minio_access_key, config.minio_secret_key
+        )
     path = config.data_dir / NODE_FILE
     try:
         document = json.loads(path.read_text())

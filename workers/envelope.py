@@ -141,9 +141,7 @@ class Opener:
         """The plaintext of segment ``index`` given its ciphertext."""
         count = len(self._header.segment_lengths)
         nonce = self._header.nonce_prefix + struct.pack(">I", index)
-        aad = _associated_data(
-            self._digest, self._object_key, self._sop_instance_uid, index, count
-        )
+        aad = _associated_data(self._digest, self._object_key, self._sop_instance_uid, index, count)
         try:
             return self._aead.decrypt(nonce, bytes(ciphertext), aad)
         except InvalidTag:

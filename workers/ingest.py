@@ -25,8 +25,8 @@ from workers.records import (
     InstanceRecord,
     Outcome,
     Rejected,
-    StoreSettings,
     Stored,
+    StoreSettings,
 )
 from workers.split import SplitFile, split_file
 
@@ -52,7 +52,7 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Ou
             outcomes.append(ingest_one(item, settings))
         except RejectError as error:
             outcomes.append(Rejected(item.file_id, error.reason.value, error.message))
-        except Exception as error:  # noqa: BLE001 - reported to the sender, logged without PHI
+        except Exception as error:
             log.exception("file %s failed in the pipeline", _short(item.sha256))
             outcomes.append(
                 Rejected(

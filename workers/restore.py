@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.encaps import encapsulate
+from pydicom.uid import UID
 
 from workers import store
 from workers.codec import EncodedPixels, decode_to_native
@@ -86,7 +87,7 @@ def _encapsulated_file(original: bytes, manifest: Manifest, frames: list[bytes])
     layout = manifest.layout
     assert layout is not None
     dataset = pydicom.dcmread(io.BytesIO(original))
-    dataset.file_meta.TransferSyntaxUID = manifest.transfer_syntax_stored
+    dataset.file_meta.TransferSyntaxUID = UID(manifest.transfer_syntax_stored)
     dataset.PixelData = encapsulate(frames, has_bot=True)
     dataset["PixelData"].VR = "OB"
     dataset["PixelData"].is_undefined_length = True
@@ -96,5 +97,11 @@ def _encapsulated_file(original: bytes, manifest: Manifest, frames: list[bytes])
         # Compressed pixel data is always colour-by-pixel (PS3.5 8.2).
         dataset.PlanarConfiguration = 0
     out = io.BytesIO()
-    dataset.save_as(out, enforce_file_format=True, little_endian=True, implicit_vr=False)
+    # force_encoding re-encodes big-endian and implicit-VR originals as explicit VR little
+    # endian, which every compressed transfer syntax requires. pydicom refuses it together
+    # with enforce_file_format, so the preamble and file meta (read from the original Part
+    # 10 file) are written as they are, with the group length recomputed.
+    dataset.preamble = dataset.preamble or b"\0" * 128
+    dataset.file_meta.FileMetaInformationGroupLength = 0
+    pydicom.dcmwrite(out, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
     return out.getvalue()

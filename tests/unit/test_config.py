@@ -46,5 +46,5 @@ def test_bad_values_name_the_key(overrides: dict[str, object], message: str) -> 
 def test_unknown_key_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "strata.toml"
     path.write_text("[strata]\nprot = 1\n")
-    with pytest.raises(ConfigError, match="unknown configuration key.*prot"):
+    with pytest.raises(ConfigError, match=r"unknown configuration key.*prot"):
         load(path)

@@ -65,7 +65,9 @@ def test_bound_to_object_key_and_uid(keys: FileKeyProvider, object_key: str, sop
 
 
 def test_flipped_bit_is_caught(keys: FileKeyProvider) -> None:
-    blob = bytearray(seal([b"a" * 100, b"b" * 100], object_key="k", sop_instance_uid="1", keys=keys))
+    blob = bytearray(
+        seal([b"a" * 100, b"b" * 100], object_key="k", sop_instance_uid="1", keys=keys)
+    )
     blob[-50] ^= 0x01
     with pytest.raises(EnvelopeError):
         open_object(bytes(blob), object_key="k", sop_instance_uid="1", keys=keys)

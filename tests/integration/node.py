@@ -1,0 +1,90 @@
+"""A real Strata node in a subprocess (`strata serve --embedded`) for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Node:
+    """Start, stop and restart one embedded node whose data survives restarts."""
+
+    def __init__(self, root: Path, **settings: str) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.key_file = root / "keys" / "keys.json"
+        self.log_path = root / "serve.log"
+        self.port = free_port()
+        self.settings = settings
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> None:
+        env = dict(os.environ)
+        env["STRATA_KEY_FILE"] = str(self.key_file)
+        env.update({f"STRATA_{k.upper()}": v for k, v in self.settings.items()})
+        command = [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve",
+            "--embedded",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+        ]
+        log = self.log_path.open("ab")
+        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"strata serve exited early:\n{self.log_tail()}")
+            if self._healthy():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"strata serve did not become healthy:\n{self.log_tail()}")
+
+    def _healthy(self) -> bool:
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError:
+            return False
+
+    def stop(self, timeout: float = 90.0) -> int | None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])

@@ -1,0 +1,326 @@
+"""The catalog writer as a real Ray actor over a real MinIO, and the readers."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pytest
+import ray
+from deltalake import DeltaTable, write_deltalake
+
+from cluster import catalog
+from cluster.catalog import CatalogWriter, Committed
+from cluster.minio_server import MinioServer
+from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored, StoreSettings
+
+STUDY_A = "1.2.826.0.1.3680043.8.498.1"
+STUDY_B = "1.2.826.0.1.3680043.8.498.2"
+
+
+def make_record(
+    sop_uid: str,
+    *,
+    content: str = "",
+    study_uid: str = STUDY_A,
+    series_uid: str | None = None,
+    modality: str = "CT",
+    study_date: date | None = date(2024, 3, 1),
+    bytes_in: int = 1000,
+    ingest_time: datetime | None = None,
+) -> InstanceRecord:
+    """A record carrying pseudonyms only, as the pipeline builds it."""
+    return InstanceRecord(
+        sop_instance_uid=sop_uid,
+        series_instance_uid=series_uid or f"{study_uid}.1",
+        study_instance_uid=study_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        modality=modality,
+        body_part="CHEST",
+        study_date=study_date,
+        patient_pseudonym="pp-" + hashlib.sha256(study_uid.encode()).hexdigest()[:16],
+        accession_pseudonym="ap-" + hashlib.sha256(study_uid.encode()).hexdigest()[16:32],
+        transfer_syntax_in="1.2.840.10008.1.2.1",
+        transfer_syntax_stored=HTJ2K_LOSSLESS,
+        storage_action="transcoded",
+        storage_note="",
+        frames=1,
+        rows=512,
+        columns=512,
+        bits_allocated=16,
+        bits_stored=12,
+        samples_per_pixel=1,
+        photometric_interpretation="MONOCHROME2",
+        bytes_in=bytes_in,
+        bytes_stored=bytes_in // 2,
+        sha256=hashlib.sha256(f"{sop_uid}/{content}".encode()).hexdigest(),
+        object_key=f"objects/{sop_uid}/{content or 'v'}",
+        tier="hot",
+        key_id="kek-1",
+        ingest_time=ingest_time or datetime.now(UTC),
+    )
+
+
+def stored(record: InstanceRecord, file_id: str | None = None) -> Stored:
+    return Stored(file_id or f"file-{record.sha256[:8]}", record)
+
+
+def start_writer(settings: StoreSettings, bucket: str, **options: Any) -> Any:
+    return ray.remote(CatalogWriter).options(num_cpus=0).remote(settings, bucket, **options)
+
+
+def test_concurrent_commits_are_grouped(
+    ray_local: None, minio: MinioServer, bucket_name: str
+) -> None:
+    writer = start_writer(minio.settings, bucket_name)
+    ray.get(writer.stats.remote())  # tables created, index loaded
+    records = [make_record(f"1.2.3.{n}", series_uid=f"1.2.3.s{n % 4}") for n in range(200)]
+
+    started = time.perf_counter()
+    results: list[list[Committed]] = ray.get(
+        [writer.commit.remote([stored(r, f"f{n}")]) for n, r in enumerate(records)]
+    )
+    elapsed = time.perf_counter() - started
+
+    assert [[c.file_id for c in result] for result in results] == [[f"f{n}"] for n in range(200)]
+    assert all(result[0].status == "stored" and result[0].version == 1 for result in results)
+    assert results[7][0].record.sop_instance_uid == "1.2.3.7"
+    stats = ray.get(writer.stats.remote())
+    print(f"\n200 commits in {elapsed:.2f} s; writer stats {stats}")
+    assert stats["rows_written"] == 200
+    assert stats["commits"] <= 20, stats
+    assert stats["max_group_size"] >= 10, stats
+    assert len(catalog.find_instances(minio.settings, bucket=bucket_name, limit=500)) == 200
+    [study] = catalog.find_studies(minio.settings, bucket=bucket_name)
+    assert (study.instance_count, study.series_count) == (200, 4)
+    ray.get(writer.close.remote())
+    ray.kill(writer)
+
+
+def test_duplicates_versions_and_restart(
+    ray_local: None, minio: MinioServer, bucket_name: str
+) -> None:
+    settings = minio.settings
+    writer = start_writer(settings, bucket_name, max_wait_s=0.01)
+    first = make_record("1.2.9.1")
+    [a] = ray.get(writer.commit.remote([stored(first, "a")]))
+    assert (a.status, a.version, a.record.version) == ("stored", 1, 1)
+
+    [again] = ray.get(writer.commit.remote([stored(first, "a-again")]))
+    assert (again.file_id, again.status, again.version) == ("a-again", "duplicate", 1)
+    assert again.record == a.record
+
+    changed = make_record("1.2.9.1", content="re-sent with other bytes")
+    [b] = ray.get(writer.commit.remote([stored(changed, "b")]))
+    assert (b.status, b.version) == ("stored", 2)
+
+    # In one call: a new file, a copy of it, and a third version of the first SOP.
+    other = make_record("1.2.9.2")
+    third = make_record("1.2.9.1", content="third")
+    group = ray.get(
+        writer.commit.remote([stored(other, "c"), stored(other, "c-copy"), stored(third, "d")])
+    )
+    assert [(c.file_id, c.status, c.version) for c in group] == [
+        ("c", "stored", 1),
+        ("c-copy", "duplicate", 1),
+        ("d", "stored", 3),
+    ]
+    assert ray.get(writer.lookup_sha256.remote(changed.sha256)) == b.record
+    assert ray.get(writer.lookup_sha256.remote("0" * 64)) is None
+    ray.get(writer.close.remote())
+    ray.kill(writer)
+
+    # A new writer (as after a crash or redeploy) reloads the index from the table.
+    restarted = start_writer(settings, bucket_name, max_wait_s=0.01)
+    assert ray.get(restarted.lookup_sha256.remote(first.sha256)) == a.record
+    [dup, fourth] = ray.get(
+        restarted.commit.remote(
+            [stored(changed, "b-late"), stored(make_record("1.2.9.1", content="4"), "e")]
+        )
+    )
+    assert (dup.status, dup.version, dup.record) == ("duplicate", 2, b.record)
+    assert (fourth.status, fourth.version) == ("stored", 4)
+    assert catalog.latest_instance(settings, "1.2.9.1", bucket=bucket_name) == fourth.record
+    assert catalog.latest_instance(settings, "1.2.9.1", 2, bucket=bucket_name) == b.record
+    assert catalog.latest_instance(settings, "9.9.9", bucket=bucket_name) is None
+    [study] = catalog.find_studies(settings, bucket=bucket_name)
+    # Four versions of one SOP Instance count once; every stored object's bytes count.
+    assert (study.instance_count, study.bytes_in) == (2, 5 * 1000)
+    ray.kill(restarted)
+
+
+@pytest.fixture(scope="module")
+def populated(
+    ray_local: None, minio: MinioServer
+) -> Iterator[tuple[StoreSettings, str, list[Committed]]]:
+    """A catalog with two studies (CT+MR and US) written through the actor."""
+    bucket = "test-readers"
+    writer = start_writer(minio.settings, bucket)
+    early = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    records = [
+        make_record("2.1.1", series_uid="2.1.s1", modality="CT", ingest_time=early),
+        make_record("2.1.2", series_uid="2.1.s1", modality="CT"),
+        make_record("2.1.3", series_uid="2.1.s2", modality="MR", bytes_in=3000),
+        make_record(
+            "2.2.1", study_uid=STUDY_B, modality="US", study_date=date(2023, 1, 9), bytes_in=10
+        ),
+    ]
+    committed = ray.get(writer.commit.remote([stored(r) for r in records]))
+    ray.get(writer.close.remote())
+    ray.kill(writer)
+    yield minio.settings, bucket, committed
+
+
+def test_find_instances_filters(populated: tuple[StoreSettings, str, list[Committed]]) -> None:
+    settings, bucket, committed = populated
+
+    def sops(**filters: Any) -> list[str]:
+        found = catalog.find_instances(settings, bucket=bucket, **filters)
+        return [r.sop_instance_uid for r in found]
+
+    assert sops() == ["2.1.1", "2.1.2", "2.1.3", "2.2.1"]
+    assert sops(study_uid=STUDY_B) == ["2.2.1"]
+    assert sops(series_uid="2.1.s1") == ["2.1.1", "2.1.2"]
+    assert sops(sop_uid="2.1.3") == ["2.1.3"]
+    assert sops(modality="MR") == ["2.1.3"]
+    assert sops(date_from=date(2024, 1, 1)) == ["2.1.1", "2.1.2", "2.1.3"]
+    assert sops(date_to=date(2023, 12, 31)) == ["2.2.1"]
+    assert sops(study_uid=STUDY_A, modality="US") == []
+    assert sops(limit=2) == ["2.1.1", "2.1.2"]
+    assert catalog.find_instances(settings, bucket=bucket, sop_uid="2.1.1") == [committed[0].record]
+    # A filter value is a bound parameter, never SQL.
+    assert sops(study_uid="x' OR '1'='1") == []
+
+
+def test_find_studies_aggregates(populated: tuple[StoreSettings, str, list[Committed]]) -> None:
+    settings, bucket, committed = populated
+    studies = {s.study_instance_uid: s for s in catalog.find_studies(settings, bucket=bucket)}
+    a = studies[STUDY_A]
+    assert a.modalities == ("CT", "MR")
+    assert (a.instance_count, a.series_count, a.bytes_in, a.bytes_stored) == (3, 2, 5000, 2500)
+    assert a.first_ingest_time == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert a.last_ingest_time == max(c.record.ingest_time for c in committed[:3])
+    assert a.patient_pseudonym == committed[0].record.patient_pseudonym
+    assert a.tier == "hot" and a.last_access_time is None
+
+    def uids(**filters: Any) -> list[str]:
+        return [
+            s.study_instance_uid for s in catalog.find_studies(settings, bucket=bucket, **filters)
+        ]
+
+    assert uids(modality="MR") == [STUDY_A]
+    assert uids(modality="US") == [STUDY_B]
+    assert uids(date_to=date(2023, 6, 1)) == [STUDY_B]
+    assert uids(patient_pseudonym=a.patient_pseudonym) == [STUDY_A]
+    assert uids(tier="cold") == []
+
+
+def test_sql_and_polars_read_the_tables(
+    populated: tuple[StoreSettings, str, list[Committed]],
+) -> None:
+    settings, bucket, _ = populated
+    connection = catalog.connect(settings, bucket=bucket)
+    by_modality = connection.execute(
+        "SELECT modality, count(*), sum(bytes_in) FROM instances GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert by_modality == [("CT", 2, 2000), ("MR", 1, 3000), ("US", 1, 10)]
+    joined = connection.execute(
+        "SELECT s.series_count, count(*) FROM instances i JOIN studies s USING "
+        "(study_instance_uid) WHERE i.study_instance_uid = ? GROUP BY 1",
+        [STUDY_A],
+    ).fetchall()
+    assert joined == [(2, 3)]
+    connection.close()
+
+    options = catalog.storage_options(settings)
+    instances = pl.read_delta(catalog.table_uri(bucket, "instances"), storage_options=options)
+    studies = pl.read_delta(catalog.table_uri(bucket, "studies"), storage_options=options)
+    assert instances.height == 4
+    assert sorted(studies["instance_count"].to_list()) == [1, 3]
+    assert studies.filter(pl.col("modalities").list.contains("MR")).height == 1
+
+
+def test_no_identity_columns(populated: tuple[StoreSettings, str, list[Committed]]) -> None:
+    settings, bucket, _ = populated
+    options = catalog.storage_options(settings)
+    for table in ("instances", "studies"):
+        schema = DeltaTable(catalog.table_uri(bucket, table), storage_options=options).schema()
+        names = {field.name for field in schema.fields}
+        assert "patient_pseudonym" in names
+        identity = {
+            n
+            for n in names
+            if any(word in n for word in ("patient", "accession", "name", "birth", "sex"))
+        }
+        assert identity == {"patient_pseudonym", "accession_pseudonym"}, table
+
+
+def test_record_access_and_repair_on_start(
+    ray_local: None, minio: MinioServer, bucket_name: str
+) -> None:
+    settings = minio.settings
+    writer = start_writer(settings, bucket_name, max_wait_s=0.01)
+    ray.get(writer.commit.remote([stored(make_record("3.1.1"))]))
+    before = datetime.now(UTC)
+    ray.get(writer.record_access.remote([STUDY_A, "unknown.study"]))
+    [study] = catalog.find_studies(settings, bucket=bucket_name)
+    assert study.last_access_time is not None and study.last_access_time >= before
+    ray.get(writer.close.remote())
+    ray.kill(writer)
+
+    # As if a writer died between its `instances` commit and its `studies` commit.
+    orphan = make_record("3.1.2", series_uid="3.1.s9", ingest_time=before + timedelta(seconds=1))
+    table = pa.Table.from_pylist(
+        [{**orphan.__dict__, "version": 1, "ingest_date": orphan.ingest_time.date()}],
+        schema=catalog.INSTANCES_SCHEMA,
+    )
+    write_deltalake(
+        catalog.table_uri(bucket_name, "instances"),
+        table,
+        mode="append",
+        storage_options=catalog.storage_options(settings),
+    )
+    restarted = start_writer(settings, bucket_name)
+    ray.get(restarted.stats.remote())
+    [repaired] = catalog.find_studies(settings, bucket=bucket_name)
+    assert (repaired.instance_count, repaired.series_count) == (2, 2)
+    assert repaired.last_access_time == study.last_access_time
+    ray.kill(restarted)
+
+
+def test_a_failed_group_commit_fails_every_caller_and_writes_nothing(
+    ray_local: None, minio: MinioServer, bucket_name: str
+) -> None:
+    settings = minio.settings
+    writer = start_writer(settings, bucket_name, max_wait_s=0.3)
+    ray.get(writer.commit.remote([stored(make_record("4.1.1"))]))
+    instances = DeltaTable(
+        catalog.table_uri(bucket_name, "instances"),
+        storage_options=catalog.storage_options(settings),
+    )
+    # Another writer changes the table under the catalog writer: a real commit failure.
+    instances.alter.add_constraint({"frozen": "sop_instance_uid = '4.1.1'"})
+    late = [make_record("4.1.2"), make_record("4.1.3")]
+    refs = [writer.commit.remote([stored(r)]) for r in late]
+    for ref in refs:
+        with pytest.raises(ray.exceptions.RayTaskError):
+            ray.get(ref)
+    assert ray.get(writer.lookup_sha256.remote(late[0].sha256)) is None
+    assert [r.sop_instance_uid for r in catalog.find_instances(settings, bucket=bucket_name)] == [
+        "4.1.1"
+    ]
+
+    instances.alter.drop_constraint("frozen")
+    [retried] = ray.get(writer.commit.remote([stored(late[0])]))
+    assert (retried.status, retried.version) == ("stored", 1)
+    # A record that does not fit the schema fails only its own call.
+    broken = dataclasses.replace(make_record("4.1.4"), frames=None)  # type: ignore[arg-type]
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(writer.commit.remote([stored(broken)]))
+    ray.kill(writer)
