@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         console.print(f"[red]configuration error:[/red] {error}")
         return 2
+    except grpc.RpcError as error:
+        console.print(f"[red]server answered {error.code().name}:[/red] {error.details()}")
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -14,7 +14,12 @@ from datetime import UTC, datetime
 from pydicom.uid import UID
 
 from workers import store
-from workers.codec import NotLossless, decode_to_native, encode_verified
+from workers.codec import (
+    NotLossless,
+    decode_to_native,
+    encode_verified,
+    values_fit_bits_stored,
+)
 from workers.envelope import seal
 from workers.errors import Reason, RejectError
 from workers.keys import cached_key_file
@@ -146,6 +151,12 @@ def _encode(
     prefix = view[: split.pixel_start]
     pixels = view[split.pixel_start : split.pixel_end]
     suffix = view[split.pixel_end :]
+    if not values_fit_bits_stored(pixels, layout):
+        note = (
+            f"samples use bits above Bits Stored {layout.bits_stored} (overlay or stray "
+            "high bits): a compressed file would show other pixels"
+        )
+        return whole, [data], note + "; stored as received"
     try:
         encoded = encode_verified(pixels, layout, transfer_syntax)
     except NotLossless as error:

@@ -14,8 +14,13 @@ import pytest
 import ray
 
 from cluster.minio_server import MinioServer
+from tests.integration.node import Node
 
 _HERE = Path(__file__).parent
+MiB = 1024 * 1024
+# The shared node's admission limits, small enough for tests to reach them.
+NODE_MAX_FILE = 32 * MiB
+NODE_INFLIGHT = 96 * MiB
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,3 +57,18 @@ def ray_local() -> Iterator[None]:
 def bucket_name() -> str:
     """A fresh bucket name, so tests sharing one MinIO do not see each other's data."""
     return f"test-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One real `strata serve --embedded` process (Ray + 4-drive MinIO) for the session."""
+    node = Node(
+        tmp_path_factory.mktemp("node"),
+        max_file_bytes=str(NODE_MAX_FILE),
+        max_inflight_bytes=str(NODE_INFLIGHT),
+    )
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()

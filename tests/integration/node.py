@@ -31,6 +31,7 @@ class Node:
         self.port = free_port()
         self.settings = settings
         self._process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
 
     @property
     def address(self) -> str:
@@ -51,6 +52,7 @@ class Node:
             "--port",
             str(self.port),
         ]
+        self.started_at = time.time()
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

@@ -1,0 +1,397 @@
+"""encode_verified / decode_to_native: bit-exact round trips on every layout they accept."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import data_store
+import imagecodecs
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.encaps import encapsulate
+from pydicom.pixels.decoders import HTJ2KLosslessDecoder
+from pydicom.pixels.utils import get_j2k_parameters
+
+from workers.codec import (
+    JPEG2000_LOSSLESS,
+    EncodedPixels,
+    NotLossless,
+    decode_frame,
+    decode_to_native,
+    encode_verified,
+    lossless_transfer_syntaxes,
+)
+from workers.records import HTJ2K_LOSSLESS
+from workers.split import PixelLayout, SplitFile, split_file
+
+DATA_STORE = Path(data_store.__file__).parent / "data"
+OPENJPEG_PLUGIN = "strata-test-openjpeg"
+
+
+def layout(**changes: Any) -> PixelLayout:
+    values: dict[str, Any] = dict(
+        rows=5,
+        columns=7,
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=12,
+        pixel_representation=0,
+        planar_configuration=0,
+        photometric_interpretation="MONOCHROME2",
+        frames=1,
+        little_endian=True,
+    )
+    values.update(changes)
+    return PixelLayout(**values)
+
+
+@st.composite
+def native_pixels(draw: st.DrawFn, bits: list[int]) -> tuple[bytes, PixelLayout]:
+    """A layout and raw Pixel Data for it, pad byte included when the length is odd."""
+    bits_allocated = draw(st.sampled_from(bits))
+    samples = draw(st.sampled_from([1, 3]))
+    pixels = layout(
+        rows=draw(st.integers(1, 70)),
+        columns=draw(st.integers(1, 70)),
+        samples_per_pixel=samples,
+        bits_allocated=bits_allocated,
+        bits_stored=draw(st.integers(1, bits_allocated)),
+        pixel_representation=draw(st.sampled_from([0, 1])),
+        planar_configuration=draw(st.sampled_from([0, 1])) if samples == 3 else 0,
+        photometric_interpretation=(
+            draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"]))
+            if samples == 1
+            else draw(st.sampled_from(["RGB", "YBR_FULL"]))
+        ),
+        frames=draw(st.integers(1, 3)),
+        little_endian=draw(st.booleans()),
+    )
+    values = _values(pixels, draw(st.sampled_from(["garbage", "fits", "extremes", "ramp"])), draw)
+    pad = bytes([draw(st.integers(0, 255))]) if pixels.expected_length % 2 else b""
+    return values + pad, pixels
+
+
+def _values(pixels: PixelLayout, pattern: str, draw: st.DrawFn) -> bytes:
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    width = pixels.bits_allocated // 8
+    count = pixels.expected_length // width
+    kind = "i" if pixels.pixel_representation else "u"
+    dtype = np.dtype(f"{'<' if pixels.little_endian else '>'}{kind}{width}")
+    info = np.iinfo(dtype)
+    if pattern == "garbage":  # every bit random, above Bits Stored too
+        return rng.bytes(pixels.expected_length)
+    if pattern == "fits":  # values within Bits Stored, sign-extended when signed
+        if pixels.pixel_representation:
+            limit = 1 << (pixels.bits_stored - 1)
+            values = rng.integers(-limit, limit, count)
+        else:
+            values = rng.integers(0, 1 << pixels.bits_stored, count)
+    elif pattern == "extremes":
+        values = rng.choice([info.min, info.max, 0, -1 if kind == "i" else 1], count)
+    else:
+        values = np.arange(count) * max(1, int(info.max) // max(count, 1)) + int(info.min)
+    return values.astype(dtype).tobytes()
+
+
+def _assert_round_trip(raw: bytes, pixels: PixelLayout, transfer_syntax: str) -> EncodedPixels:
+    encoded = encode_verified(raw, pixels, transfer_syntax)
+    assert encoded.transfer_syntax == transfer_syntax
+    assert len(encoded.frames) == pixels.frames
+    assert encoded.trailing == raw[pixels.expected_length :]
+    assert all(frame.startswith(b"\xff\x4f\xff\x51") for frame in encoded.frames)  # SOC, SIZ
+    assert decode_to_native(encoded, pixels) == raw
+    return encoded
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=native_pixels(bits=[8, 16]))
+def test_htj2k_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None:
+    raw, pixels = case
+    encoded = _assert_round_trip(raw, pixels, HTJ2K_LOSSLESS)
+    first = decode_frame(encoded.frames[0], pixels, HTJ2K_LOSSLESS)
+    assert (
+        first.shape
+        == (pixels.rows, pixels.columns, pixels.samples_per_pixel)[
+            : 2 if pixels.samples_per_pixel == 1 else 3
+        ]
+    )
+    assert first.dtype.isnative and first.dtype.itemsize == pixels.bits_allocated // 8
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=native_pixels(bits=[8, 16]))
+def test_jpeg2000_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None:
+    raw, pixels = case
+    _assert_round_trip(raw, pixels, JPEG2000_LOSSLESS)
+
+
+def test_frames_of_a_planar_layout_decode_colour_by_pixel_for_readers() -> None:
+    pixels = layout(
+        rows=2,
+        columns=3,
+        samples_per_pixel=3,
+        planar_configuration=1,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        bits_stored=8,
+    )
+    planes = np.arange(18, dtype=np.uint8).reshape(3, 2, 3)
+    encoded = encode_verified(planes.tobytes(), pixels)
+    frame = decode_frame(encoded.frames[0], pixels, HTJ2K_LOSSLESS)
+    assert np.array_equal(frame, np.moveaxis(planes, 0, -1))
+
+
+def test_htj2k_declares_the_container_precision() -> None:
+    pixels = layout(bits_stored=12)
+    raw = np.arange(35, dtype="<u2").tobytes()
+    encoded = encode_verified(raw, pixels, HTJ2K_LOSSLESS)
+    assert get_j2k_parameters(encoded.frames[0]) == {
+        "precision": 16,
+        "is_signed": False,
+        "jp2": False,
+    }
+
+
+def test_jpeg2000_declares_bits_stored_when_the_values_fit() -> None:
+    pixels = layout(bits_stored=12, pixel_representation=1)
+    fits = np.arange(-17, 18, dtype="<i2").tobytes()
+    encoded = encode_verified(fits, pixels, JPEG2000_LOSSLESS)
+    assert get_j2k_parameters(encoded.frames[0]) == {
+        "precision": 12,
+        "is_signed": True,
+        "jp2": False,
+    }
+    overlay = (np.arange(35, dtype="<u2") | 0x8000).view("<i2").tobytes()
+    encoded = encode_verified(overlay, pixels, JPEG2000_LOSSLESS)
+    assert get_j2k_parameters(encoded.frames[0])["precision"] == 16
+    assert decode_to_native(encoded, pixels) == overlay
+
+
+@pytest.mark.parametrize(
+    ("changes", "transfer_syntax", "sentence"),
+    [
+        (
+            {"bits_allocated": 1, "bits_stored": 1},
+            HTJ2K_LOSSLESS,
+            "Bits Allocated 1 is not supported by HTJ2K",
+        ),
+        ({"bits_allocated": 12}, HTJ2K_LOSSLESS, "Bits Allocated 12 is not supported"),
+        ({"bits_allocated": 32}, HTJ2K_LOSSLESS, "Bits Allocated 32 is not supported by HTJ2K"),
+        (
+            {"bits_allocated": 32},
+            JPEG2000_LOSSLESS,
+            "Bits Allocated 32 is not supported by JPEG 2000",
+        ),
+        ({"bits_stored": 17}, HTJ2K_LOSSLESS, "(0028,0101) Bits Stored 17"),
+        (
+            {"samples_per_pixel": 3, "photometric_interpretation": "YBR_FULL_422"},
+            HTJ2K_LOSSLESS,
+            "'YBR_FULL_422' is not supported by HTJ2K",
+        ),
+        (
+            {"samples_per_pixel": 3, "photometric_interpretation": "YBR_PARTIAL_420"},
+            HTJ2K_LOSSLESS,
+            "'YBR_PARTIAL_420'",
+        ),
+        (
+            {"samples_per_pixel": 4, "photometric_interpretation": "ARGB"},
+            HTJ2K_LOSSLESS,
+            "Samples per Pixel 4",
+        ),
+        ({"photometric_interpretation": "RGB"}, HTJ2K_LOSSLESS, "'RGB' with one sample"),
+        (
+            {
+                "samples_per_pixel": 3,
+                "photometric_interpretation": "RGB",
+                "planar_configuration": 2,
+            },
+            HTJ2K_LOSSLESS,
+            "Planar Configuration 2",
+        ),
+        ({"rows": 0}, HTJ2K_LOSSLESS, "no pixels"),
+        ({}, "1.2.840.10008.1.2.4.50", "no lossless codec is registered"),
+    ],
+)
+def test_layouts_that_cannot_be_encoded(
+    changes: dict[str, Any], transfer_syntax: str, sentence: str
+) -> None:
+    pixels = layout(**changes)
+    with pytest.raises(NotLossless) as caught:
+        encode_verified(bytes(max(pixels.expected_length, 1)), pixels, transfer_syntax)
+    assert sentence in caught.value.sentence
+    assert str(caught.value) == caught.value.sentence
+
+
+def test_32_bit_stays_unsupported_while_openjpeg_cannot_read_it() -> None:
+    """If this starts failing, OpenJPEG reads 32-bit codestreams: allow Bits Allocated 32."""
+    frame = np.arange(64, dtype=np.uint32).reshape(8, 8) << 20
+    codestream = imagecodecs.htj2k_encode(frame, reversible=True)
+    assert np.array_equal(imagecodecs.htj2k_decode(codestream), frame)
+    with pytest.raises(RuntimeError):
+        imagecodecs.jpeg2k_decode(codestream)
+
+
+def test_a_frame_that_does_not_decode_back_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = imagecodecs.htj2k_decode
+
+    def off_by_one(*args: Any, **kwargs: Any) -> Any:
+        decoded = real(*args, **kwargs)
+        decoded.flat[0] ^= 1
+        return decoded
+
+    monkeypatch.setattr(imagecodecs, "htj2k_decode", off_by_one)
+    with pytest.raises(NotLossless, match="did not decode bit-exact"):
+        encode_verified(bytes(70), layout())
+
+
+def test_short_pixel_data_is_a_caller_error() -> None:
+    with pytest.raises(ValueError, match="Pixel Data has 10 bytes"):
+        encode_verified(bytes(10), layout())
+
+
+def test_registered_syntaxes() -> None:
+    assert lossless_transfer_syntaxes() == {HTJ2K_LOSSLESS, JPEG2000_LOSSLESS}
+
+
+# --- real files -------------------------------------------------------------------------
+
+REAL_FILES = [
+    "693_UNCI.dcm",  # CT 512 × 512, 16-bit signed, Bits Stored 14
+    "MR2_UNCI.dcm",  # MR 1024 × 1024, Bits Stored 12
+    "US1_UNCI.dcm",  # US RGB 640 × 480
+    "SC_rgb.dcm",
+    "SC_rgb_2frame.dcm",
+    "SC_rgb_16bit.dcm",
+    "SC_rgb_16bit_2frame.dcm",
+    "SC_rgb_expb.dcm",  # big endian
+    "SC_rgb_expb_16bit_2frame.dcm",
+    "SC_rgb_gdcm2k_uncompressed.dcm",
+    "SC_rgb_dcmtk_ebcr_dcmd.dcm",
+    "emri_small.dcm",  # 10 frames
+    "emri_small_big_endian.dcm",
+    "OBXXXX1A.dcm",  # PALETTE COLOR
+    "OBXXXX1A_2frame.dcm",
+    "MR-SIEMENS-DICOM-WithOverlays.dcm",  # Bits Stored 12 of 16
+]
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A_expb.dcm", "OBXXXX1A_expb_2frame.dcm"])
+def test_big_endian_8_bit_ow_is_left_undescribed(name: str) -> None:
+    """Its sample pairs are byte-swapped (pydicom's "be_swap_ow"); stored as received."""
+    split = split_file((DATA_STORE / name).read_bytes())
+    assert split.layout is None and not split.encapsulated
+    assert split.pixel_end - split.pixel_start == 480000 * (2 if "2frame" in name else 1)
+
+
+def _split(name: str) -> tuple[bytes, SplitFile]:
+    data = (DATA_STORE / name).read_bytes()
+    split = split_file(data)
+    assert split.layout is not None, name
+    return data, split
+
+
+@pytest.fixture(scope="module")
+def encoded_files() -> dict[str, tuple[bytes, SplitFile, EncodedPixels]]:
+    files = {}
+    for name in REAL_FILES:
+        data, split = _split(name)
+        assert split.layout is not None
+        pixels = data[split.pixel_start : split.pixel_end]
+        files[name] = (data, split, encode_verified(pixels, split.layout))
+    return files
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_real_file_round_trip(
+    name: str, encoded_files: dict[str, tuple[bytes, SplitFile, EncodedPixels]]
+) -> None:
+    data, split, encoded = encoded_files[name]
+    assert split.layout is not None
+    rebuilt = data[: split.pixel_start] + decode_to_native(encoded, split.layout)
+    assert rebuilt + data[split.pixel_end :] == data
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_expb_16bit_2frame.dcm", "emri_small.dcm", "OBXXXX1A.dcm"])
+def test_real_file_round_trip_jpeg2000(name: str) -> None:
+    data, split = _split(name)
+    assert split.layout is not None
+    pixels = data[split.pixel_start : split.pixel_end]
+    encoded = encode_verified(pixels, split.layout, JPEG2000_LOSSLESS)
+    assert decode_to_native(encoded, split.layout) == pixels
+
+
+def _stored_form(data: bytes, split: SplitFile, encoded: EncodedPixels) -> pydicom.Dataset:
+    """The data set as an encapsulated HTJ2K file, as a DICOM reader would receive it."""
+    assert split.layout is not None
+    dataset = pydicom.dcmread(BytesIO(data))
+    dataset.file_meta.TransferSyntaxUID = encoded.transfer_syntax
+    dataset.PixelData = encapsulate(list(encoded.frames), has_bot=True)
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True
+    if split.layout.samples_per_pixel > 1:
+        dataset.PlanarConfiguration = 0  # encapsulated data is colour-by-pixel
+    out = BytesIO()
+    # The original may be big endian, which save_as() refuses to convert; the preamble
+    # and file meta are kept from the original, so enforce_file_format is not needed.
+    pydicom.dcmwrite(out, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
+    return pydicom.dcmread(BytesIO(out.getvalue()))
+
+
+def _native_array(data: bytes) -> Any:
+    return pydicom.dcmread(BytesIO(data)).pixel_array
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_pydicom_decodes_the_stored_form_with_its_own_plugins(
+    name: str, encoded_files: dict[str, tuple[bytes, SplitFile, EncodedPixels]]
+) -> None:
+    if not set(HTJ2KLosslessDecoder.available_plugins) - {OPENJPEG_PLUGIN}:
+        pytest.skip(
+            "pydicom has no HTJ2K decoder plugin installed "
+            f"({'; '.join(HTJ2KLosslessDecoder.missing_dependencies)})"
+        )
+    data, split, encoded = encoded_files[name]
+    stored = _stored_form(data, split, encoded)
+    assert np.array_equal(stored.pixel_array, _native_array(data))
+
+
+# An independent decoder for the same check: OpenJPEG (which reads HTJ2K since 2.5)
+# registered as a pydicom plugin for this module only, so that pydicom's own handling
+# of the encapsulated form (precision, signedness, frames, colour) is what is tested.
+
+
+def is_available(uid: str) -> bool:
+    """pydicom plugin protocol: this test plugin is always available."""
+    return True
+
+
+def decode_with_openjpeg(src: bytes, runner: Any) -> bytearray:
+    """pydicom plugin: one frame decoded by OpenJPEG, colour-by-pixel."""
+    precision = runner.get_option("j2k_precision", runner.bits_stored)
+    runner.set_option("bits_allocated", 8 if precision <= 8 else 16 if precision <= 16 else 32)
+    return bytearray(imagecodecs.jpeg2k_decode(src).tobytes())
+
+
+@pytest.fixture(scope="module")
+def openjpeg_plugin() -> Iterator[str]:
+    HTJ2KLosslessDecoder.add_plugin(OPENJPEG_PLUGIN, (__name__, "decode_with_openjpeg"))
+    yield OPENJPEG_PLUGIN
+    HTJ2KLosslessDecoder.remove_plugin(OPENJPEG_PLUGIN)
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_pydicom_reads_the_stored_form_through_an_independent_decoder(
+    name: str,
+    encoded_files: dict[str, tuple[bytes, SplitFile, EncodedPixels]],
+    openjpeg_plugin: str,
+) -> None:
+    data, split, encoded = encoded_files[name]
+    stored = _stored_form(data, split, encoded)
+    stored.pixel_array_options(decoding_plugin=openjpeg_plugin)
+    assert np.array_equal(stored.pixel_array, _native_array(data))

@@ -1,0 +1,318 @@
+"""Lossless codecs for native Pixel Data behind one small interface.
+
+As in pydicom, the caller asks for a transfer syntax, not a library: ``encode_verified``
+encodes frame by frame with the codec registered for that syntax, decodes every frame
+back and compares it bit for bit with the original before returning anything. A codec
+is one ``_Codec`` entry in ``_CODECS``: the container sizes it can represent, and an
+encode and a decode function over one frame held as a numpy array.
+
+Frames are passed to the codecs as the raw containers (uint8/16 or int8/16, native byte
+order) with every bit of the container, not masked to Bits Stored, so that overlay or
+garbage bits above Bits Stored and the sign bits of signed data survive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import imagecodecs
+import numpy as np
+import numpy.typing as npt
+
+from workers.records import HTJ2K_LOSSLESS
+from workers.split import PixelLayout
+
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+
+_MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"})
+# Colour spaces kept as they are: no multi-component transform is applied, so the
+# Photometric Interpretation of the encapsulated form stays the one the file declares
+# (with the reversible colour transform it would have to become YBR_RCT).
+_COLOUR = frozenset({"RGB", "YBR_FULL"})
+
+Frame = npt.NDArray[np.integer]
+
+
+class NotLossless(Exception):  # noqa: N818 - the pipeline's agreed name: not an error
+    """This layout cannot be encoded losslessly by this codec; ``sentence`` says why."""
+
+    def __init__(self, sentence: str) -> None:
+        super().__init__(sentence)
+        self.sentence = sentence
+
+
+@dataclass(frozen=True)
+class EncodedPixels:
+    """Pixel Data encoded one codestream per frame, as DICOM encapsulates it."""
+
+    transfer_syntax: str
+    frames: tuple[bytes, ...]  # one raw codestream per frame (J2K codestream, no JP2 box)
+    trailing: bytes  # bytes of the original value past layout.expected_length, usually b""
+
+
+@dataclass(frozen=True)
+class _Codec:
+    name: str
+    bits_allocated: frozenset[int]
+    # encode(frame, layout) -> codestream; frame is native byte order, C-contiguous,
+    # shaped (rows, columns), (rows, columns, 3) or (3, rows, columns) for planar 1.
+    encode: Callable[[Frame, PixelLayout], bytes]
+    # decode(codestream, planar, out) -> frame shaped like out (or like the encoder's
+    # input when out is None), written into out when it is given.
+    decode: Callable[[bytes, bool, Frame | None], Frame]
+
+
+def _htj2k_encode(frame: Frame, layout: PixelLayout) -> bytes:
+    # imagecodecs' htj2k_encode takes no precision: the codestream always declares the
+    # full container width (8 or 16 bits) and the container's signedness, whatever
+    # Bits Stored says. That is what keeps high garbage bits lossless; DICOM readers
+    # (pydicom included) take the precision from the codestream.
+    return bytes(
+        imagecodecs.htj2k_encode(
+            frame, reversible=True, planar=layout.planar_configuration == 1, rgb=False
+        )
+    )
+
+
+def _htj2k_decode(codestream: bytes, planar: bool, out: Frame | None) -> Frame:
+    decoded: Frame = imagecodecs.htj2k_decode(codestream, planar=planar, out=out)
+    return decoded
+
+
+def _jpeg2k_encode(frame: Frame, layout: PixelLayout) -> bytes:
+    # OpenJPEG takes a precision: declare Bits Stored when every value fits in it, as a
+    # standard DICOM JPEG 2000 file does, and the full container width otherwise (high
+    # bits in use, e.g. overlays), which is still lossless.
+    precision = frame.dtype.itemsize * 8
+    if layout.bits_stored < precision and _fits(frame, layout):
+        precision = layout.bits_stored
+    return bytes(
+        imagecodecs.jpeg2k_encode(
+            frame,
+            codecformat="J2K",
+            reversible=True,
+            bitspersample=precision,
+            planar=layout.planar_configuration == 1,
+            mct=False,
+        )
+    )
+
+
+def _jpeg2k_decode(codestream: bytes, planar: bool, out: Frame | None) -> Frame:
+    decoded: Frame = imagecodecs.jpeg2k_decode(codestream, planar=planar, out=out)
+    return decoded
+
+
+def _fits(frame: Frame, layout: PixelLayout) -> bool:
+    """Whether every value of ``frame`` is representable in Bits Stored bits."""
+    if frame.size == 0:
+        return True
+    if layout.pixel_representation == 1:
+        limit = 1 << (layout.bits_stored - 1)
+        return bool(-limit <= frame.min() and frame.max() < limit)
+    return bool(frame.max() < 1 << layout.bits_stored)
+
+
+def values_fit_bits_stored(pixel_data: bytes | memoryview, layout: PixelLayout) -> bool:
+    """Whether no sample uses the bits above Bits Stored (overlays or stray high bits).
+
+    Those bits survive every codec here, but a reader of a compressed file sees them as
+    pixel values while a reader of the native file masks them off: the two would differ.
+    """
+    if layout.bits_stored >= layout.bits_allocated:
+        return True
+    return _fits(_frames(pixel_data, layout), layout)
+
+
+# JPEG-LS lossless (1.2.840.10008.1.2.4.80) is not registered yet: imagecodecs'
+# jpegls_encode writes a SPIFF header, cannot set the precision and takes unsigned data
+# only, so signed frames would need reinterpreting. It would be one more entry here.
+_CODECS: dict[str, _Codec] = {
+    # 32-bit frames round-trip through OpenJPH, but OpenJPEG (imagecodecs' jpeg2k and
+    # pylibjpeg-openjpeg, which pydicom decodes with) cannot read a codestream of 32-bit
+    # precision ("failed to read the header"): readers could not open the stored form.
+    HTJ2K_LOSSLESS: _Codec(
+        name="HTJ2K",
+        bits_allocated=frozenset({8, 16}),
+        encode=_htj2k_encode,
+        decode=_htj2k_decode,
+    ),
+    JPEG2000_LOSSLESS: _Codec(
+        name="JPEG 2000",
+        bits_allocated=frozenset({8, 16}),
+        encode=_jpeg2k_encode,
+        decode=_jpeg2k_decode,
+    ),
+}
+
+
+def lossless_transfer_syntaxes() -> frozenset[str]:
+    """The transfer syntaxes ``encode_verified`` can produce."""
+    return frozenset(_CODECS)
+
+
+def encode_verified(
+    pixel_data: bytes | memoryview,
+    layout: PixelLayout,
+    transfer_syntax: str = HTJ2K_LOSSLESS,
+) -> EncodedPixels:
+    """Encode native Pixel Data frame by frame; every frame is proven to decode bit-exact.
+
+    Raises NotLossless when the codec cannot represent the layout or when any frame does
+    not decode back to exactly its original bytes.
+    """
+    codec = _codec(transfer_syntax)
+    _check_supported(codec, layout)
+    frames = _frames(pixel_data, layout)
+    native_order = frames.dtype.isnative
+    scratch: Frame | None = None
+    codestreams = []
+    for index, stored in enumerate(frames):
+        frame = stored if native_order else stored.byteswap().view(stored.dtype.newbyteorder())
+        try:
+            codestream = codec.encode(frame, layout)
+            if scratch is None:
+                scratch = np.empty_like(frame)
+            decoded = _decode_into(codec, codestream, layout.planar_configuration == 1, scratch)
+        except (RuntimeError, ValueError) as error:
+            raise NotLossless(
+                f"{codec.name} failed on frame {index + 1} of {layout.frames} "
+                f"({type(error).__name__}); the layout is not supported"
+            ) from error
+        if not np.array_equal(decoded, frame):
+            raise NotLossless(
+                f"frame {index + 1} of {layout.frames} did not decode bit-exact with "
+                f"{codec.name}; it cannot be stored losslessly in that transfer syntax"
+            )
+        codestreams.append(codestream)
+    return EncodedPixels(
+        transfer_syntax=transfer_syntax,
+        frames=tuple(codestreams),
+        trailing=bytes(memoryview(pixel_data)[layout.expected_length :]),
+    )
+
+
+def decode_to_native(encoded: EncodedPixels, layout: PixelLayout) -> bytes:
+    """The original Pixel Data value: same byte order, planar configuration and pad byte."""
+    codec = _codec(encoded.transfer_syntax)
+    if len(encoded.frames) != layout.frames:
+        raise ValueError(
+            f"{len(encoded.frames)} encoded frames for a layout of {layout.frames} frames"
+        )
+    # Uninitialised: every byte is written below. The one copy left is tobytes(),
+    # which makes the immutable result.
+    value = np.empty(layout.expected_length + len(encoded.trailing), dtype=np.uint8)
+    frames = _frames(value, layout, native_order=True)
+    planar = layout.planar_configuration == 1
+    for codestream, out in zip(encoded.frames, frames, strict=True):
+        _decode_into(codec, codestream, planar, out)
+    if not layout.little_endian:
+        frames.byteswap(inplace=True)
+    value[layout.expected_length :] = np.frombuffer(encoded.trailing, dtype=np.uint8)
+    return value.tobytes()
+
+
+def decode_frame(codestream: bytes, layout: PixelLayout, transfer_syntax: str) -> Frame:
+    """One decoded frame in native byte order, shaped (rows, columns[, samples])."""
+    frame = _codec(transfer_syntax).decode(codestream, False, None)
+    expected = _frame_shape(layout, planar=False)
+    if frame.size != np.prod(expected):
+        raise ValueError(f"the codestream holds a {frame.shape} frame, not {expected}")
+    return frame.reshape(expected)
+
+
+def _decode_into(codec: _Codec, codestream: bytes, planar: bool, out: Frame) -> Frame:
+    """Decode one frame into ``out``; returns ``out``."""
+    decoded = codec.decode(codestream, planar, out)
+    if decoded.shape != out.shape:
+        # OpenJPEG drops a width of 1 from planar frames; the samples are the same.
+        if decoded.size != out.size:
+            raise ValueError(f"decoded frame is {decoded.shape}, expected {out.shape}")
+        decoded = decoded.reshape(out.shape)
+    if not np.may_share_memory(decoded, out):
+        out[...] = decoded
+    return out
+
+
+def _codec(transfer_syntax: str) -> _Codec:
+    try:
+        return _CODECS[transfer_syntax]
+    except KeyError:
+        raise NotLossless(
+            f"no lossless codec is registered for transfer syntax {transfer_syntax}"
+        ) from None
+
+
+def _check_supported(codec: _Codec, layout: PixelLayout) -> None:
+    """Raise NotLossless, naming the attribute, for a layout the codec cannot represent."""
+    if layout.bits_allocated not in codec.bits_allocated:
+        allowed = ", ".join(str(bits) for bits in sorted(codec.bits_allocated))
+        raise NotLossless(
+            f"(0028,0100) Bits Allocated {layout.bits_allocated} is not supported by "
+            f"{codec.name}; it must be {allowed}"
+        )
+    if not 1 <= layout.bits_stored <= layout.bits_allocated:
+        raise NotLossless(
+            f"(0028,0101) Bits Stored {layout.bits_stored} must be between 1 and "
+            f"Bits Allocated {layout.bits_allocated}"
+        )
+    if layout.pixel_representation not in (0, 1):
+        raise NotLossless(
+            f"(0028,0103) Pixel Representation {layout.pixel_representation} must be 0 or 1"
+        )
+    photometric = layout.photometric_interpretation
+    if layout.samples_per_pixel == 1:
+        if photometric not in _MONOCHROME:
+            raise NotLossless(
+                f"(0028,0004) Photometric Interpretation {photometric!r} with one sample "
+                f"per pixel is not supported by {codec.name}"
+            )
+    elif layout.samples_per_pixel == 3:
+        if photometric not in _COLOUR:
+            raise NotLossless(
+                f"(0028,0004) Photometric Interpretation {photometric!r} is not supported "
+                f"by {codec.name} (only RGB and YBR_FULL; native YBR_*_422 is subsampled)"
+            )
+        if layout.planar_configuration not in (0, 1):
+            raise NotLossless(
+                f"(0028,0006) Planar Configuration {layout.planar_configuration} must be 0 or 1"
+            )
+    else:
+        raise NotLossless(
+            f"(0028,0002) Samples per Pixel {layout.samples_per_pixel} is not supported "
+            f"by {codec.name}; it must be 1 or 3"
+        )
+    if layout.rows < 1 or layout.columns < 1 or layout.frames < 1:
+        raise NotLossless(
+            f"an image of Rows {layout.rows} × Columns {layout.columns} × "
+            f"Number of Frames {layout.frames} has no pixels to encode"
+        )
+
+
+def _frame_shape(layout: PixelLayout, *, planar: bool) -> tuple[int, ...]:
+    if layout.samples_per_pixel == 1:
+        return (layout.rows, layout.columns)
+    if planar:
+        return (layout.samples_per_pixel, layout.rows, layout.columns)
+    return (layout.rows, layout.columns, layout.samples_per_pixel)
+
+
+def _frames(
+    buffer: bytes | memoryview | npt.NDArray[np.uint8],
+    layout: PixelLayout,
+    *,
+    native_order: bool = False,
+) -> Frame:
+    """All frames as one array view over ``buffer``: (frames, *frame shape), no copy."""
+    if len(buffer) < layout.expected_length:
+        raise ValueError(
+            f"(7FE0,0010) Pixel Data has {len(buffer)} bytes; the layout needs "
+            f"{layout.expected_length}"
+        )
+    order = "=" if native_order else ("<" if layout.little_endian else ">")
+    kind = "i" if layout.pixel_representation == 1 else "u"
+    dtype = np.dtype(f"{order}{kind}{layout.bits_allocated // 8}")
+    shape = _frame_shape(layout, planar=layout.planar_configuration == 1)
+    count = layout.expected_length // dtype.itemsize
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(layout.frames, *shape)
