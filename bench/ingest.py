@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -62,24 +63,29 @@ async def ingest(files: list[Path], work: Path, worker_cpus: int) -> tuple[float
     stack = Stack(config, embedded=True)
     await stack.start()
     try:
-
-        def run() -> tuple[float, int, int, int]:
-            with StrataClient(stack.address) as client:
-                client.wait_ready()
-                started = time.perf_counter()
-                outcomes = list(client.ingest_files(files))
-                seconds = time.perf_counter() - started
-            stored = [o for o in outcomes if o.status == "stored"]
-            return (
-                seconds,
-                len(stored),
-                sum(o.bytes_in for o in stored),
-                sum(o.bytes_stored for o in stored),
-            )
-
-        return await asyncio.to_thread(run)
+        # The sender runs in its own process, as a modality gateway would: sharing the
+        # server's interpreter would make the two fight over one GIL.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            return await asyncio.to_thread(pool.apply, send, (stack.address, files))
     finally:
         await stack.stop()
+
+
+def send(address: str, files: list[Path]) -> tuple[float, int, int, int]:
+    """Ingest ``files`` over one stream; (seconds, stored, bytes in, bytes stored)."""
+    with StrataClient(address) as client:
+        client.wait_ready()
+        started = time.perf_counter()
+        outcomes = list(client.ingest_files(files))
+        seconds = time.perf_counter() - started
+    stored = [o for o in outcomes if o.status == "stored"]
+    return (
+        seconds,
+        len(stored),
+        sum(o.bytes_in for o in stored),
+        sum(o.bytes_stored for o in stored),
+    )
 
 
 def main() -> None:

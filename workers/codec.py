@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import imagecodecs
 import numpy as np
@@ -22,6 +23,9 @@ import numpy.typing as npt
 
 from workers.records import HTJ2K_LOSSLESS
 from workers.split import PixelLayout
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Digest  # a running hash such as hashlib.sha256()
 
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
@@ -156,11 +160,15 @@ def encode_verified(
     pixel_data: bytes | memoryview,
     layout: PixelLayout,
     transfer_syntax: str = HTJ2K_LOSSLESS,
+    *,
+    digest: Digest | None = None,
 ) -> EncodedPixels:
     """Encode native Pixel Data frame by frame; every frame is proven to decode bit-exact.
 
     Raises NotLossless when the codec cannot represent the layout or when any frame does
-    not decode back to exactly its original bytes.
+    not decode back to exactly its original bytes. With ``digest``, each decoded frame is
+    fed to it in the file's byte order, so a caller can hash the rebuilt file from the
+    one decode that verification already does (the trailing pad byte is not included).
     """
     codec = _codec(transfer_syntax)
     _check_supported(codec, layout)
@@ -185,6 +193,8 @@ def encode_verified(
                 f"frame {index + 1} of {layout.frames} did not decode bit-exact with "
                 f"{codec.name}; it cannot be stored losslessly in that transfer syntax"
             )
+        if digest is not None:
+            digest.update((decoded if native_order else decoded.byteswap()).data)
         codestreams.append(codestream)
     return EncodedPixels(
         transfer_syntax=transfer_syntax,

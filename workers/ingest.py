@@ -14,12 +14,7 @@ from datetime import UTC, datetime
 from pydicom.uid import UID
 
 from workers import store
-from workers.codec import (
-    NotLossless,
-    decode_to_native,
-    encode_verified,
-    values_fit_bits_stored,
-)
+from workers.codec import NotLossless, encode_verified, values_fit_bits_stored
 from workers.envelope import seal
 from workers.errors import Reason, RejectError
 from workers.keys import cached_key_file
@@ -73,10 +68,6 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Ou
 def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
     """Store one file and return its catalog row (not yet committed)."""
     data = item.data
-    if hashlib.sha256(data).hexdigest() != item.sha256:
-        raise RejectError(
-            Reason.BAD_REQUEST, "the file changed between the front end and the worker"
-        )
     split = split_file(data)
     header = split.header
     manifest, segments, note = _encode(data, split, item.sha256, settings.transfer_syntax)
@@ -139,6 +130,7 @@ def _encode(
     )
     layout = split.layout
     if layout is None:
+        _check_received(data, sha256)
         if split.encapsulated:
             note = f"pixel data already encapsulated ({_syntax_name(header.transfer_syntax)})"
         elif split.pixel_start == len(data):
@@ -152,19 +144,22 @@ def _encode(
     pixels = view[split.pixel_start : split.pixel_end]
     suffix = view[split.pixel_end :]
     if not values_fit_bits_stored(pixels, layout):
+        _check_received(data, sha256)
         note = (
             f"samples use bits above Bits Stored {layout.bits_stored} (overlay or stray "
             "high bits): a compressed file would show other pixels"
         )
         return whole, [data], note + "; stored as received"
-    try:
-        encoded = encode_verified(pixels, layout, transfer_syntax)
-    except NotLossless as error:
-        return whole, [data], f"{error}; stored as received"
-
-    # The proof: the file rebuilt from what we store hashes to what we received.
+    # The proof: the file rebuilt from what we store (prefix, every frame as decoded back
+    # from its codestream, pad byte, suffix) hashes to what the front end received. It
+    # also proves the bytes did not change between the front end and this worker.
     rebuilt = hashlib.sha256(prefix)
-    rebuilt.update(decode_to_native(encoded, layout))
+    try:
+        encoded = encode_verified(pixels, layout, transfer_syntax, digest=rebuilt)
+    except NotLossless as error:
+        _check_received(data, sha256)
+        return whole, [data], f"{error}; stored as received"
+    rebuilt.update(encoded.trailing)
     rebuilt.update(suffix)
     if rebuilt.hexdigest() != sha256:
         log.error("lossless check failed for file %s; storing as received", _short(sha256))
@@ -182,6 +177,14 @@ def _encode(
     )
     note = f"pixel data re-encoded as {_syntax_name(encoded.transfer_syntax)}, verified"
     return manifest, [prefix, *encoded.frames, suffix], note
+
+
+def _check_received(data: bytes, sha256: str) -> None:
+    """Refuse bytes that are not the ones the front end hashed."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RejectError(
+            Reason.BAD_REQUEST, "the file changed between the front end and the worker"
+        )
 
 
 def object_key_for(study_instance_uid: str, sop_instance_uid: str, sha256: str) -> str:
