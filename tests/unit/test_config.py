@@ -48,3 +48,10 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
     path.write_text("[strata]\nprot = 1\n")
     with pytest.raises(ConfigError, match=r"unknown configuration key.*prot"):
         load(path)
+
+
+def test_example_deployment_config_is_valid() -> None:
+    config = load(Path(__file__).parents[2] / "deploy" / "local" / "strata.toml")
+    assert config.minio_endpoint == "127.0.0.1:9000"
+    assert config.ray_address == "auto"
+    assert config.key_file.is_absolute()
