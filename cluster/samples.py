@@ -33,6 +33,9 @@ class SeriesPlan:
     source: str
     modality: str
     count: int
+    # When set, each instance is a tile x tile window of the source at a different
+    # position (e.g. CT-sized 512 x 512 images with the texture of a real 1024 x 1024 MR).
+    tile: int | None = None
 
 
 # About 330 instances and 230 MB: the demo's study set.
@@ -68,9 +71,17 @@ def _slices(series: SeriesPlan) -> Iterator[Dataset]:
     pixels = source.pixel_array
     for index in range(series.count):
         dataset = pydicom.dcmread(pydicom_data_dir() / series.source)
-        # A shifted copy: same statistics as the real image, different bytes per slice.
-        shifted = np.roll(pixels, shift=(index * 3, index * 2), axis=(0, 1))
-        dataset.PixelData = np.ascontiguousarray(shifted).tobytes()
+        if series.tile:
+            rows, columns = pixels.shape[:2]
+            top = (index * 7) % (rows - series.tile + 1)
+            left = (index * 13) % (columns - series.tile + 1)
+            window = pixels[top : top + series.tile, left : left + series.tile]
+            dataset.Rows = dataset.Columns = series.tile
+            dataset.PixelData = np.ascontiguousarray(window).tobytes()
+        else:
+            # A shifted copy: same statistics as the real image, different bytes per slice.
+            shifted = np.roll(pixels, shift=(index * 3, index * 2), axis=(0, 1))
+            dataset.PixelData = np.ascontiguousarray(shifted).tobytes()
         yield dataset
 
 
