@@ -346,6 +346,7 @@ def _instance(row: InstanceRecord) -> pb.Instance:
         transfer_syntax_in=row.transfer_syntax_in,
         transfer_syntax_stored=row.transfer_syntax_stored,
         storage_action=row.storage_action,
+        storage_note=row.storage_note,
         frames=row.frames,
         rows=row.rows,
         columns=row.columns,

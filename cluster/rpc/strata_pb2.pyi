@@ -314,6 +314,7 @@ class Instance(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    STORAGE_NOTE_FIELD_NUMBER: _builtins.int
     sop_instance_uid: _builtins.str
     series_instance_uid: _builtins.str
     study_instance_uid: _builtins.str
@@ -331,6 +332,8 @@ class Instance(_message.Message):
     sha256: _builtins.str
     version: _builtins.int
     tier: _builtins.str
+    storage_note: _builtins.str
+    """why it was stored the way it was, one sentence"""
     def __init__(
         self,
         *,
@@ -351,10 +354,11 @@ class Instance(_message.Message):
         sha256: _builtins.str = ...,
         version: _builtins.int = ...,
         tier: _builtins.str = ...,
+        storage_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_stored", b"bytes_stored", "columns", b"columns", "frames", b"frames", "modality", b"modality", "rows", b"rows", "series_instance_uid", b"series_instance_uid", "sha256", b"sha256", "sop_class_uid", b"sop_class_uid", "sop_instance_uid", b"sop_instance_uid", "storage_action", b"storage_action", "study_date", b"study_date", "study_instance_uid", b"study_instance_uid", "tier", b"tier", "transfer_syntax_in", b"transfer_syntax_in", "transfer_syntax_stored", b"transfer_syntax_stored", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_stored", b"bytes_stored", "columns", b"columns", "frames", b"frames", "modality", b"modality", "rows", b"rows", "series_instance_uid", b"series_instance_uid", "sha256", b"sha256", "sop_class_uid", b"sop_class_uid", "sop_instance_uid", b"sop_instance_uid", "storage_action", b"storage_action", "storage_note", b"storage_note", "study_date", b"study_date", "study_instance_uid", b"study_instance_uid", "tier", b"tier", "transfer_syntax_in", b"transfer_syntax_in", "transfer_syntax_stored", b"transfer_syntax_stored", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
