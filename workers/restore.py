@@ -15,11 +15,12 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
 from workers import store
-from workers.codec import EncodedPixels, decode_to_native
+from workers.codec import EncodedPixels, NotLossless, decode_to_native, encode_verified
 from workers.envelope import open_object
 from workers.ingest import PipelineSettings
 from workers.keys import cached_key_file
 from workers.payload import Manifest
+from workers.split import PixelLayout, split_file
 
 
 class RestoreError(Exception):
@@ -82,12 +83,38 @@ def _original(manifest: Manifest, segments: list[bytes]) -> bytes:
     return data
 
 
+def transcode_native(original: bytes, transfer_syntax: str) -> bytes:
+    """A valid DICOM file in ``transfer_syntax`` (a lossless codec) with the pixels of an
+    original whose pixel data is native; every frame is verified bit-exact on the way.
+
+    Raises RestoreError when the original is not native or the codec cannot hold it.
+    """
+    split = split_file(original)
+    if split.layout is None:
+        raise RestoreError(
+            "only native (uncompressed) pixel data can be transcoded; this instance's is "
+            f"{'encapsulated' if split.encapsulated else 'absent or not splittable'}"
+        )
+    pixels = memoryview(original)[split.pixel_start : split.pixel_end]
+    try:
+        encoded = encode_verified(pixels, split.layout, transfer_syntax)
+    except NotLossless as error:
+        raise RestoreError(str(error)) from None
+    return _encapsulated(original, split.layout, transfer_syntax, list(encoded.frames))
+
+
 def _encapsulated_file(original: bytes, manifest: Manifest, frames: list[bytes]) -> bytes:
     """The original's data set with its pixel data replaced by the stored codestreams."""
-    layout = manifest.layout
-    assert layout is not None
+    assert manifest.layout is not None
+    return _encapsulated(original, manifest.layout, manifest.transfer_syntax_stored, frames)
+
+
+def _encapsulated(
+    original: bytes, layout: PixelLayout, transfer_syntax: str, frames: list[bytes]
+) -> bytes:
+    """The original's data set with its pixel data replaced by ``frames``."""
     dataset = pydicom.dcmread(io.BytesIO(original))
-    dataset.file_meta.TransferSyntaxUID = UID(manifest.transfer_syntax_stored)
+    dataset.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     dataset.PixelData = encapsulate(frames, has_bot=True)
     dataset["PixelData"].VR = "OB"
     dataset["PixelData"].is_undefined_length = True
