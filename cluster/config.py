@@ -28,7 +28,12 @@ def _data_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
 
 
-CODECS = {"htj2k": "1.2.840.10008.1.2.4.201"}
+# Codec names used in configuration, and the lossless transfer syntax each stands for.
+CODECS = {
+    "htj2k": "1.2.840.10008.1.2.4.201",
+    "jpeg2000": "1.2.840.10008.1.2.4.90",
+    "jpegls": "1.2.840.10008.1.2.4.80",
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class Config:
     catalog_bucket: str = "strata-catalog"
     tier: str = "hot"
     codec: str = "htj2k"
+    # Exceptions to `codec`, keyed "TIER" or "TIER/MODALITY" (e.g. "cold" = "jpeg2000",
+    # "hot/CR" = "jpegls"). In TOML a table [strata.codec_policy]; in the environment
+    # STRATA_CODEC_POLICY="cold=jpeg2000,hot/CR=jpegls".
+    codec_policy: tuple[tuple[str, str], ...] = ()
     # Compute
     ray_address: str = ""  # empty: start a local Ray; "auto": join the running cluster
     worker_cpus: int = 0  # 0: all cores Ray sees
@@ -63,9 +72,19 @@ class Config:
         """Return self, or raise ConfigError naming the first bad key."""
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, not {self.port}")
-        if self.codec not in CODECS:
-            raise ConfigError(f"codec must be one of {sorted(CODECS)}, not {self.codec!r}")
-        if self.tier not in ("hot", "warm", "cold"):
+        available = _available_codecs()
+        if self.codec not in available:
+            raise ConfigError(f"codec must be one of {available}, not {self.codec!r}")
+        for key, name in self.codec_policy:
+            tier, _, modality = key.partition("/")
+            if tier not in TIERS or (modality and not modality.isalnum()):
+                raise ConfigError(
+                    f"codec_policy key {key!r} must be TIER or TIER/MODALITY with TIER one "
+                    f"of {list(TIERS)} (e.g. 'cold' or 'hot/CR')"
+                )
+            if name not in available:
+                raise ConfigError(f"codec_policy[{key!r}] must be one of {available}, not {name!r}")
+        if self.tier not in TIERS:
             raise ConfigError(f"tier must be one of 'hot', 'warm', 'cold', not {self.tier!r}")
         if self.max_file_bytes <= 0:
             raise ConfigError("max_file_bytes must be positive")
@@ -89,9 +108,29 @@ class Config:
             raise ConfigError(f"worker_cpus must be 0 (all) or more, not {self.worker_cpus}")
         return self
 
-    @property
-    def transfer_syntax(self) -> str:
-        return CODECS[self.codec]
+    def codec_for(self, tier: str, modality: str = "") -> str:
+        """The codec name the policy picks for ``tier`` (and ``modality``)."""
+        policy = dict(self.codec_policy)
+        return policy.get(f"{tier}/{modality}") or policy.get(tier) or self.codec
+
+    def modality_codecs(self, tier: str) -> tuple[tuple[str, str], ...]:
+        """(modality, transfer syntax) exceptions for ``tier``."""
+        return tuple(
+            (key.split("/", 1)[1], CODECS[name])
+            for key, name in self.codec_policy
+            if key.startswith(f"{tier}/")
+        )
+
+
+TIERS = ("hot", "warm", "cold")
+
+
+def _available_codecs() -> list[str]:
+    """Codec names whose encoder is installed and registered in workers.codec."""
+    from workers.codec import lossless_transfer_syntaxes
+
+    registered = lossless_transfer_syntaxes()
+    return [name for name, uid in CODECS.items() if uid in registered]
 
 
 def load(path: Path | None = None, **overrides: Any) -> Config:
@@ -124,6 +163,15 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
 
 
 def _convert(name: str, value: Any, default: Any) -> Any:
+    if name == "codec_policy":
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ConfigError(f"codec_policy must read KEY=CODEC,..., not {value!r}")
+            value = {key.strip(): codec.strip() for key, codec in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError("codec_policy must be a table of KEY = CODEC")
+        return tuple(sorted((str(key), str(codec)) for key, codec in value.items()))
     if isinstance(default, Path):
         return Path(os.path.expanduser(str(value)))
     if isinstance(default, bool):

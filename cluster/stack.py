@@ -17,7 +17,7 @@ import ray
 
 from cluster.admission import ByteBudget
 from cluster.catalog import CatalogWriter
-from cluster.config import Config
+from cluster.config import CODECS, Config
 from cluster.dispatch import Dispatcher
 from cluster.frontend import ArchiveService, CatalogService
 from cluster.minio_server import MinioServer, ensure_minio_binary
@@ -80,7 +80,8 @@ class Stack:
             store=self.store_settings,
             key_file=str(config.key_file),
             tier=config.tier,
-            transfer_syntax=config.transfer_syntax,
+            transfer_syntax=CODECS[config.codec_for(config.tier)],
+            modality_codecs=config.modality_codecs(config.tier),
         )
         store.ensure_bucket(self.store_settings, store.tier_bucket(config.tier))
 

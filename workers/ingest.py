@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import imagecodecs
 from pydicom.uid import UID
 
 from workers import store
-from workers.codec import NotLossless, encode_verified, values_fit_bits_stored
+from workers.codec import (
+    NotLossless,
+    encode_verified,
+    lossless_transfer_syntaxes,
+    values_fit_bits_stored,
+)
 from workers.envelope import seal
 from workers.errors import Reason, RejectError
 from workers.keys import cached_key_file
@@ -32,6 +39,16 @@ from workers.split import SplitFile, split_file
 
 log = logging.getLogger("strata.workers.ingest")
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
+ZSTD_LEVEL = 3  # fast enough to stay well below the codec's cost, most of the gain
+# When the policy's codec cannot hold a layout, the next one tried (best ratio first).
+_CODEC_PREFERENCE = (
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    HTJ2K_LOSSLESS,
+    "1.2.840.10008.1.2.5",  # RLE lossless
+)
+
 
 @dataclass(frozen=True)
 class PipelineSettings:
@@ -40,7 +57,15 @@ class PipelineSettings:
     store: StoreSettings
     key_file: str
     tier: str = "hot"
-    transfer_syntax: str = HTJ2K_LOSSLESS
+    transfer_syntax: str = HTJ2K_LOSSLESS  # the tier's codec
+    # Per-modality exceptions for this tier: (modality, transfer syntax) pairs.
+    modality_codecs: tuple[tuple[str, str], ...] = ()
+
+    def codecs_for(self, modality: str) -> list[str]:
+        """Lossless syntaxes to try, in order: the policy's choice, then the others."""
+        first = dict(self.modality_codecs).get(modality, self.transfer_syntax)
+        others = sorted(lossless_transfer_syntaxes() - {first}, key=_CODEC_PREFERENCE.index)
+        return [first, *others]
 
 
 def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Outcome]:
@@ -67,10 +92,18 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Ou
 
 def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
     """Store one file and return its catalog row (not yet committed)."""
+    blob, record = prepare(item, settings)
+    store.put(settings.store, store.tier_bucket(settings.tier), record.object_key, blob)
+    return Stored(item.file_id, record)
+
+
+def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, InstanceRecord]:
+    """The sealed object for one file and its catalog row; no I/O but the key file."""
     data = item.data
     split = split_file(data)
     header = split.header
-    manifest, segments, note = _encode(data, split, item.sha256, settings.transfer_syntax)
+    codecs = settings.codecs_for(header.modality)
+    manifest, segments, note = _encode(data, split, item.sha256, codecs)
 
     keys = cached_key_file(settings.key_file)
     object_key = object_key_for(header.study_instance_uid, header.sop_instance_uid, item.sha256)
@@ -80,8 +113,6 @@ def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
         sop_instance_uid=header.sop_instance_uid,
         keys=keys,
     )
-    store.put(settings.store, store.tier_bucket(settings.tier), object_key, blob)
-
     pseudonyms = keys.pseudonymizer()
     layout = split.layout
     record = InstanceRecord(
@@ -96,7 +127,7 @@ def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
         accession_pseudonym=pseudonyms.pseudonym("accession_number", header.accession_number),
         transfer_syntax_in=header.transfer_syntax,
         transfer_syntax_stored=manifest.transfer_syntax_stored,
-        storage_action="transcoded" if manifest.kind == "split" else "as_received",
+        storage_action=manifest.storage_action,
         storage_note=note,
         frames=layout.frames if layout else 0,
         rows=layout.rows if layout else 0,
@@ -113,31 +144,37 @@ def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
         key_id=keys.active_key_id,
         ingest_time=datetime.now(UTC),
     )
-    return Stored(item.file_id, record)
+    return blob, record
 
 
 def _encode(
-    data: bytes, split: SplitFile, sha256: str, transfer_syntax: str
+    data: bytes, split: SplitFile, sha256: str, codecs: Sequence[str]
 ) -> tuple[Manifest, list[bytes | memoryview], str]:
-    """Choose the stored form: lossless re-encode when proven exact, else as received."""
+    """Choose the stored form and say why, in one sentence.
+
+    In order: the first of ``codecs`` (the tier's choice for this modality first) that
+    holds the pixel data exactly; else zstd of the file when it has native pixels and
+    zstd saves at least 5 %; else the file as received. Encapsulated pixel data is never
+    re-encoded: its original codestream could not be given back byte for byte.
+    """
     header = split.header
-    whole = Manifest(
-        kind="whole",
-        sha256=sha256,
-        original_length=len(data),
-        transfer_syntax_in=header.transfer_syntax,
-        transfer_syntax_stored=header.transfer_syntax,
-    )
     layout = split.layout
     if layout is None:
         _check_received(data, sha256)
+        if split.native_pixels:
+            reason = "no lossless codec describes this pixel data (float, or 8-bit OW big endian)"
+            return _zstd_or_whole(data, sha256, header.transfer_syntax, reason)
         if split.encapsulated:
-            note = f"pixel data already encapsulated ({_syntax_name(header.transfer_syntax)})"
-        elif split.pixel_start == len(data):
-            note = "no pixel data that can be split out"
+            note = (
+                f"pixel data arrived encapsulated ({_syntax_name(header.transfer_syntax)}); "
+                "kept as received because its codestream could not be regenerated byte for "
+                "byte from decoded pixels"
+            )
+        elif split.pixel_start == len(data) and header.transfer_syntax == DEFLATED:
+            note = "deflated data set, already compressed; kept as received"
         else:
-            note = "pixel data layout not described"
-        return whole, [data], note + "; stored as received"
+            note = "no pixel data; kept as received"
+        return _whole(data, sha256, header.transfer_syntax), [data], note
 
     view = memoryview(data)
     prefix = view[: split.pixel_start]
@@ -145,38 +182,67 @@ def _encode(
     suffix = view[split.pixel_end :]
     if not values_fit_bits_stored(pixels, layout):
         _check_received(data, sha256)
-        note = (
+        reason = (
             f"samples use bits above Bits Stored {layout.bits_stored} (overlay or stray "
-            "high bits): a compressed file would show other pixels"
+            "high bits), which a compressed DICOM file would show as pixels"
         )
-        return whole, [data], note + "; stored as received"
-    # The proof: the file rebuilt from what we store (prefix, every frame as decoded back
-    # from its codestream, pad byte, suffix) hashes to what the front end received. It
-    # also proves the bytes did not change between the front end and this worker.
-    rebuilt = hashlib.sha256(prefix)
-    try:
-        encoded = encode_verified(pixels, layout, transfer_syntax, digest=rebuilt)
-    except NotLossless as error:
-        _check_received(data, sha256)
-        return whole, [data], f"{error}; stored as received"
-    rebuilt.update(encoded.trailing)
-    rebuilt.update(suffix)
-    if rebuilt.hexdigest() != sha256:
-        log.error("lossless check failed for file %s; storing as received", _short(sha256))
-        return whole, [data], "re-encoded file did not hash to the original; stored as received"
+        return _zstd_or_whole(data, sha256, header.transfer_syntax, reason)
+    refusals: list[str] = []
+    for transfer_syntax in codecs:
+        # The proof: the file rebuilt from what is stored (prefix, every frame as decoded
+        # back from its codestream, pad byte, suffix) hashes to what the front end
+        # received. It also proves the bytes did not change on the way to this worker.
+        rebuilt = hashlib.sha256(prefix)
+        try:
+            encoded = encode_verified(pixels, layout, transfer_syntax, digest=rebuilt)
+        except NotLossless as error:
+            refusals.append(str(error))
+            continue
+        rebuilt.update(encoded.trailing)
+        rebuilt.update(suffix)
+        if rebuilt.hexdigest() != sha256:
+            log.error("lossless check failed for file %s", _short(sha256))
+            refusals.append(f"{_syntax_name(transfer_syntax)} did not rebuild the original")
+            continue
+        manifest = Manifest(
+            kind="split",
+            sha256=sha256,
+            original_length=len(data),
+            transfer_syntax_in=header.transfer_syntax,
+            transfer_syntax_stored=encoded.transfer_syntax,
+            layout=layout,
+            trailing=encoded.trailing,
+            frame_count=len(encoded.frames),
+        )
+        note = f"pixel data re-encoded as {_syntax_name(encoded.transfer_syntax)}, verified"
+        if refusals:
+            note += f" ({'; '.join(refusals)})"
+        return manifest, [prefix, *encoded.frames, suffix], note
+    _check_received(data, sha256)
+    return _zstd_or_whole(data, sha256, header.transfer_syntax, "; ".join(refusals))
 
-    manifest = Manifest(
-        kind="split",
+
+def _whole(data: bytes, sha256: str, transfer_syntax: str, compression: str = "") -> Manifest:
+    return Manifest(
+        kind="whole",
         sha256=sha256,
         original_length=len(data),
-        transfer_syntax_in=header.transfer_syntax,
-        transfer_syntax_stored=encoded.transfer_syntax,
-        layout=layout,
-        trailing=encoded.trailing,
-        frame_count=len(encoded.frames),
+        transfer_syntax_in=transfer_syntax,
+        transfer_syntax_stored=transfer_syntax,
+        compression=compression,
     )
-    note = f"pixel data re-encoded as {_syntax_name(encoded.transfer_syntax)}, verified"
-    return manifest, [prefix, *encoded.frames, suffix], note
+
+
+def _zstd_or_whole(
+    data: bytes, sha256: str, transfer_syntax: str, reason: str
+) -> tuple[Manifest, list[bytes | memoryview], str]:
+    """The file zstd-compressed when that saves 5 % or more, else as received."""
+    packed = bytes(imagecodecs.zstd_encode(data, level=ZSTD_LEVEL))
+    if len(packed) <= 0.95 * len(data) and imagecodecs.zstd_decode(packed) == data:
+        saved = 100 * (1 - len(packed) / len(data))
+        note = f"{reason}; stored zstd-compressed ({saved:.0f} % smaller), verified"
+        return _whole(data, sha256, transfer_syntax, "zstd"), [packed], note
+    return _whole(data, sha256, transfer_syntax), [data], f"{reason}; kept as received"
 
 
 def _check_received(data: bytes, sha256: str) -> None:

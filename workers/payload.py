@@ -5,7 +5,8 @@ Two shapes:
 * ``split`` — the pixel data was re-encoded losslessly. Segments: manifest, the file's bytes
   before the Pixel Data value (prefix), one codestream per frame, the bytes after it
   (suffix). The original is prefix + decoded pixels + trailing pad + suffix.
-* ``whole`` — stored as received. Segments: manifest, the whole file.
+* ``whole`` — the file itself. Segments: manifest, the whole file, zstd-compressed when
+  ``compression`` is ``"zstd"`` (native pixels no codec can hold), else as received.
 
 The manifest makes every object self-describing, so that the archive can be rebuilt from
 the object store alone if the catalog is lost.
@@ -34,6 +35,14 @@ class Manifest:
     layout: PixelLayout | None = None
     trailing: bytes = b""
     frame_count: int = 0
+    compression: str = ""  # "zstd" or "" (only for kind "whole")
+
+    @property
+    def storage_action(self) -> str:
+        """The catalog's ``storage_action``: transcoded, zstd or as_received."""
+        if self.kind == "split":
+            return "transcoded"
+        return "zstd" if self.compression == "zstd" else "as_received"
 
     def to_bytes(self) -> bytes:
         document = {
@@ -46,6 +55,7 @@ class Manifest:
             "layout": asdict(self.layout) if self.layout else None,
             "trailing": base64.b64encode(self.trailing).decode(),
             "frame_count": self.frame_count,
+            "compression": self.compression,
         }
         return json.dumps(document, separators=(",", ":")).encode()
 
@@ -64,6 +74,7 @@ class Manifest:
             layout=PixelLayout(**layout) if layout else None,
             trailing=base64.b64decode(document["trailing"]),
             frame_count=document["frame_count"],
+            compression=document.get("compression", ""),
         )
 
     def frame_segment(self, frame: int) -> int:

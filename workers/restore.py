@@ -10,6 +10,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 
+import imagecodecs
 import pydicom
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
@@ -18,7 +19,7 @@ from workers import store
 from workers.codec import EncodedPixels, NotLossless, decode_to_native, encode_verified
 from workers.envelope import open_object
 from workers.ingest import PipelineSettings
-from workers.keys import cached_key_file
+from workers.keys import KeyProvider, cached_key_file
 from workers.payload import Manifest
 from workers.split import PixelLayout, split_file
 
@@ -51,8 +52,12 @@ def restore(ref: ObjectRef, form: str, settings: PipelineSettings) -> RestoredFi
     ``form`` is ``"original"`` (byte for byte, SHA-256 checked) or ``"stored"`` (a valid
     DICOM file in the stored transfer syntax; the original when it was stored as received).
     """
-    keys = cached_key_file(settings.key_file)
     blob = store.get(settings.store, store.tier_bucket(ref.tier), ref.object_key)
+    return rebuild(blob, ref, form, cached_key_file(settings.key_file))
+
+
+def rebuild(blob: bytes, ref: ObjectRef, form: str, keys: KeyProvider) -> RestoredFile:
+    """Decrypt one object and rebuild the file in ``form`` (see ``restore``)."""
     segments = open_object(
         blob, object_key=ref.object_key, sop_instance_uid=ref.sop_instance_uid, keys=keys
     )
@@ -69,6 +74,10 @@ def restore(ref: ObjectRef, form: str, settings: PipelineSettings) -> RestoredFi
 def _original(manifest: Manifest, segments: list[bytes]) -> bytes:
     if manifest.kind == "whole":
         data = segments[1]
+        if manifest.compression == "zstd":
+            data = bytes(imagecodecs.zstd_decode(data))
+        elif manifest.compression:
+            raise RestoreError(f"compression {manifest.compression!r} is not known")
     elif manifest.kind == "split" and manifest.layout is not None:
         encoded = EncodedPixels(
             transfer_syntax=manifest.transfer_syntax_stored,

@@ -48,6 +48,7 @@ SUBSAMPLED_422 = frozenset({"YBR_FULL_422", "YBR_PARTIAL_422"})
 
 _PIXEL_DATA = 0x7FE00010
 # Pixel Data, Float Pixel Data, Double Float Pixel Data, Pixel Data Provider URL (JPIP)
+_FLOAT_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009})
 _PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x00287FE0})
 _IMAGE_PIXEL_TAGS = frozenset({0x00280010, 0x00280011, 0x00280100})
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: not a composite instance
@@ -161,6 +162,9 @@ class SplitFile:
     pixel_end: int
     layout: PixelLayout | None
     encapsulated: bool
+    # Uncompressed pixels of any kind are in the file (native Pixel Data, also when no
+    # layout describes it, or Float / Double Float Pixel Data): worth compressing.
+    native_pixels: bool = False
 
 
 def split_file(data: bytes) -> SplitFile:
@@ -187,8 +191,13 @@ def split_file(data: bytes) -> SplitFile:
     _check_image_has_pixel_data(structure, header.sop_class_uid)
 
     pixel = structure.pixel_data
-    if pixel is None or structure.deflated:
+    if structure.deflated:
         return SplitFile(header, len(data), len(data), None, encapsulated=False)
+    if pixel is None:
+        floats = bool(structure.top_level_tags & _FLOAT_PIXEL_DATA_TAGS)
+        return SplitFile(
+            header, len(data), len(data), None, encapsulated=False, native_pixels=floats
+        )
     layout = None
     if not pixel.undefined_length and structure.transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
         layout = _layout(attributes, little_endian=structure.little_endian)
@@ -197,7 +206,14 @@ def split_file(data: bytes) -> SplitFile:
             # Big endian OW swaps every pair of 8-bit samples (the pad byte included);
             # PixelLayout cannot say so, and the value is stored as received.
             layout = None
-    return SplitFile(header, pixel.start, pixel.end, layout, encapsulated=pixel.undefined_length)
+    return SplitFile(
+        header,
+        pixel.start,
+        pixel.end,
+        layout,
+        encapsulated=pixel.undefined_length,
+        native_pixels=not pixel.undefined_length,
+    )
 
 
 # --- structure --------------------------------------------------------------------------

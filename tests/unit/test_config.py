@@ -55,3 +55,33 @@ def test_example_deployment_config_is_valid() -> None:
     assert config.minio_endpoint == "127.0.0.1:9000"
     assert config.ray_address == "auto"
     assert config.key_file.is_absolute()
+
+
+def test_codec_policy_by_tier_and_modality(tmp_path: Path) -> None:
+    path = tmp_path / "strata.toml"
+    path.write_text(
+        '[strata]\ncodec = "htj2k"\n'
+        '[strata.codec_policy]\ncold = "jpeg2000"\n"hot/CR" = "jpeg2000"\n'
+    )
+    config = load(path)
+    assert config.codec_for("hot", "CT") == "htj2k"
+    assert config.codec_for("hot", "CR") == "jpeg2000"
+    assert config.codec_for("cold", "CT") == "jpeg2000"
+    assert config.modality_codecs("hot") == (("CR", "1.2.840.10008.1.2.4.90"),)
+
+
+def test_codec_policy_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRATA_CODEC_POLICY", "warm=jpeg2000, cold/MR=jpeg2000")
+    assert load().codec_for("cold", "MR") == "jpeg2000"
+
+
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ({"lukewarm": "htj2k"}, "must be TIER or TIER/MODALITY"),
+        ({"cold": "gif"}, r"codec_policy\['cold'\] must be one of"),
+    ],
+)
+def test_bad_codec_policy_names_the_key(policy: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(codec_policy=policy)
