@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cluster import config as config_module
-from cluster.config import Config, ConfigError
+from cluster.config import CODECS, Config, ConfigError
 
 console = Console(stderr=True)
 
@@ -69,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--syntax",
         default="original",
-        choices=["original", "stored", "htj2k"],
-        help="original bytes, or the stored compressed form (htj2k: insist on HTJ2K)",
+        choices=["original", "stored", *CODECS, "explicit"],
+        help="original: the file as received, byte for byte; stored: the compressed form "
+        "Strata keeps; htj2k, jpeg2000, jpegls: transcoded losslessly to that codec; "
+        "explicit: uncompressed Explicit VR Little Endian",
     )
     get.add_argument("--version", type=int, default=0, help="0 = latest")
     get.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
@@ -157,18 +159,15 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     from cluster.client import StrataClient
-    from workers.records import HTJ2K_LOSSLESS
 
+    targets = {**CODECS, "explicit": "1.2.840.10008.1.2.1"}
     with StrataClient(args.server) as client:
         retrieved = client.retrieve(
-            args.sop_instance_uid, stored=args.syntax != "original", version=args.version
+            args.sop_instance_uid,
+            stored=args.syntax == "stored",
+            version=args.version,
+            transfer_syntax=targets.get(args.syntax, ""),
         )
-    if args.syntax == "htj2k" and retrieved.transfer_syntax != HTJ2K_LOSSLESS:
-        console.print(
-            f"[red]this instance is stored in {retrieved.transfer_syntax}, not HTJ2K[/red]; "
-            "use --syntax stored or original"
-        )
-        return 1
     args.out.write_bytes(retrieved.data)
     console.print(
         f"wrote {args.out} ({len(retrieved.data)} bytes, transfer syntax "

@@ -52,7 +52,7 @@ class StrataClient:
         self._channel = grpc.insecure_channel(
             address,
             options=[
-                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 8 * 1024 * 1024),
             ],
         )
@@ -133,13 +133,20 @@ class StrataClient:
             )
 
     def retrieve(
-        self, sop_instance_uid: str, *, stored: bool = False, version: int = 0
+        self,
+        sop_instance_uid: str,
+        *,
+        stored: bool = False,
+        version: int = 0,
+        transfer_syntax: str = "",
     ) -> Retrieved:
-        """One instance: the original bytes, or (``stored``) its stored compressed form."""
+        """One instance: the original bytes, its stored compressed form (``stored``), or
+        the instance transcoded losslessly to ``transfer_syntax`` (a UID)."""
         request = pb.RetrieveRequest(
             sop_instance_uid=sop_instance_uid,
             syntax=pb.RETRIEVE_SYNTAX_STORED if stored else pb.RETRIEVE_SYNTAX_ORIGINAL,
             version=version,
+            transfer_syntax=transfer_syntax,
         )
         parts: list[bytes] = []
         first: pb.RetrieveChunk | None = None
@@ -153,6 +160,15 @@ class StrataClient:
         if len(data) != first.total_size or digest != first.sha256:
             raise RuntimeError("the file received does not match the size and SHA-256 announced")
         return Retrieved(data, first.transfer_syntax, digest)
+
+    def retrieve_frames(
+        self, sop_instance_uid: str, frames: list[int], *, decoded: bool = False, version: int = 0
+    ) -> list[pb.Frame]:
+        """Frames (1-based) of one instance, read without fetching the whole object."""
+        request = pb.RetrieveFramesRequest(
+            sop_instance_uid=sop_instance_uid, version=version, frames=frames, decoded=decoded
+        )
+        return list(self.archive.RetrieveFrames(request))
 
     def find_studies(self, **filters: object) -> list[pb.Study]:
         return list(self.catalog.FindStudies(pb.FindRequest(**filters)).studies)  # type: ignore[arg-type]

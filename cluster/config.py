@@ -62,6 +62,10 @@ class Config:
     # Compute
     ray_address: str = ""  # empty: start a local Ray; "auto": join the running cluster
     worker_cpus: int = 0  # 0: all cores Ray sees
+    # Instances with at least this many frames are encoded by several workers at once,
+    # in runs of fanout_chunk_frames frames (0 turns it off).
+    fanout_min_frames: int = 64
+    fanout_chunk_frames: int = 32
     batch_max_files: int = 8
     batch_max_bytes: int = 64 * MiB
     batch_wait_ms: int = 20
@@ -101,7 +105,12 @@ class Config:
             raise ConfigError(
                 "minio_access_key and minio_secret_key are required with minio_endpoint"
             )
-        for name in ("batch_max_files", "batch_max_bytes", "commit_max_rows"):
+        for name in (
+            "batch_max_files",
+            "batch_max_bytes",
+            "commit_max_rows",
+            "fanout_chunk_frames",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         if self.worker_cpus < 0:

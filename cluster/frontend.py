@@ -26,14 +26,16 @@ from cluster.dispatch import Dispatcher, FileResult
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
 from workers.errors import Reason
+from workers.frames import NoSuchFrameError, read_frames
 from workers.ingest import PipelineSettings
 from workers.records import IngestItem, InstanceRecord
-from workers.restore import ObjectRef, RestoreError, restore
+from workers.restore import ObjectRef, RestoreError, TranscodeRefusedError, restore
 
 log = logging.getLogger("strata.frontend")
 
 RETRIEVE_CHUNK = 1024 * 1024
 _restore_task = ray.remote(num_cpus=1, max_retries=2)(restore)
+_frames_task = ray.remote(num_cpus=1, max_retries=2)(read_frames)
 
 _STATUS = {
     "stored": pb.INGEST_STATUS_STORED,
@@ -219,36 +221,14 @@ class ArchiveService(pb_grpc.ArchiveServicer):
     async def Retrieve(  # noqa: N802 - gRPC method name
         self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RetrieveChunk]:
-        form = "stored" if request.syntax == pb.RETRIEVE_SYNTAX_STORED else "original"
-        record = await asyncio.to_thread(
-            catalog.latest_instance,
-            self._settings.store,
-            request.sop_instance_uid,
-            request.version or None,
-            bucket=self._catalog_bucket,
+        form = request.transfer_syntax or (
+            "stored" if request.syntax == pb.RETRIEVE_SYNTAX_STORED else "original"
         )
-        if record is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, "no stored instance has that SOP Instance UID"
-            )
-            return
+        record = await self._find(request.sop_instance_uid, request.version, context)
         ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
-        try:
-            restored = await _restore_task.remote(ref, form, self._settings_ref)
-        except RestoreError as error:
-            await context.abort(grpc.StatusCode.DATA_LOSS, str(error))
-            return
-        except ray.exceptions.RayTaskError as error:
-            cause = error.cause if isinstance(error.cause, RestoreError) else None
-            log.error(
-                "retrieve of object %s failed: %s", record.object_key, type(error.cause).__name__
-            )
-            await context.abort(
-                grpc.StatusCode.DATA_LOSS if cause else grpc.StatusCode.INTERNAL,
-                str(cause) if cause else "the object could not be read; the error was logged",
-            )
-            return
-        await self._catalog.record_access.remote([record.study_instance_uid])
+        restored = await self._reading(
+            _restore_task.remote(ref, form, self._settings_ref), record, context
+        )
         data = restored.data
         for offset in range(0, max(len(data), 1), RETRIEVE_CHUNK):
             chunk = pb.RetrieveChunk(data=data[offset : offset + RETRIEVE_CHUNK])
@@ -257,6 +237,64 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                 chunk.total_size = len(data)
                 chunk.sha256 = restored.sha256
             yield chunk
+
+    async def RetrieveFrames(  # noqa: N802 - gRPC method name
+        self, request: pb.RetrieveFramesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Frame]:
+        if not request.frames:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no frame numbers given")
+        record = await self._find(request.sop_instance_uid, request.version, context)
+        ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
+        frames = await self._reading(
+            _frames_task.remote(ref, list(request.frames), self._settings_ref, request.decoded),
+            record,
+            context,
+        )
+        for frame in frames:
+            yield pb.Frame(
+                number=frame.number,
+                data=frame.data,
+                transfer_syntax=frame.transfer_syntax,
+                bytes_read=frame.bytes_read,
+            )
+
+    async def _find(
+        self, sop_instance_uid: str, version: int, context: grpc.aio.ServicerContext
+    ) -> InstanceRecord:
+        record = await asyncio.to_thread(
+            catalog.latest_instance,
+            self._settings.store,
+            sop_instance_uid,
+            version or None,
+            bucket=self._catalog_bucket,
+        )
+        if record is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "no stored instance has that SOP Instance UID"
+            )
+        assert record is not None  # abort() raises
+        return record
+
+    async def _reading(
+        self, reader: Any, record: InstanceRecord, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """Await a reading task; map its failure to a status, record the access."""
+        try:
+            result = await reader
+        except ray.exceptions.RayTaskError as error:
+            cause = error.cause
+            if isinstance(cause, TranscodeRefusedError):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(cause))
+            if isinstance(cause, NoSuchFrameError):
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(cause))
+            log.error("reading object %s failed: %s", record.object_key, type(cause).__name__)
+            if isinstance(cause, RestoreError):
+                await context.abort(grpc.StatusCode.DATA_LOSS, str(cause))
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "the object could not be read; the error was logged"
+            )
+        await self._catalog.record_access.remote([record.study_instance_uid])
+        return result
 
 
 class CatalogService(pb_grpc.CatalogServicer):

@@ -10,8 +10,10 @@ from cluster.frontend import ArchiveService, CatalogService
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
 
-# A 4 MiB chunk plus its framing must fit one message; larger chunks are refused by gRPC.
+# A 4 MiB chunk plus its framing must fit one received message; larger chunks are refused
+# by gRPC. Sent messages may carry one whole decoded frame (a 4k x 4k x 16-bit frame is 32 MiB).
 MAX_MESSAGE = 8 * 1024 * 1024
+MAX_SENT_MESSAGE = 64 * 1024 * 1024
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Archive"].full_name,
@@ -26,7 +28,7 @@ async def start_server(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_SENT_MESSAGE),
         ]
     )
     pb_grpc.add_ArchiveServicer_to_server(archive, server)

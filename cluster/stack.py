@@ -23,6 +23,7 @@ from cluster.frontend import ArchiveService, CatalogService
 from cluster.minio_server import MinioServer, ensure_minio_binary
 from cluster.server import start_server
 from workers import store
+from workers.fanout import FrameFanout
 from workers.ingest import PipelineSettings
 from workers.keys import create_key_file, load_key_file
 from workers.records import StoreSettings
@@ -82,6 +83,7 @@ class Stack:
             tier=config.tier,
             transfer_syntax=CODECS[config.codec_for(config.tier)],
             modality_codecs=config.modality_codecs(config.tier),
+            fanout=FrameFanout(config.fanout_min_frames, config.fanout_chunk_frames),
         )
         store.ensure_bucket(self.store_settings, store.tier_bucket(config.tier))
 

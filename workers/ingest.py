@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import imagecodecs
@@ -24,6 +24,7 @@ from workers.codec import (
 )
 from workers.envelope import seal
 from workers.errors import Reason, RejectError
+from workers.fanout import FrameFanout
 from workers.keys import cached_key_file
 from workers.payload import Manifest
 from workers.records import (
@@ -60,6 +61,7 @@ class PipelineSettings:
     transfer_syntax: str = HTJ2K_LOSSLESS  # the tier's codec
     # Per-modality exceptions for this tier: (modality, transfer syntax) pairs.
     modality_codecs: tuple[tuple[str, str], ...] = ()
+    fanout: FrameFanout = field(default_factory=FrameFanout)
 
     def codecs_for(self, modality: str) -> list[str]:
         """Lossless syntaxes to try, in order: the policy's choice, then the others."""
@@ -103,7 +105,7 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
     split = split_file(data)
     header = split.header
     codecs = settings.codecs_for(header.modality)
-    manifest, segments, note = _encode(data, split, item.sha256, codecs)
+    manifest, segments, note = _encode(data, split, item.sha256, codecs, settings.fanout)
 
     keys = cached_key_file(settings.key_file)
     object_key = object_key_for(header.study_instance_uid, header.sop_instance_uid, item.sha256)
@@ -148,7 +150,11 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
 
 
 def _encode(
-    data: bytes, split: SplitFile, sha256: str, codecs: Sequence[str]
+    data: bytes,
+    split: SplitFile,
+    sha256: str,
+    codecs: Sequence[str],
+    fanout: FrameFanout | None = None,
 ) -> tuple[Manifest, list[bytes | memoryview], str]:
     """Choose the stored form and say why, in one sentence.
 
@@ -188,13 +194,21 @@ def _encode(
         )
         return _zstd_or_whole(data, sha256, header.transfer_syntax, reason)
     refusals: list[str] = []
+    spread = ""
     for transfer_syntax in codecs:
         # The proof: the file rebuilt from what is stored (prefix, every frame as decoded
         # back from its codestream, pad byte, suffix) hashes to what the front end
         # received. It also proves the bytes did not change on the way to this worker.
         rebuilt = hashlib.sha256(prefix)
         try:
-            encoded = encode_verified(pixels, layout, transfer_syntax, digest=rebuilt)
+            if fanout is not None and not refusals and fanout.applies(layout):
+                encoded, tasks = fanout.encode(pixels, layout, transfer_syntax)
+                # Each task proved its decoded frames equal these bytes bit for bit, so
+                # hashing them is hashing the decoded frames.
+                rebuilt.update(pixels[: layout.expected_length])
+                spread = f", {layout.frames} frames encoded by {tasks} parallel tasks"
+            else:
+                encoded = encode_verified(pixels, layout, transfer_syntax, digest=rebuilt)
         except NotLossless as error:
             refusals.append(str(error))
             continue
@@ -214,7 +228,7 @@ def _encode(
             trailing=encoded.trailing,
             frame_count=len(encoded.frames),
         )
-        note = f"pixel data re-encoded as {_syntax_name(encoded.transfer_syntax)}, verified"
+        note = f"pixel data re-encoded as {_syntax_name(encoded.transfer_syntax)}, verified{spread}"
         if refusals:
             note += f" ({'; '.join(refusals)})"
         return manifest, [prefix, *encoded.frames, suffix], note

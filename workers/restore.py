@@ -11,12 +11,20 @@ import io
 from dataclasses import dataclass
 
 import imagecodecs
+import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
 from workers import store
-from workers.codec import EncodedPixels, NotLossless, decode_to_native, encode_verified
+from workers.codec import (
+    EncodedPixels,
+    NotLossless,
+    decode_to_native,
+    encode_verified,
+    lossless_transfer_syntaxes,
+)
 from workers.envelope import open_object
 from workers.ingest import PipelineSettings
 from workers.keys import KeyProvider, cached_key_file
@@ -26,6 +34,10 @@ from workers.split import PixelLayout, split_file
 
 class RestoreError(Exception):
     """An object that cannot be given back as asked; the message says why."""
+
+
+class TranscodeRefusedError(RestoreError):
+    """The instance is intact but cannot be given in the transfer syntax asked for."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,9 @@ class ObjectRef:
 def restore(ref: ObjectRef, form: str, settings: PipelineSettings) -> RestoredFile:
     """Fetch, decrypt and rebuild one instance.
 
-    ``form`` is ``"original"`` (byte for byte, SHA-256 checked) or ``"stored"`` (a valid
-    DICOM file in the stored transfer syntax; the original when it was stored as received).
+    ``form`` is ``"original"`` (byte for byte, SHA-256 checked), ``"stored"`` (a valid
+    DICOM file in the stored transfer syntax; the original when it was stored as received)
+    or a transfer syntax UID to transcode to losslessly (see ``transcode``).
     """
     blob = store.get(settings.store, store.tier_bucket(ref.tier), ref.object_key)
     return rebuild(blob, ref, form, cached_key_file(settings.key_file))
@@ -63,12 +76,98 @@ def rebuild(blob: bytes, ref: ObjectRef, form: str, keys: KeyProvider) -> Restor
     )
     manifest = Manifest.from_bytes(segments[0])
     original = _original(manifest, segments)
-    if form == "original" or manifest.kind == "whole":
-        return RestoredFile(original, manifest.transfer_syntax_in, manifest.sha256)
-    if form == "stored":
+    stored_form = manifest.kind == "split" and form in ("stored", manifest.transfer_syntax_stored)
+    if stored_form:
         data = _encapsulated_file(original, manifest, segments[2:-1])
-        return RestoredFile(data, manifest.transfer_syntax_stored, hashlib.sha256(data).hexdigest())
-    raise RestoreError(f"form {form!r} is not one of 'original', 'stored'")
+        return _file(data, manifest.transfer_syntax_stored)
+    if form in ("original", "stored", manifest.transfer_syntax_in):
+        return RestoredFile(original, manifest.transfer_syntax_in, manifest.sha256)
+    return _file(transcode(original, manifest.transfer_syntax_in, form), form)
+
+
+# Transfer syntaxes whose pixels are exactly what was encoded: safe to decode and
+# re-encode in another lossless syntax.
+LOSSLESS_INPUTS = frozenset(
+    {
+        *uid.UncompressedTransferSyntaxes,
+        uid.DeflatedExplicitVRLittleEndian,
+        uid.JPEGLossless,
+        uid.JPEGLosslessSV1,
+        uid.JPEGLSLossless,
+        uid.JPEG2000Lossless,
+        uid.HTJ2KLossless,
+        uid.HTJ2KLosslessRPCL,
+        uid.RLELossless,
+    }
+)
+
+
+def transcode(original: bytes, syntax_in: str, target: str) -> bytes:
+    """The original as a valid DICOM file in ``target``: a lossless codec's syntax or
+    Explicit VR Little Endian. Lossy originals are refused: a "lossless" copy of lossy
+    pixels would misstate what the archive holds."""
+    if syntax_in not in LOSSLESS_INPUTS:
+        raise TranscodeRefusedError(
+            f"the instance arrived in {_name(syntax_in)}, which is lossy; it is only given "
+            "back as received (form 'original')"
+        )
+    if target != uid.ExplicitVRLittleEndian and target not in lossless_transfer_syntaxes():
+        known = ", ".join(sorted(lossless_transfer_syntaxes() | {uid.ExplicitVRLittleEndian}))
+        raise TranscodeRefusedError(
+            f"transfer syntax {target!r} is not one Strata writes ({known})"
+        )
+    native = original if syntax_in in uid.UncompressedTransferSyntaxes else None
+    if native is None:
+        # Decompress with pydicom's decoders; the codec re-encodes and verifies after.
+        dataset = pydicom.dcmread(io.BytesIO(original))
+        try:
+            dataset.decompress()
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types here
+            raise TranscodeRefusedError(
+                f"{_name(syntax_in)} pixel data could not be decoded ({type(error).__name__})"
+            ) from None
+        native = _write(dataset, uid.ExplicitVRLittleEndian)
+    if target == uid.ExplicitVRLittleEndian:
+        return _little_endian(native)
+    return transcode_native(native, target)
+
+
+def _little_endian(native: bytes) -> bytes:
+    """A native file re-encoded as Explicit VR Little Endian, pixel bytes swapped where
+    the original was big endian (pydicom writes OW values as they are)."""
+    split = split_file(native)
+    dataset = pydicom.dcmread(io.BytesIO(native))
+    layout = split.layout
+    if layout is not None and not layout.little_endian and layout.bits_allocated > 8:
+        value = memoryview(native)[split.pixel_start : split.pixel_end]
+        width = layout.bits_allocated // 8
+        count = layout.expected_length // width
+        swapped = np.frombuffer(value, dtype=f">u{width}", count=count).astype(f"<u{width}")
+        dataset.PixelData = swapped.tobytes() + bytes(value[layout.expected_length :])
+    elif layout is None and split.native_pixels and "PixelData" in dataset:
+        raise TranscodeRefusedError(
+            "this big-endian pixel data has no layout Strata can swap; ask for 'original'"
+        )
+    return _write(dataset, uid.ExplicitVRLittleEndian)
+
+
+def _write(dataset: pydicom.Dataset, transfer_syntax: str) -> bytes:
+    """``dataset`` encoded in an uncompressed little-endian syntax, Part 10 framing."""
+    dataset.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    dataset.preamble = dataset.preamble or b"\0" * 128
+    dataset.file_meta.FileMetaInformationGroupLength = 0
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
+    return out.getvalue()
+
+
+def _file(data: bytes, transfer_syntax: str) -> RestoredFile:
+    return RestoredFile(data, transfer_syntax, hashlib.sha256(data).hexdigest())
+
+
+def _name(transfer_syntax: str) -> str:
+    name = UID(transfer_syntax).name
+    return name if name != transfer_syntax else f"transfer syntax {transfer_syntax}"
 
 
 def _original(manifest: Manifest, segments: list[bytes]) -> bytes:
@@ -100,7 +199,7 @@ def transcode_native(original: bytes, transfer_syntax: str) -> bytes:
     """
     split = split_file(original)
     if split.layout is None:
-        raise RestoreError(
+        raise TranscodeRefusedError(
             "only native (uncompressed) pixel data can be transcoded; this instance's is "
             f"{'encapsulated' if split.encapsulated else 'absent or not splittable'}"
         )
@@ -108,7 +207,7 @@ def transcode_native(original: bytes, transfer_syntax: str) -> bytes:
     try:
         encoded = encode_verified(pixels, split.layout, transfer_syntax)
     except NotLossless as error:
-        raise RestoreError(str(error)) from None
+        raise TranscodeRefusedError(str(error)) from None
     return _encapsulated(original, split.layout, transfer_syntax, list(encoded.frames))
 
 

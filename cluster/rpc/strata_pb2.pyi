@@ -156,24 +156,95 @@ class RetrieveRequest(_message.Message):
     SOP_INSTANCE_UID_FIELD_NUMBER: _builtins.int
     SYNTAX_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    TRANSFER_SYNTAX_FIELD_NUMBER: _builtins.int
     sop_instance_uid: _builtins.str
     syntax: Global___RetrieveSyntax.ValueType
     version: _builtins.int
     """0 = latest"""
+    transfer_syntax: _builtins.str
+    """When set, overrides `syntax`: the instance transcoded losslessly to this transfer
+    syntax UID (a lossless codec, or Explicit VR Little Endian for uncompressed pixels).
+    Refused with FAILED_PRECONDITION for lossy originals and layouts the codec cannot hold.
+    """
     def __init__(
         self,
         *,
         sop_instance_uid: _builtins.str = ...,
         syntax: Global___RetrieveSyntax.ValueType = ...,
         version: _builtins.int = ...,
+        transfer_syntax: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sop_instance_uid", b"sop_instance_uid", "syntax", b"syntax", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sop_instance_uid", b"sop_instance_uid", "syntax", b"syntax", "transfer_syntax", b"transfer_syntax", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetrieveRequest: _TypeAlias = RetrieveRequest  # noqa: Y015
+
+@_typing.final
+class RetrieveFramesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOP_INSTANCE_UID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    DECODED_FIELD_NUMBER: _builtins.int
+    sop_instance_uid: _builtins.str
+    version: _builtins.int
+    """0 = latest"""
+    decoded: _builtins.bool
+    """false: each frame's codestream in `transfer_syntax`; true: native pixel values,
+    little endian, colour-by-pixel, `transfer_syntax` Explicit VR Little Endian.
+    """
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """1-based frame numbers, as in DICOM"""
+
+    def __init__(
+        self,
+        *,
+        sop_instance_uid: _builtins.str = ...,
+        version: _builtins.int = ...,
+        frames: _abc.Iterable[_builtins.int] | None = ...,
+        decoded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoded", b"decoded", "frames", b"frames", "sop_instance_uid", b"sop_instance_uid", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrieveFramesRequest: _TypeAlias = RetrieveFramesRequest  # noqa: Y015
+
+@_typing.final
+class Frame(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    TRANSFER_SYNTAX_FIELD_NUMBER: _builtins.int
+    BYTES_READ_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    data: _builtins.bytes
+    transfer_syntax: _builtins.str
+    bytes_read: _builtins.int
+    """fetched from the object store to answer this frame"""
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        transfer_syntax: _builtins.str = ...,
+        bytes_read: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read", b"bytes_read", "data", b"data", "number", b"number", "transfer_syntax", b"transfer_syntax"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Frame: _TypeAlias = Frame  # noqa: Y015
 
 @_typing.final
 class RetrieveChunk(_message.Message):

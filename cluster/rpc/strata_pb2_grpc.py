@@ -45,6 +45,11 @@ class ArchiveStub:
                 request_serializer=cluster_dot_rpc_dot_strata__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=cluster_dot_rpc_dot_strata__pb2.RetrieveChunk.FromString,
                 _registered_method=True)
+        self.RetrieveFrames = channel.unary_stream(
+                '/strata.v1.Archive/RetrieveFrames',
+                request_serializer=cluster_dot_rpc_dot_strata__pb2.RetrieveFramesRequest.SerializeToString,
+                response_deserializer=cluster_dot_rpc_dot_strata__pb2.Frame.FromString,
+                _registered_method=True)
 
 
 class ArchiveServicer:
@@ -68,6 +73,13 @@ class ArchiveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetrieveFrames(self, request, context):
+        """Single frames of a multi-frame instance, without reading the whole object.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ArchiveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +92,11 @@ def add_ArchiveServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=cluster_dot_rpc_dot_strata__pb2.RetrieveRequest.FromString,
                     response_serializer=cluster_dot_rpc_dot_strata__pb2.RetrieveChunk.SerializeToString,
+            ),
+            'RetrieveFrames': grpc.unary_stream_rpc_method_handler(
+                    servicer.RetrieveFrames,
+                    request_deserializer=cluster_dot_rpc_dot_strata__pb2.RetrieveFramesRequest.FromString,
+                    response_serializer=cluster_dot_rpc_dot_strata__pb2.Frame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +154,33 @@ class Archive:
             '/strata.v1.Archive/Retrieve',
             cluster_dot_rpc_dot_strata__pb2.RetrieveRequest.SerializeToString,
             cluster_dot_rpc_dot_strata__pb2.RetrieveChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveFrames(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/strata.v1.Archive/RetrieveFrames',
+            cluster_dot_rpc_dot_strata__pb2.RetrieveFramesRequest.SerializeToString,
+            cluster_dot_rpc_dot_strata__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,

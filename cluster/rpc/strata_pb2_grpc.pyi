@@ -43,6 +43,8 @@ class ArchiveStub:
     """
     Retrieve: _grpc.UnaryStreamMultiCallable[_strata_pb2.RetrieveRequest, _strata_pb2.RetrieveChunk]
     """The original file byte for byte, or its stored compressed form, in chunks."""
+    RetrieveFrames: _grpc.UnaryStreamMultiCallable[_strata_pb2.RetrieveFramesRequest, _strata_pb2.Frame]
+    """Single frames of a multi-frame instance, without reading the whole object."""
 
 @_typing.type_check_only
 class ArchiveAsyncStub(ArchiveStub):
@@ -57,6 +59,8 @@ class ArchiveAsyncStub(ArchiveStub):
     """
     Retrieve: _aio.UnaryStreamMultiCallable[_strata_pb2.RetrieveRequest, _strata_pb2.RetrieveChunk]  # type: ignore[assignment]
     """The original file byte for byte, or its stored compressed form, in chunks."""
+    RetrieveFrames: _aio.UnaryStreamMultiCallable[_strata_pb2.RetrieveFramesRequest, _strata_pb2.Frame]  # type: ignore[assignment]
+    """Single frames of a multi-frame instance, without reading the whole object."""
 
 class ArchiveServicer(metaclass=_abc_1.ABCMeta):
     """Ingest, retrieve and find DICOM instances."""
@@ -80,6 +84,14 @@ class ArchiveServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_strata_pb2.RetrieveChunk], _abc.AsyncIterator[_strata_pb2.RetrieveChunk]]:
         """The original file byte for byte, or its stored compressed form, in chunks."""
+
+    @_abc_1.abstractmethod
+    def RetrieveFrames(
+        self,
+        request: _strata_pb2.RetrieveFramesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_strata_pb2.Frame], _abc.AsyncIterator[_strata_pb2.Frame]]:
+        """Single frames of a multi-frame instance, without reading the whole object."""
 
 def add_ArchiveServicer_to_server(servicer: ArchiveServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

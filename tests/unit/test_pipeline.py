@@ -25,7 +25,7 @@ from pydicom.uid import (
 from workers.ingest import PipelineSettings, prepare
 from workers.keys import create_key_file, load_key_file
 from workers.records import HTJ2K_LOSSLESS, IngestItem, StoreSettings
-from workers.restore import ObjectRef, rebuild
+from workers.restore import ObjectRef, TranscodeRefusedError, rebuild
 
 SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
 
@@ -159,3 +159,37 @@ def test_modality_policy_picks_the_codec(key_file: Path) -> None:
     _, record = prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings_)
     assert record.transfer_syntax_stored == "1.2.840.10008.1.2.4.90"
     assert "JPEG 2000" in record.storage_note
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"]
+)
+@pytest.mark.parametrize(
+    "target", [HTJ2K_LOSSLESS, "1.2.840.10008.1.2.4.90", ExplicitVRLittleEndian]
+)
+def test_retrieval_transcodes_lossless_inputs_to_any_lossless_syntax(
+    name: str, target: str, key_file: Path
+) -> None:
+    data = Path(pydicom.data.get_testdata_file(name)).read_bytes()
+    blob, record = prepare(
+        IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
+    )
+    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
+    out = rebuild(blob, ref, target, load_key_file(key_file))
+    assert out.transfer_syntax == target
+    dataset = pydicom.dcmread(io.BytesIO(out.data))
+    assert dataset.file_meta.TransferSyntaxUID == target
+    np.testing.assert_array_equal(
+        pixel_array(dataset, raw=True), pixel_array(io.BytesIO(data), raw=True)
+    )
+
+
+def test_lossy_original_is_never_transcoded(key_file: Path) -> None:
+    data = Path(pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes()
+    blob, record = prepare(
+        IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
+    )
+    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
+    with pytest.raises(TranscodeRefusedError, match="lossy"):
+        rebuild(blob, ref, HTJ2K_LOSSLESS, load_key_file(key_file))
+    assert rebuild(blob, ref, "original", load_key_file(key_file)).data == data
