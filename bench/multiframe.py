@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,11 +57,8 @@ def main() -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     fanout = FrameFanout(min_frames=1, chunk_frames=args.chunk)
-    fanout.encode(
-        pixels[: layout.frame_length * args.chunk],
-        layout.__class__(size, size, 1, 16, 12, 0, 0, "MONOCHROME2", args.chunk, True),
-        HTJ2K_LOSSLESS,
-    )  # warm
+    warm_up = replace(layout, frames=args.chunk)  # Ray starts its workers on first use
+    fanout.encode(pixels[: layout.frame_length * args.chunk], warm_up, HTJ2K_LOSSLESS)
     started = time.perf_counter()
     parallel, tasks = fanout.encode(pixels, layout, HTJ2K_LOSSLESS)
     fanned = time.perf_counter() - started
