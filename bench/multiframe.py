@@ -56,7 +56,7 @@ def main() -> None:
     one_core = time.perf_counter() - started
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    fanout = FrameFanout(min_frames=1, chunk_frames=args.chunk)
+    fanout = FrameFanout(min_frames=1, chunk_frames=args.chunk, min_bytes=0)
     warm_up = replace(layout, frames=args.chunk)  # Ray starts its workers on first use
     fanout.encode(pixels[: layout.frame_length * args.chunk], warm_up, HTJ2K_LOSSLESS)
     started = time.perf_counter()

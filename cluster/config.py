@@ -66,6 +66,7 @@ class Config:
     # in runs of fanout_chunk_frames frames (0 turns it off).
     fanout_min_frames: int = 64
     fanout_chunk_frames: int = 32
+    fanout_min_bytes: int = 32 * MiB
     batch_max_files: int = 8
     batch_max_bytes: int = 64 * MiB
     batch_wait_ms: int = 20

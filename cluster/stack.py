@@ -83,7 +83,9 @@ class Stack:
             tier=config.tier,
             transfer_syntax=CODECS[config.codec_for(config.tier)],
             modality_codecs=config.modality_codecs(config.tier),
-            fanout=FrameFanout(config.fanout_min_frames, config.fanout_chunk_frames),
+            fanout=FrameFanout(
+                config.fanout_min_frames, config.fanout_chunk_frames, config.fanout_min_bytes
+            ),
         )
         store.ensure_bucket(self.store_settings, store.tier_bucket(config.tier))
 

@@ -25,10 +25,14 @@ class FrameFanout:
 
     min_frames: int = 64  # 0 turns fan-out off
     chunk_frames: int = 32
+    # Below this much pixel data, scheduling the runs costs more than it saves
+    # (measured in bench/multiframe.py: 26 MB was slower spread than on one core).
+    min_bytes: int = 32 * 1024 * 1024
 
     def applies(self, layout: PixelLayout) -> bool:
         return (
             0 < self.min_frames <= layout.frames
+            and layout.expected_length >= self.min_bytes
             and layout.frame_bits % 8 == 0
             and ray.is_initialized()
         )

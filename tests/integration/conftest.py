@@ -66,6 +66,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         tmp_path_factory.mktemp("node"),
         max_file_bytes=str(NODE_MAX_FILE),
         max_inflight_bytes=str(NODE_INFLIGHT),
+        fanout_min_bytes=str(MiB),  # so that test_multiframe's 3 MB instance fans out
     )
     node.start()
     try:
