@@ -6,12 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test setup minio proto lint typecheck bench clean
+.PHONY: demo test setup minio peers proto lint typecheck bench clean
 
 demo: setup
 	$(BIN)/strata demo
 
-test: setup
+test: setup peers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy cluster workers
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 # Builds the pinned MinIO server with `go install` into ~/.cache/strata once.
 minio: $(STAMP)
 	$(BIN)/python -m cluster.minio_server install
+
+# DCMTK and GDCM from Debian: independent readers the interop tests check our files with.
+peers:
+	bash deploy/local/install-peers.sh
 
 # Regenerates cluster/rpc from proto/ (tests/unit/test_proto_stubs.py fails when stale).
 proto: $(STAMP)

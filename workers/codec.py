@@ -6,6 +6,10 @@ back and compares it bit for bit with the original before returning anything. A 
 is one ``_Codec`` entry in ``_CODECS``: the container sizes it can represent, and an
 encode and a decode function over one frame held as a numpy array.
 
+The codecs: HTJ2K lossless (OpenJPH through imagecodecs), JPEG 2000 lossless (OpenJPEG
+through imagecodecs) and JPEG-LS lossless (CharLS through pyjpegls, pydicom's own
+JPEG-LS plugin).
+
 Frames are passed to the codecs as the raw containers (uint8/16 or int8/16, native byte
 order) with every bit of the container, not masked to Bits Stored, so that overlay or
 garbage bits above Bits Stored and the sign bits of signed data survive.
@@ -17,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import _CharLS  # pyjpegls' extension module: see _jpegls_encode_padded
 import imagecodecs
+import jpeg_ls  # pyjpegls
 import numpy as np
 import numpy.typing as npt
 
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from hashlib import _Hash as Digest  # a running hash such as hashlib.sha256()
 
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEGLS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"})
 # Colour spaces kept as they are: no multi-component transform is applied, so the
@@ -51,7 +58,9 @@ class EncodedPixels:
     """Pixel Data encoded one codestream per frame, as DICOM encapsulates it."""
 
     transfer_syntax: str
-    frames: tuple[bytes, ...]  # one raw codestream per frame (J2K codestream, no JP2 box)
+    # One raw codestream per frame: a J2K codestream without JP2 boxes, or a JPEG-LS
+    # stream (SOI, SOF55, ...) without a SPIFF header.
+    frames: tuple[bytes, ...]
     trailing: bytes  # bytes of the original value past layout.expected_length, usually b""
 
 
@@ -62,9 +71,13 @@ class _Codec:
     # encode(frame, layout) -> codestream; frame is native byte order, C-contiguous,
     # shaped (rows, columns), (rows, columns, 3) or (3, rows, columns) for planar 1.
     encode: Callable[[Frame, PixelLayout], bytes]
-    # decode(codestream, planar, out) -> frame shaped like out (or like the encoder's
-    # input when out is None), written into out when it is given.
-    decode: Callable[[bytes, bool, Frame | None], Frame]
+    # decode(codestream, planar, out) -> the frame, written into out when the library
+    # can, else returned shaped like out; out's dtype is the container's (width,
+    # signedness, native byte order) and its shape says planar or colour-by-pixel.
+    decode: Callable[[bytes, bool, Frame], Frame]
+    # check(layout) raises NotLossless for a layout the codec's transfer syntax does not
+    # allow beyond what every codec checks (the profiles of PS3.5 section 8.2).
+    check: Callable[[PixelLayout], None] = lambda layout: None
 
 
 def _htj2k_encode(frame: Frame, layout: PixelLayout) -> bytes:
@@ -73,13 +86,11 @@ def _htj2k_encode(frame: Frame, layout: PixelLayout) -> bytes:
     # Bits Stored says. That is what keeps high garbage bits lossless; DICOM readers
     # (pydicom included) take the precision from the codestream.
     return bytes(
-        imagecodecs.htj2k_encode(
-            frame, reversible=True, planar=layout.planar_configuration == 1, rgb=False
-        )
+        imagecodecs.htj2k_encode(_colour_by_pixel(frame, layout), reversible=True, rgb=False)
     )
 
 
-def _htj2k_decode(codestream: bytes, planar: bool, out: Frame | None) -> Frame:
+def _htj2k_decode(codestream: bytes, planar: bool, out: Frame) -> Frame:
     decoded: Frame = imagecodecs.htj2k_decode(codestream, planar=planar, out=out)
     return decoded
 
@@ -93,19 +104,122 @@ def _jpeg2k_encode(frame: Frame, layout: PixelLayout) -> bytes:
         precision = layout.bits_stored
     return bytes(
         imagecodecs.jpeg2k_encode(
-            frame,
+            _colour_by_pixel(frame, layout),
             codecformat="J2K",
             reversible=True,
             bitspersample=precision,
-            planar=layout.planar_configuration == 1,
             mct=False,
         )
     )
 
 
-def _jpeg2k_decode(codestream: bytes, planar: bool, out: Frame | None) -> Frame:
+def _jpeg2k_decode(codestream: bytes, planar: bool, out: Frame) -> Frame:
     decoded: Frame = imagecodecs.jpeg2k_decode(codestream, planar=planar, out=out)
     return decoded
+
+
+# JPEG-LS (ITU-T T.87) codes unsigned samples of 2 to 16 bits; DICOM records signedness in
+# Pixel Representation only. Signed samples are therefore stored as their two's
+# complement bit pattern at the codestream's precision P, and readers sign-extend from P
+# (pydicom does, from the precision in the codestream). P is Bits Stored when every value
+# fits in it, so the codestream is the one other DICOM encoders write; when a frame uses
+# bits above Bits Stored, P is the container width and the pattern is the whole container
+# reinterpreted as unsigned, which is still exact.
+
+
+def _jpegls_check(layout: PixelLayout) -> None:
+    """What PS3.5 Table 8.2.3-1 allows in a JPEG-LS lossless file, beyond the shared checks."""
+    if layout.bits_stored < 2:
+        raise NotLossless(
+            f"(0028,0101) Bits Stored {layout.bits_stored} is not supported by JPEG-LS; it "
+            "must be 2 to 16 (JPEG-LS has no 1-bit precision)"
+        )
+    if layout.samples_per_pixel == 3 and layout.pixel_representation != 0:
+        raise NotLossless(
+            "(0028,0103) Pixel Representation 1 (signed) with 3 samples per pixel is not "
+            "allowed in JPEG-LS; colour samples must be unsigned (PS3.5 Table 8.2.3-1)"
+        )
+    if layout.photometric_interpretation == "YBR_FULL" and layout.bits_allocated != 8:
+        raise NotLossless(
+            f"(0028,0100) Bits Allocated {layout.bits_allocated} is not allowed for "
+            "YBR_FULL in JPEG-LS; it must be 8 (PS3.5 Table 8.2.3-1)"
+        )
+
+
+def _jpegls_encode(frame: Frame, layout: PixelLayout) -> bytes:
+    container = frame.dtype.itemsize * 8
+    precision = layout.bits_stored if _fits(frame, layout) else container
+    samples = _colour_by_pixel(frame, layout).view(f"u{frame.dtype.itemsize}")
+    if precision < container and layout.pixel_representation == 1:
+        samples = samples & ((1 << precision) - 1)  # drop the sign extension
+    # pyjpegls takes little-endian samples of 1 byte up to precision 8, else 2.
+    source = np.ascontiguousarray(samples, dtype="<u1" if precision <= 8 else "<u2").tobytes()
+    interleave = 2 if layout.samples_per_pixel > 1 else 0
+    shape = (layout.rows, layout.columns, layout.samples_per_pixel)
+    try:
+        codestream = jpeg_ls.encode_buffer(source, *shape, precision, 0, interleave)
+    except RuntimeError as error:
+        if "buffer is too small" not in str(error):
+            raise
+        codestream = _jpegls_encode_padded(source, shape, precision, interleave)
+    return bytes(codestream)
+
+
+def _jpegls_encode_padded(
+    source: bytes, shape: tuple[int, int, int], precision: int, interleave: int
+) -> bytes:
+    """JPEG-LS of a frame that pyjpegls' public encoder has no room for.
+
+    pyjpegls 1.5.1 gives CharLS an output buffer of twice the input, and JPEG-LS can
+    expand a frame past that: tiny frames (the headers alone are 27 bytes or more) and
+    noise in narrow frames. A lossless sample takes at most LIMIT = 2 × (P + max(8, P))
+    bits (T.87 A.2.1), 4 × its container, plus one stuffed bit per 0xFF byte. CharLS
+    reads only the frame from its input, so input padded to 3 × plus 128 bytes buys an
+    output buffer (6 × plus 256 bytes) that always suffices.
+    """
+    padded = source + bytes(2 * len(source) + 128)
+    rows, columns, samples = shape
+    return bytes(_CharLS._encode(padded, 0, interleave, rows, columns, samples, precision))
+
+
+def _jpegls_decode(codestream: bytes, planar: bool, out: Frame) -> Frame:
+    pixels, info = jpeg_ls.decode_buffer(codestream)
+    precision = int(info["bits_per_sample"])
+    rows, columns, components = int(info["height"]), int(info["width"]), int(info["components"])
+    decoded = np.frombuffer(pixels, dtype="<u1" if precision <= 8 else "<u2")
+    if components == 1:
+        decoded = decoded.reshape(rows, columns)
+    elif info["interleave_mode"] == 0:  # colour-by-plane
+        decoded = decoded.reshape(components, rows, columns)
+        decoded = decoded if planar else np.moveaxis(decoded, 0, -1)
+    else:
+        decoded = decoded.reshape(rows, columns, components)
+        decoded = np.moveaxis(decoded, -1, 0) if planar else decoded
+    if decoded.shape != out.shape or decoded.itemsize > out.itemsize:
+        raise ValueError(
+            f"the JPEG-LS codestream holds {decoded.shape} samples of {precision} bits, "
+            f"not {out.shape} of at most {out.itemsize * 8}"
+        )
+    np.copyto(out.view(f"u{out.itemsize}"), decoded)
+    shift = out.itemsize * 8 - precision
+    if out.dtype.kind == "i" and shift:
+        # Sign-extend from the codestream's precision, as DICOM readers do.
+        out <<= shift
+        out >>= shift  # arithmetic: copies the sign bit down
+    return out
+
+
+def _colour_by_pixel(frame: Frame, layout: PixelLayout) -> Frame:
+    """The frame shaped (rows, columns[, samples]): a view, moved from planar if need be.
+
+    Every codec is given colour-by-pixel samples, the order DICOM encapsulates anyway
+    (JPEG-LS: interleave mode 2). imagecodecs guesses the layout from the array's shape
+    and takes a planar frame of one column, (3, rows, 1), for a grey image of 3 rows and
+    Rows columns: bit-exact on the way back, but not the image for any other reader.
+    """
+    if layout.planar_configuration == 1 and layout.samples_per_pixel > 1:
+        return np.moveaxis(frame, 0, -1)
+    return frame
 
 
 def _fits(frame: Frame, layout: PixelLayout) -> bool:
@@ -129,9 +243,6 @@ def values_fit_bits_stored(pixel_data: bytes | memoryview, layout: PixelLayout) 
     return _fits(_frames(pixel_data, layout), layout)
 
 
-# JPEG-LS lossless (1.2.840.10008.1.2.4.80) is not registered yet: imagecodecs'
-# jpegls_encode writes a SPIFF header, cannot set the precision and takes unsigned data
-# only, so signed frames would need reinterpreting. It would be one more entry here.
 _CODECS: dict[str, _Codec] = {
     # 32-bit frames round-trip through OpenJPH, but OpenJPEG (imagecodecs' jpeg2k and
     # pylibjpeg-openjpeg, which pydicom decodes with) cannot read a codestream of 32-bit
@@ -147,6 +258,15 @@ _CODECS: dict[str, _Codec] = {
         bits_allocated=frozenset({8, 16}),
         encode=_jpeg2k_encode,
         decode=_jpeg2k_decode,
+    ),
+    # pyjpegls (CharLS 2) rather than imagecodecs' jpegls_encode, which writes a SPIFF
+    # header that DICOM does not encapsulate and cannot be told the precision.
+    JPEGLS_LOSSLESS: _Codec(
+        name="JPEG-LS",
+        bits_allocated=frozenset({8, 16}),
+        encode=_jpegls_encode,
+        decode=_jpegls_decode,
+        check=_jpegls_check,
     ),
 }
 
@@ -224,12 +344,12 @@ def decode_to_native(encoded: EncodedPixels, layout: PixelLayout) -> bytes:
 
 
 def decode_frame(codestream: bytes, layout: PixelLayout, transfer_syntax: str) -> Frame:
-    """One decoded frame in native byte order, shaped (rows, columns[, samples])."""
-    frame = _codec(transfer_syntax).decode(codestream, False, None)
-    expected = _frame_shape(layout, planar=False)
-    if frame.size != np.prod(expected):
-        raise ValueError(f"the codestream holds a {frame.shape} frame, not {expected}")
-    return frame.reshape(expected)
+    """One decoded frame in native byte order, shaped (rows, columns[, samples]).
+
+    Raises ValueError when the codestream does not hold a frame of that layout.
+    """
+    out = np.empty(_frame_shape(layout, planar=False), dtype=_dtype(layout, native_order=True))
+    return _decode_into(_codec(transfer_syntax), codestream, False, out)
 
 
 def _decode_into(codec: _Codec, codestream: bytes, planar: bool, out: Frame) -> Frame:
@@ -298,6 +418,7 @@ def _check_supported(codec: _Codec, layout: PixelLayout) -> None:
             f"an image of Rows {layout.rows} × Columns {layout.columns} × "
             f"Number of Frames {layout.frames} has no pixels to encode"
         )
+    codec.check(layout)
 
 
 def _frame_shape(layout: PixelLayout, *, planar: bool) -> tuple[int, ...]:
@@ -306,6 +427,13 @@ def _frame_shape(layout: PixelLayout, *, planar: bool) -> tuple[int, ...]:
     if planar:
         return (layout.samples_per_pixel, layout.rows, layout.columns)
     return (layout.rows, layout.columns, layout.samples_per_pixel)
+
+
+def _dtype(layout: PixelLayout, *, native_order: bool) -> np.dtype[np.integer]:
+    """The container of one sample: width, signedness and the file's or native byte order."""
+    order = "=" if native_order else ("<" if layout.little_endian else ">")
+    kind = "i" if layout.pixel_representation == 1 else "u"
+    return np.dtype(f"{order}{kind}{layout.bits_allocated // 8}")
 
 
 def _frames(
@@ -320,9 +448,7 @@ def _frames(
             f"(7FE0,0010) Pixel Data has {len(buffer)} bytes; the layout needs "
             f"{layout.expected_length}"
         )
-    order = "=" if native_order else ("<" if layout.little_endian else ">")
-    kind = "i" if layout.pixel_representation == 1 else "u"
-    dtype = np.dtype(f"{order}{kind}{layout.bits_allocated // 8}")
+    dtype = _dtype(layout, native_order=native_order)
     shape = _frame_shape(layout, planar=layout.planar_configuration == 1)
     count = layout.expected_length // dtype.itemsize
     return np.frombuffer(buffer, dtype=dtype, count=count).reshape(layout.frames, *shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import imagecodecs
@@ -18,6 +18,7 @@ from pydicom.uid import UID
 from workers import store
 from workers.codec import (
     NotLossless,
+    decode_to_native,
     encode_verified,
     lossless_transfer_syntaxes,
     values_fit_bits_stored,
@@ -36,11 +37,13 @@ from workers.records import (
     Stored,
     StoreSettings,
 )
-from workers.split import SplitFile, split_file
+from workers.split import SplitFile, sample_bytes, split_file, swap_pairs
 
 log = logging.getLogger("strata.workers.ingest")
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
+# A codec (or zstd) must make the pixel data at least 5 % smaller to be worth storing.
+MIN_SAVING = 0.95
 ZSTD_LEVEL = 3  # fast enough to stay well below the codec's cost, most of the gain
 # When the policy's codec cannot hold a layout, the next one tried (best ratio first).
 _CODEC_PREFERENCE = (
@@ -62,6 +65,8 @@ class PipelineSettings:
     # Per-modality exceptions for this tier: (modality, transfer syntax) pairs.
     modality_codecs: tuple[tuple[str, str], ...] = ()
     fanout: FrameFanout = field(default_factory=FrameFanout)
+    # A codec or zstd is used only if the result is at most this fraction of the input.
+    min_saving: float = MIN_SAVING
 
     def codecs_for(self, modality: str) -> list[str]:
         """Lossless syntaxes to try, in order: the policy's choice, then the others."""
@@ -105,7 +110,9 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
     split = split_file(data)
     header = split.header
     codecs = settings.codecs_for(header.modality)
-    manifest, segments, note = _encode(data, split, item.sha256, codecs, settings.fanout)
+    manifest, segments, note = _encode(
+        data, split, item.sha256, codecs, settings.fanout, settings.min_saving
+    )
 
     keys = cached_key_file(settings.key_file)
     object_key = object_key_for(header.study_instance_uid, header.sop_instance_uid, item.sha256)
@@ -155,6 +162,7 @@ def _encode(
     sha256: str,
     codecs: Sequence[str],
     fanout: FrameFanout | None = None,
+    min_saving: float = MIN_SAVING,
 ) -> tuple[Manifest, list[bytes | memoryview], str]:
     """Choose the stored form and say why, in one sentence.
 
@@ -168,7 +176,7 @@ def _encode(
     if layout is None:
         _check_received(data, sha256)
         if split.native_pixels:
-            reason = "no lossless codec describes this pixel data (float, or 8-bit OW big endian)"
+            reason = "Float or Double Float Pixel Data, which no lossless image codec holds"
             return _zstd_or_whole(data, sha256, header.transfer_syntax, reason)
         if split.encapsulated:
             note = (
@@ -184,7 +192,7 @@ def _encode(
 
     view = memoryview(data)
     prefix = view[: split.pixel_start]
-    pixels = view[split.pixel_start : split.pixel_end]
+    pixels = memoryview(sample_bytes(data, split))
     suffix = view[split.pixel_end :]
     if not values_fit_bits_stored(pixels, layout):
         _check_received(data, sha256)
@@ -201,7 +209,13 @@ def _encode(
         # received. It also proves the bytes did not change on the way to this worker.
         rebuilt = hashlib.sha256(prefix)
         try:
-            if fanout is not None and not refusals and fanout.applies(layout):
+            if split.pairs_swapped:
+                # Frames are verified against the samples in order; the file hash is taken
+                # over the value swapped back, as the file holds it.
+                encoded = encode_verified(pixels, layout, transfer_syntax)
+                rebuilt.update(swap_pairs(decode_to_native(encoded, layout)))
+                encoded = replace(encoded, trailing=b"")
+            elif fanout is not None and not refusals and fanout.applies(layout):
                 encoded, tasks = fanout.encode(pixels, layout, transfer_syntax)
                 # Each task proved its decoded frames equal these bytes bit for bit, so
                 # hashing them is hashing the decoded frames.
@@ -212,6 +226,13 @@ def _encode(
         except NotLossless as error:
             refusals.append(str(error))
             continue
+        coded = sum(map(len, encoded.frames))
+        if coded > min_saving * layout.expected_length:
+            refusals.append(
+                f"{_syntax_name(transfer_syntax)} saved nothing on this image "
+                f"({coded} bytes for {layout.expected_length})"
+            )
+            break  # the other codecs would not do better on so small or noisy an image
         rebuilt.update(encoded.trailing)
         rebuilt.update(suffix)
         if rebuilt.hexdigest() != sha256:
@@ -225,15 +246,22 @@ def _encode(
             transfer_syntax_in=header.transfer_syntax,
             transfer_syntax_stored=encoded.transfer_syntax,
             layout=layout,
-            trailing=encoded.trailing,
+            trailing=bytes(pixels[layout.expected_length :]),
             frame_count=len(encoded.frames),
+            pairs_swapped=split.pairs_swapped,
         )
         note = f"pixel data re-encoded as {_syntax_name(encoded.transfer_syntax)}, verified{spread}"
         if refusals:
-            note += f" ({'; '.join(refusals)})"
+            note += f" ({_first(refusals)})"
         return manifest, [prefix, *encoded.frames, suffix], note
     _check_received(data, sha256)
-    return _zstd_or_whole(data, sha256, header.transfer_syntax, "; ".join(refusals))
+    return _zstd_or_whole(data, sha256, header.transfer_syntax, _first(refusals))
+
+
+def _first(refusals: list[str]) -> str:
+    """The first codec's refusal, and how many others refused too: one short sentence."""
+    others = len(refusals) - 1
+    return refusals[0] + (f"; {others} other codec(s) could not either" if others > 0 else "")
 
 
 def _whole(data: bytes, sha256: str, transfer_syntax: str, compression: str = "") -> Manifest:
@@ -252,7 +280,7 @@ def _zstd_or_whole(
 ) -> tuple[Manifest, list[bytes | memoryview], str]:
     """The file zstd-compressed when that saves 5 % or more, else as received."""
     packed = bytes(imagecodecs.zstd_encode(data, level=ZSTD_LEVEL))
-    if len(packed) <= 0.95 * len(data) and imagecodecs.zstd_decode(packed) == data:
+    if len(packed) <= MIN_SAVING * len(data) and imagecodecs.zstd_decode(packed) == data:
         saved = 100 * (1 - len(packed) / len(data))
         note = f"{reason}; stored zstd-compressed ({saved:.0f} % smaller), verified"
         return _whole(data, sha256, transfer_syntax, "zstd"), [packed], note

@@ -36,6 +36,8 @@ class Manifest:
     trailing: bytes = b""
     frame_count: int = 0
     compression: str = ""  # "zstd" or "" (only for kind "whole")
+    # 8-bit OW big endian: the file holds the decoded value with every byte pair swapped.
+    pairs_swapped: bool = False
 
     @property
     def storage_action(self) -> str:
@@ -56,6 +58,7 @@ class Manifest:
             "trailing": base64.b64encode(self.trailing).decode(),
             "frame_count": self.frame_count,
             "compression": self.compression,
+            "pairs_swapped": self.pairs_swapped,
         }
         return json.dumps(document, separators=(",", ":")).encode()
 
@@ -75,6 +78,7 @@ class Manifest:
             trailing=base64.b64decode(document["trailing"]),
             frame_count=document["frame_count"],
             compression=document.get("compression", ""),
+            pairs_swapped=document.get("pairs_swapped", False),
         )
 
     def frame_segment(self, frame: int) -> int:

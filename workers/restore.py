@@ -29,7 +29,7 @@ from workers.envelope import open_object
 from workers.ingest import PipelineSettings
 from workers.keys import KeyProvider, cached_key_file
 from workers.payload import Manifest
-from workers.split import PixelLayout, split_file
+from workers.split import PixelLayout, sample_bytes, split_file, swap_pairs
 
 
 class RestoreError(Exception):
@@ -144,10 +144,9 @@ def _little_endian(native: bytes) -> bytes:
         count = layout.expected_length // width
         swapped = np.frombuffer(value, dtype=f">u{width}", count=count).astype(f"<u{width}")
         dataset.PixelData = swapped.tobytes() + bytes(value[layout.expected_length :])
-    elif layout is None and split.native_pixels and "PixelData" in dataset:
-        raise TranscodeRefusedError(
-            "this big-endian pixel data has no layout Strata can swap; ask for 'original'"
-        )
+    elif split.pairs_swapped:
+        dataset.PixelData = bytes(sample_bytes(native, split))
+        dataset["PixelData"].VR = "OB"
     return _write(dataset, uid.ExplicitVRLittleEndian)
 
 
@@ -183,7 +182,10 @@ def _original(manifest: Manifest, segments: list[bytes]) -> bytes:
             frames=tuple(segments[2:-1]),
             trailing=manifest.trailing,
         )
-        data = b"".join((segments[1], decode_to_native(encoded, manifest.layout), segments[-1]))
+        value = decode_to_native(encoded, manifest.layout)
+        if manifest.pairs_swapped:
+            value = swap_pairs(value)
+        data = b"".join((segments[1], value, segments[-1]))
     else:
         raise RestoreError(f"manifest kind {manifest.kind!r} is not known")
     if hashlib.sha256(data).hexdigest() != manifest.sha256:
@@ -203,7 +205,7 @@ def transcode_native(original: bytes, transfer_syntax: str) -> bytes:
             "only native (uncompressed) pixel data can be transcoded; this instance's is "
             f"{'encapsulated' if split.encapsulated else 'absent or not splittable'}"
         )
-    pixels = memoryview(original)[split.pixel_start : split.pixel_end]
+    pixels = sample_bytes(original, split)
     try:
         encoded = encode_verified(pixels, split.layout, transfer_syntax)
     except NotLossless as error:

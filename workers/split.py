@@ -21,9 +21,10 @@ import datetime
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 
+import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, decode_bytes
@@ -165,6 +166,21 @@ class SplitFile:
     # Uncompressed pixels of any kind are in the file (native Pixel Data, also when no
     # layout describes it, or Float / Double Float Pixel Data): worth compressing.
     native_pixels: bool = False
+    # 8-bit samples in an OW value of a big-endian file: every byte pair is swapped, and
+    # ``layout`` describes the value as ``sample_bytes`` returns it (samples in order).
+    pairs_swapped: bool = False
+
+
+def sample_bytes(data: bytes | memoryview, split: SplitFile) -> bytes | memoryview:
+    """The Pixel Data value with its samples in order (undoing the pair swap of 8-bit OW
+    big endian); otherwise the value as it is in the file."""
+    value = memoryview(data)[split.pixel_start : split.pixel_end]
+    return swap_pairs(value) if split.pairs_swapped else value
+
+
+def swap_pairs(value: bytes | memoryview) -> bytes:
+    """Swap the bytes of every 16-bit word (its own inverse)."""
+    return np.frombuffer(value, dtype=">u2").astype("<u2").tobytes()
 
 
 def split_file(data: bytes) -> SplitFile:
@@ -203,9 +219,17 @@ def split_file(data: bytes) -> SplitFile:
         layout = _layout(attributes, little_endian=structure.little_endian)
         _check_pixel_length(pixel.end - pixel.start, layout)
         if not layout.little_endian and layout.bits_allocated == 8 and pixel.vr == b"OW":
-            # Big endian OW swaps every pair of 8-bit samples (the pad byte included);
-            # PixelLayout cannot say so, and the value is stored as received.
-            layout = None
+            # Big endian OW stores 8-bit samples in byte-swapped pairs (the pad byte
+            # included): ``sample_bytes`` undoes that, and the layout describes the result.
+            return SplitFile(
+                header,
+                pixel.start,
+                pixel.end,
+                replace(layout, little_endian=True),
+                encapsulated=False,
+                native_pixels=True,
+                pairs_swapped=True,
+            )
     return SplitFile(
         header,
         pixel.start,

@@ -139,7 +139,8 @@ def test_every_readable_file_is_stored_or_refused_for_its_fault(
     got = {source: o.reason if o.status == "rejected" else "" for source, o in ingested.items()}
     wrong = {Path(s).name: (got[s], expected[s]) for s in got if got[s] != expected[s]}
     assert wrong == {}, "(got, expected) per file"
-    assert sum(o.status == "stored" for o in ingested.values()) > 150
+    # Other modules may have stored some of these files first: then they are duplicates.
+    assert sum(o.status in ("stored", "duplicate") for o in ingested.values()) > 150
 
 
 def test_originals_come_back_byte_for_byte(
@@ -159,7 +160,7 @@ def test_native_files_are_stored_compressed_and_decode_identically(
     transcoded = [
         (s, o)
         for s, o in ingested.items()
-        if o.status == "stored" and o.transfer_syntax_stored == HTJ2K_LOSSLESS
+        if o.status != "rejected" and o.transfer_syntax_stored == HTJ2K_LOSSLESS
     ]
     assert len(transcoded) >= 40
     for source, outcome in transcoded:
@@ -170,8 +171,15 @@ def test_native_files_are_stored_compressed_and_decode_identically(
         original = pydicom.dcmread(source)
         # pydicom decodes HTJ2K with OpenJPEG: an independent decoder of OpenJPH's output.
         np.testing.assert_array_equal(compressed.pixel_array, original.pixel_array, err_msg=source)
-    ratio = sum(o.bytes_in for _, o in transcoded) / sum(o.bytes_stored for _, o in transcoded)
-    assert ratio > 1.2
+    # Sizes from the catalog: a duplicate's result reports nothing newly stored.
+    rows = [
+        row
+        for _, o in transcoded
+        for row in client.find_instances(sop_instance_uid=o.sop_instance_uid)
+        if row.version == o.version
+    ]
+    assert len(rows) == len(transcoded)
+    assert sum(r.bytes_in for r in rows) / sum(r.bytes_stored for r in rows) > 1.2
 
 
 def test_drives_hold_no_plaintext_dicom_or_phi(

@@ -9,17 +9,21 @@ from typing import Any
 
 import data_store
 import imagecodecs
+import jpeg_ls
 import numpy as np
 import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels.decoders import HTJ2KLosslessDecoder
+from pydicom.pixels.decoders.base import HTJ2KLosslessDecoder
 from pydicom.pixels.utils import get_j2k_parameters
+from pydicom.uid import UID
 
 from workers.codec import (
     JPEG2000_LOSSLESS,
+    JPEGLS_LOSSLESS,
     EncodedPixels,
     NotLossless,
     decode_frame,
@@ -28,7 +32,7 @@ from workers.codec import (
     lossless_transfer_syntaxes,
 )
 from workers.records import HTJ2K_LOSSLESS
-from workers.split import PixelLayout, SplitFile, split_file
+from workers.split import PixelLayout, SplitFile, sample_bytes, split_file, swap_pairs
 
 DATA_STORE = Path(data_store.__file__).parent / "data"
 OPENJPEG_PLUGIN = "strata-test-openjpeg"
@@ -52,22 +56,31 @@ def layout(**changes: Any) -> PixelLayout:
 
 
 @st.composite
-def native_pixels(draw: st.DrawFn, bits: list[int]) -> tuple[bytes, PixelLayout]:
-    """A layout and raw Pixel Data for it, pad byte included when the length is odd."""
+def native_pixels(
+    draw: st.DrawFn, bits: list[int], *, jpegls_profile: bool = False
+) -> tuple[bytes, PixelLayout]:
+    """A layout and raw Pixel Data for it, pad byte included when the length is odd.
+
+    With ``jpegls_profile``, only layouts PS3.5 Table 8.2.3-1 allows in JPEG-LS: Bits
+    Stored 2 or more, unsigned colour, YBR_FULL of 8 bits.
+    """
     bits_allocated = draw(st.sampled_from(bits))
     samples = draw(st.sampled_from([1, 3]))
+    colours = ["RGB"] if jpegls_profile and bits_allocated == 16 else ["RGB", "YBR_FULL"]
     pixels = layout(
         rows=draw(st.integers(1, 70)),
         columns=draw(st.integers(1, 70)),
         samples_per_pixel=samples,
         bits_allocated=bits_allocated,
-        bits_stored=draw(st.integers(1, bits_allocated)),
-        pixel_representation=draw(st.sampled_from([0, 1])),
+        bits_stored=draw(st.integers(2 if jpegls_profile else 1, bits_allocated)),
+        pixel_representation=(
+            0 if jpegls_profile and samples == 3 else draw(st.sampled_from([0, 1]))
+        ),
         planar_configuration=draw(st.sampled_from([0, 1])) if samples == 3 else 0,
         photometric_interpretation=(
             draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"]))
             if samples == 1
-            else draw(st.sampled_from(["RGB", "YBR_FULL"]))
+            else draw(st.sampled_from(colours))
         ),
         frames=draw(st.integers(1, 3)),
         little_endian=draw(st.booleans()),
@@ -99,12 +112,21 @@ def _values(pixels: PixelLayout, pattern: str, draw: st.DrawFn) -> bytes:
     return values.astype(dtype).tobytes()
 
 
+# What every codestream starts with: J2K SOC + SIZ (no JP2 box); JPEG-LS SOI + SOF55 (no
+# SPIFF header, which would put an APP8 segment between the two).
+FIRST_MARKERS = {
+    HTJ2K_LOSSLESS: b"\xff\x4f\xff\x51",
+    JPEG2000_LOSSLESS: b"\xff\x4f\xff\x51",
+    JPEGLS_LOSSLESS: b"\xff\xd8\xff\xf7",
+}
+
+
 def _assert_round_trip(raw: bytes, pixels: PixelLayout, transfer_syntax: str) -> EncodedPixels:
     encoded = encode_verified(raw, pixels, transfer_syntax)
     assert encoded.transfer_syntax == transfer_syntax
     assert len(encoded.frames) == pixels.frames
     assert encoded.trailing == raw[pixels.expected_length :]
-    assert all(frame.startswith(b"\xff\x4f\xff\x51") for frame in encoded.frames)  # SOC, SIZ
+    assert all(frame.startswith(FIRST_MARKERS[transfer_syntax]) for frame in encoded.frames)
     assert decode_to_native(encoded, pixels) == raw
     return encoded
 
@@ -114,24 +136,122 @@ def _assert_round_trip(raw: bytes, pixels: PixelLayout, transfer_syntax: str) ->
 def test_htj2k_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None:
     raw, pixels = case
     encoded = _assert_round_trip(raw, pixels, HTJ2K_LOSSLESS)
-    first = decode_frame(encoded.frames[0], pixels, HTJ2K_LOSSLESS)
-    assert (
-        first.shape
-        == (pixels.rows, pixels.columns, pixels.samples_per_pixel)[
-            : 2 if pixels.samples_per_pixel == 1 else 3
-        ]
-    )
-    assert first.dtype.isnative and first.dtype.itemsize == pixels.bits_allocated // 8
+    _assert_first_frame_reads_colour_by_pixel(encoded, raw, pixels)
 
 
 @settings(max_examples=100, deadline=None)
 @given(case=native_pixels(bits=[8, 16]))
 def test_jpeg2000_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None:
     raw, pixels = case
-    _assert_round_trip(raw, pixels, JPEG2000_LOSSLESS)
+    encoded = _assert_round_trip(raw, pixels, JPEG2000_LOSSLESS)
+    _assert_first_frame_reads_colour_by_pixel(encoded, raw, pixels)
 
 
-def test_frames_of_a_planar_layout_decode_colour_by_pixel_for_readers() -> None:
+@settings(max_examples=300, deadline=None)
+@given(case=native_pixels(bits=[8, 16], jpegls_profile=True))
+def test_jpegls_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None:
+    raw, pixels = case
+    encoded = _assert_round_trip(raw, pixels, JPEGLS_LOSSLESS)
+    _assert_first_frame_reads_colour_by_pixel(encoded, raw, pixels)
+
+
+def _assert_first_frame_reads_colour_by_pixel(
+    encoded: EncodedPixels, raw: bytes, pixels: PixelLayout
+) -> None:
+    """decode_frame, as a reader would: the first frame's values, colour-by-pixel."""
+    first = decode_frame(encoded.frames[0], pixels, encoded.transfer_syntax)
+    frames = np.frombuffer(raw, _container(pixels), pixels.expected_length // _width(pixels))
+    expected = frames.reshape(pixels.frames, -1)[0]
+    if pixels.samples_per_pixel == 1:
+        expected = expected.reshape(pixels.rows, pixels.columns)
+    elif pixels.planar_configuration == 1:
+        expected = np.moveaxis(expected.reshape(3, pixels.rows, pixels.columns), 0, -1)
+    else:
+        expected = expected.reshape(pixels.rows, pixels.columns, 3)
+    assert first.dtype.isnative and first.dtype.kind == expected.dtype.kind
+    assert first.dtype.itemsize == expected.dtype.itemsize
+    assert first.shape == expected.shape
+    assert np.array_equal(first, expected)
+
+
+def _width(pixels: PixelLayout) -> int:
+    return pixels.bits_allocated // 8
+
+
+def _container(pixels: PixelLayout) -> np.dtype[Any]:
+    kind = "i" if pixels.pixel_representation else "u"
+    return np.dtype(f"{'<' if pixels.little_endian else '>'}{kind}{_width(pixels)}")
+
+
+@st.composite
+def admitted_pixels(draw: st.DrawFn) -> tuple[bytes, PixelLayout]:
+    """Little-endian JPEG-LS layouts whose values fit Bits Stored (what the pipeline
+    compresses: see workers.codec.values_fit_bits_stored)."""
+    raw, pixels = draw(native_pixels(bits=[8, 16], jpegls_profile=True))
+    pixels = PixelLayout(**{**pixels.__dict__, "little_endian": True})
+    values = np.frombuffer(raw, _container(pixels), pixels.expected_length // _width(pixels))
+    if pixels.pixel_representation:
+        shift = pixels.bits_allocated - pixels.bits_stored
+        values = (values << shift) >> shift  # sign-extend from Bits Stored
+    else:
+        values = values & ((1 << pixels.bits_stored) - 1)
+    return values.tobytes() + raw[pixels.expected_length :], pixels
+
+
+def _native_file(raw: bytes, pixels: PixelLayout) -> bytes:
+    """A Part 10 file holding ``raw`` as native Pixel Data of layout ``pixels``."""
+    dataset = Dataset()
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    dataset.SOPInstanceUID = dataset.StudyInstanceUID = "1.2.3.4"
+    dataset.Rows, dataset.Columns = pixels.rows, pixels.columns
+    dataset.SamplesPerPixel = pixels.samples_per_pixel
+    dataset.PhotometricInterpretation = pixels.photometric_interpretation
+    if pixels.samples_per_pixel > 1:
+        dataset.PlanarConfiguration = pixels.planar_configuration
+    dataset.BitsAllocated, dataset.BitsStored = pixels.bits_allocated, pixels.bits_stored
+    dataset.HighBit = pixels.bits_stored - 1
+    dataset.PixelRepresentation = pixels.pixel_representation
+    dataset.NumberOfFrames = pixels.frames
+    dataset.PixelData = raw
+    dataset["PixelData"].VR = "OB" if pixels.bits_allocated == 8 else "OW"
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    out = BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=admitted_pixels())
+def test_pydicom_reads_jpegls_as_the_native_pixels(case: tuple[bytes, PixelLayout]) -> None:
+    """pydicom's own JPEG-LS decoder sees the pixels a reader of the native file sees:
+    precision, sign extension, colour-by-pixel and frames as DICOM defines them."""
+    raw, pixels = case
+    data = _native_file(raw, pixels)
+    split = split_file(data)
+    assert split.layout == pixels
+    encoded = encode_verified(data[split.pixel_start : split.pixel_end], pixels, JPEGLS_LOSSLESS)
+    stored = _stored_form(data, split, encoded)
+    assert np.array_equal(stored.pixel_array, _native_array(data))
+
+
+def test_jpegls_declares_bits_stored_when_the_values_fit() -> None:
+    pixels = layout(bits_stored=12, pixel_representation=1)
+    fits = np.arange(-17, 18, dtype="<i2")
+    encoded = encode_verified(fits.tobytes(), pixels, JPEGLS_LOSSLESS)
+    decoded, info = jpeg_ls.decode_buffer(encoded.frames[0])
+    assert info["bits_per_sample"] == 12
+    # Signed samples are stored as their 12-bit two's complement pattern.
+    assert np.array_equal(np.frombuffer(decoded, "<u2"), fits.view("<u2") & 0xFFF)
+    overlay = (np.arange(35, dtype="<u2") | 0x8000).view("<i2").tobytes()
+    encoded = encode_verified(overlay, pixels, JPEGLS_LOSSLESS)
+    assert jpeg_ls.decode_buffer(encoded.frames[0])[1]["bits_per_sample"] == 16
+    assert decode_to_native(encoded, pixels) == overlay
+
+
+def test_jpegls_writes_colour_by_pixel_from_a_planar_layout() -> None:
     pixels = layout(
         rows=2,
         columns=3,
@@ -142,9 +262,71 @@ def test_frames_of_a_planar_layout_decode_colour_by_pixel_for_readers() -> None:
         bits_stored=8,
     )
     planes = np.arange(18, dtype=np.uint8).reshape(3, 2, 3)
-    encoded = encode_verified(planes.tobytes(), pixels)
-    frame = decode_frame(encoded.frames[0], pixels, HTJ2K_LOSSLESS)
+    encoded = encode_verified(planes.tobytes(), pixels, JPEGLS_LOSSLESS)
+    decoded, info = jpeg_ls.decode_buffer(encoded.frames[0])
+    assert info["interleave_mode"] == 2
+    assert np.array_equal(np.frombuffer(decoded, np.uint8), np.moveaxis(planes, 0, -1).ravel())
+    assert decode_to_native(encoded, pixels) == planes.tobytes()
+
+
+def test_jpegls_frames_that_outgrow_pyjpegls_buffer_still_encode() -> None:
+    """If the first check starts failing, pyjpegls sizes its output buffer for any frame:
+    delete workers.codec._jpegls_encode_padded."""
+    with pytest.raises(RuntimeError, match="buffer is too small"):
+        jpeg_ls.encode_buffer(b"\x07", 1, 1, 1, 8)
+    for pixels, raw in [
+        (layout(rows=1, columns=1, bits_allocated=8, bits_stored=8), b"\x07\x00"),
+        (layout(rows=1, columns=1, bits_stored=16), b"\xff\xff"),
+        (layout(rows=64, columns=1, bits_allocated=8, bits_stored=8), bytes(range(0, 256, 4))),
+    ]:
+        _assert_round_trip(raw, pixels, JPEGLS_LOSSLESS)
+
+
+@pytest.mark.parametrize("transfer_syntax", [HTJ2K_LOSSLESS, JPEG2000_LOSSLESS, JPEGLS_LOSSLESS])
+@pytest.mark.parametrize(("rows", "columns"), [(2, 3), (2, 1), (1, 1), (1, 5)])
+def test_frames_of_a_planar_layout_decode_colour_by_pixel_for_readers(
+    transfer_syntax: str, rows: int, columns: int
+) -> None:
+    """One column once came out as a grey 3 × Rows image (imagecodecs guessed the shape)."""
+    pixels = layout(
+        rows=rows,
+        columns=columns,
+        samples_per_pixel=3,
+        planar_configuration=1,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        bits_stored=8,
+    )
+    planes = np.arange(3 * rows * columns, dtype=np.uint8).reshape(3, rows, columns)
+    encoded = encode_verified(planes.tobytes(), pixels, transfer_syntax)
+    frame = decode_frame(encoded.frames[0], pixels, transfer_syntax)
     assert np.array_equal(frame, np.moveaxis(planes, 0, -1))
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(2, 3), (2, 1), (1, 1)])
+def test_planar_codestreams_stored_before_colour_by_pixel_still_give_the_original(
+    rows: int, columns: int
+) -> None:
+    """Objects written when planar frames went to imagecodecs as planes decode as before."""
+    pixels = layout(
+        rows=rows,
+        columns=columns,
+        samples_per_pixel=3,
+        planar_configuration=1,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        bits_stored=8,
+    )
+    planes = np.arange(1, 1 + 3 * rows * columns, dtype=np.uint8).reshape(3, rows, columns)
+    stored = {
+        HTJ2K_LOSSLESS: imagecodecs.htj2k_encode(planes, reversible=True, planar=True, rgb=False),
+        JPEG2000_LOSSLESS: imagecodecs.jpeg2k_encode(
+            planes, codecformat="J2K", reversible=True, planar=True, mct=False
+        ),
+    }
+    for transfer_syntax, codestream in stored.items():
+        encoded = EncodedPixels(transfer_syntax, (bytes(codestream),), b"")
+        assert decode_to_native(encoded, pixels) == planes.tobytes()
 
 
 def test_htj2k_declares_the_container_precision() -> None:
@@ -215,6 +397,26 @@ def test_jpeg2000_declares_bits_stored_when_the_values_fit() -> None:
             "Planar Configuration 2",
         ),
         ({"rows": 0}, HTJ2K_LOSSLESS, "no pixels"),
+        ({"bits_allocated": 32}, JPEGLS_LOSSLESS, "Bits Allocated 32 is not supported by JPEG-LS"),
+        (
+            {"bits_allocated": 8, "bits_stored": 1},
+            JPEGLS_LOSSLESS,
+            "(0028,0101) Bits Stored 1 is not supported by JPEG-LS",
+        ),
+        (
+            {
+                "samples_per_pixel": 3,
+                "photometric_interpretation": "RGB",
+                "pixel_representation": 1,
+            },
+            JPEGLS_LOSSLESS,
+            "(0028,0103) Pixel Representation 1 (signed) with 3 samples per pixel",
+        ),
+        (
+            {"samples_per_pixel": 3, "photometric_interpretation": "YBR_FULL"},
+            JPEGLS_LOSSLESS,
+            "(0028,0100) Bits Allocated 16 is not allowed for YBR_FULL in JPEG-LS",
+        ),
         ({}, "1.2.840.10008.1.2.4.50", "no lossless codec is registered"),
     ],
 )
@@ -250,13 +452,28 @@ def test_a_frame_that_does_not_decode_back_is_refused(monkeypatch: pytest.Monkey
         encode_verified(bytes(70), layout())
 
 
+def test_a_jpegls_frame_that_does_not_decode_back_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = jpeg_ls.decode_buffer
+
+    def off_by_one(codestream: bytes) -> tuple[bytearray, dict[str, int]]:
+        decoded, info = real(codestream)
+        decoded[0] ^= 1
+        return decoded, info
+
+    monkeypatch.setattr(jpeg_ls, "decode_buffer", off_by_one)
+    with pytest.raises(NotLossless, match="did not decode bit-exact with JPEG-LS"):
+        encode_verified(bytes(70), layout(), JPEGLS_LOSSLESS)
+
+
 def test_short_pixel_data_is_a_caller_error() -> None:
     with pytest.raises(ValueError, match="Pixel Data has 10 bytes"):
         encode_verified(bytes(10), layout())
 
 
 def test_registered_syntaxes() -> None:
-    assert lossless_transfer_syntaxes() == {HTJ2K_LOSSLESS, JPEG2000_LOSSLESS}
+    assert lossless_transfer_syntaxes() == {HTJ2K_LOSSLESS, JPEG2000_LOSSLESS, JPEGLS_LOSSLESS}
 
 
 # --- real files -------------------------------------------------------------------------
@@ -282,11 +499,19 @@ REAL_FILES = [
 
 
 @pytest.mark.parametrize("name", ["OBXXXX1A_expb.dcm", "OBXXXX1A_expb_2frame.dcm"])
-def test_big_endian_8_bit_ow_is_left_undescribed(name: str) -> None:
-    """Its sample pairs are byte-swapped (pydicom's "be_swap_ow"); stored as received."""
-    split = split_file((DATA_STORE / name).read_bytes())
-    assert split.layout is None and not split.encapsulated
-    assert split.pixel_end - split.pixel_start == 480000 * (2 if "2frame" in name else 1)
+def test_big_endian_8_bit_ow_round_trips_in_sample_order(name: str) -> None:
+    """Its sample pairs are byte-swapped (pydicom's "be_swap_ow"): split describes the
+    samples in order, and swapping the decoded value back gives the file's bytes."""
+    data = (DATA_STORE / name).read_bytes()
+    split = split_file(data)
+    assert split.pairs_swapped and split.layout is not None and split.layout.little_endian
+    samples = sample_bytes(data, split)
+    encoded = encode_verified(samples, split.layout)
+    value = swap_pairs(decode_to_native(encoded, split.layout))
+    assert value == data[split.pixel_start : split.pixel_end]
+    expected = pydicom.dcmread(DATA_STORE / name).pixel_array
+    frames = [decode_frame(f, split.layout, encoded.transfer_syntax) for f in encoded.frames]
+    np.testing.assert_array_equal(np.stack(frames).reshape(expected.shape), expected)
 
 
 def _split(name: str) -> tuple[bytes, SplitFile]:
@@ -327,10 +552,10 @@ def test_real_file_round_trip_jpeg2000(name: str) -> None:
 
 
 def _stored_form(data: bytes, split: SplitFile, encoded: EncodedPixels) -> pydicom.Dataset:
-    """The data set as an encapsulated HTJ2K file, as a DICOM reader would receive it."""
+    """The data set in the encoded transfer syntax, as a DICOM reader would receive it."""
     assert split.layout is not None
     dataset = pydicom.dcmread(BytesIO(data))
-    dataset.file_meta.TransferSyntaxUID = encoded.transfer_syntax
+    dataset.file_meta.TransferSyntaxUID = UID(encoded.transfer_syntax)
     dataset.PixelData = encapsulate(list(encoded.frames), has_bot=True)
     dataset["PixelData"].VR = "OB"
     dataset["PixelData"].is_undefined_length = True
@@ -345,6 +570,17 @@ def _stored_form(data: bytes, split: SplitFile, encoded: EncodedPixels) -> pydic
 
 def _native_array(data: bytes) -> Any:
     return pydicom.dcmread(BytesIO(data)).pixel_array
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_real_file_jpegls_round_trip_and_pydicom_reads_it(name: str) -> None:
+    data, split = _split(name)
+    assert split.layout is not None
+    pixels = data[split.pixel_start : split.pixel_end]
+    encoded = encode_verified(pixels, split.layout, JPEGLS_LOSSLESS)
+    assert decode_to_native(encoded, split.layout) == pixels
+    stored = _stored_form(data, split, encoded)
+    assert np.array_equal(stored.pixel_array, _native_array(data))
 
 
 @pytest.mark.parametrize("name", REAL_FILES)

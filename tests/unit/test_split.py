@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 
 from workers.errors import Reason, RejectError
-from workers.split import SplitFile, split_file
+from workers.split import SplitFile, sample_bytes, split_file
 
 DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 PHI = ("Doe^Jane", "PID-12345", "ACC-777")
@@ -147,7 +147,8 @@ def test_every_readable_file_splits_exactly_or_is_rejected_as_listed(path: Path)
             assert layout.rows == dataset.Rows and layout.columns == dataset.Columns
             assert layout.bits_allocated == dataset.BitsAllocated
             assert layout.frames == int(dataset.get("NumberOfFrames") or 1)
-            assert layout.little_endian == dataset.original_encoding[1]
+            # 8-bit OW big endian is described in sample order (little endian).
+            assert layout.little_endian == (dataset.original_encoding[1] or split.pairs_swapped)
 
 
 def _assert_header_matches(split: SplitFile, dataset: Dataset) -> None:
@@ -282,11 +283,14 @@ def test_deflated_files_are_not_split() -> None:
     assert split.header.patient_id == PHI[1]
 
 
-def test_big_endian_8_bit_ow_pixel_data_has_no_layout() -> None:
+def test_big_endian_8_bit_ow_pixel_data_is_described_in_sample_order() -> None:
     big_ow = make_file(transfer_syntax=ExplicitVRBigEndian, bits_allocated=8, pixel_vr="OW")
     big_ow_split = split_file(big_ow)
-    assert big_ow_split.layout is None and not big_ow_split.encapsulated
+    assert big_ow_split.pairs_swapped and not big_ow_split.encapsulated
+    assert big_ow_split.layout is not None and big_ow_split.layout.little_endian
     assert big_ow_split.pixel_end - big_ow_split.pixel_start == 16
+    value = big_ow[big_ow_split.pixel_start : big_ow_split.pixel_end]
+    assert sample_bytes(big_ow, big_ow_split) == bytes(value[i ^ 1] for i in range(16))
 
 
 def test_a_file_without_pixel_data_is_not_split() -> None:
