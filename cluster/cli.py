@@ -27,6 +27,12 @@ from cluster import config as config_module
 from cluster.config import CODECS, Config, ConfigError
 
 console = Console(stderr=True)
+# Retrieval-only targets (never chosen at ingest), beside the codecs of cluster.config.
+OTHER_TARGETS = {
+    "rle": "1.2.840.10008.1.2.5",
+    "explicit": "1.2.840.10008.1.2.1",
+    "deflated": "1.2.840.10008.1.2.1.99",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--syntax",
         default="original",
-        choices=["original", "stored", *CODECS, "explicit"],
+        choices=["original", "stored", *CODECS, *OTHER_TARGETS],
         help="original: the file as received, byte for byte; stored: the compressed form "
-        "Strata keeps; htj2k, jpeg2000, jpegls: transcoded losslessly to that codec; "
-        "explicit: uncompressed Explicit VR Little Endian",
+        f"Strata keeps; {', '.join(CODECS)}, rle: transcoded losslessly to that codec; "
+        "explicit, deflated: uncompressed Explicit VR Little Endian, or deflated",
     )
     get.add_argument("--version", type=int, default=0, help="0 = latest")
     get.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
@@ -160,7 +166,7 @@ def _ingest(args: argparse.Namespace) -> int:
 def _get(args: argparse.Namespace) -> int:
     from cluster.client import StrataClient
 
-    targets = {**CODECS, "explicit": "1.2.840.10008.1.2.1"}
+    targets = {**CODECS, **OTHER_TARGETS}
     with StrataClient(args.server) as client:
         retrieved = client.retrieve(
             args.sop_instance_uid,

@@ -33,6 +33,8 @@ CODECS = {
     "htj2k": "1.2.840.10008.1.2.4.201",
     "jpeg2000": "1.2.840.10008.1.2.4.90",
     "jpegls": "1.2.840.10008.1.2.4.80",
+    "jpeg-lossless": "1.2.840.10008.1.2.4.70",  # Process 14, selection value 1
+    "jpeg-lossless-p14": "1.2.840.10008.1.2.4.57",  # Process 14, predictor 4
 }
 
 

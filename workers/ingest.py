@@ -50,7 +50,8 @@ _CODEC_PREFERENCE = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
     "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
     HTJ2K_LOSSLESS,
-    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14 (predictor 4)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Process 14, selection value 1
 )
 
 
@@ -71,7 +72,7 @@ class PipelineSettings:
     def codecs_for(self, modality: str) -> list[str]:
         """Lossless syntaxes to try, in order: the policy's choice, then the others."""
         first = dict(self.modality_codecs).get(modality, self.transfer_syntax)
-        others = sorted(lossless_transfer_syntaxes() - {first}, key=_CODEC_PREFERENCE.index)
+        others = sorted(lossless_transfer_syntaxes() - {first}, key=_preference)
         return [first, *others]
 
 
@@ -285,6 +286,13 @@ def _zstd_or_whole(
         note = f"{reason}; stored zstd-compressed ({saved:.0f} % smaller), verified"
         return _whole(data, sha256, transfer_syntax, "zstd"), [packed], note
     return _whole(data, sha256, transfer_syntax), [data], f"{reason}; kept as received"
+
+
+def _preference(transfer_syntax: str) -> int:
+    """Place in the fallback order; a codec registered later and not listed comes last."""
+    if transfer_syntax in _CODEC_PREFERENCE:
+        return _CODEC_PREFERENCE.index(transfer_syntax)
+    return len(_CODEC_PREFERENCE)
 
 
 def _check_received(data: bytes, sha256: str) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.encaps import encapsulate
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from workers import store
@@ -102,19 +103,32 @@ LOSSLESS_INPUTS = frozenset(
 )
 
 
+# Retrieval targets written by pydicom rather than by a registered codec (so not
+# ingest codecs): native little endian, whole-file deflate, and RLE with pydicom's own
+# encoder.
+_WRITTEN_BY_PYDICOM = frozenset(
+    {uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian, uid.RLELossless}
+)
+
+
+def transcode_targets() -> frozenset[str]:
+    """Every transfer syntax ``transcode`` writes."""
+    return lossless_transfer_syntaxes() | _WRITTEN_BY_PYDICOM
+
+
 def transcode(original: bytes, syntax_in: str, target: str) -> bytes:
-    """The original as a valid DICOM file in ``target``: a lossless codec's syntax or
-    Explicit VR Little Endian. Lossy originals are refused: a "lossless" copy of lossy
-    pixels would misstate what the archive holds."""
+    """The original as a valid DICOM file in ``target`` (one of ``transcode_targets``),
+    its pixels verified equal to the original's. Lossy originals are refused: a
+    "lossless" copy of lossy pixels would misstate what the archive holds."""
     if syntax_in not in LOSSLESS_INPUTS:
         raise TranscodeRefusedError(
             f"the instance arrived in {_name(syntax_in)}, which is lossy; it is only given "
             "back as received (form 'original')"
         )
-    if target != uid.ExplicitVRLittleEndian and target not in lossless_transfer_syntaxes():
-        known = ", ".join(sorted(lossless_transfer_syntaxes() | {uid.ExplicitVRLittleEndian}))
+    if target not in transcode_targets():
+        known = ", ".join(f"{syntax} ({_name(syntax)})" for syntax in sorted(transcode_targets()))
         raise TranscodeRefusedError(
-            f"transfer syntax {target!r} is not one Strata writes ({known})"
+            f"transfer syntax {target!r} is not one Strata writes; it writes {known}"
         )
     native = original if syntax_in in uid.UncompressedTransferSyntaxes else None
     if native is None:
@@ -127,9 +141,46 @@ def transcode(original: bytes, syntax_in: str, target: str) -> bytes:
                 f"{_name(syntax_in)} pixel data could not be decoded ({type(error).__name__})"
             ) from None
         native = _write(dataset, uid.ExplicitVRLittleEndian)
+    if target not in _WRITTEN_BY_PYDICOM:
+        return transcode_native(native, target)
+    little_endian = _little_endian(native)
     if target == uid.ExplicitVRLittleEndian:
-        return _little_endian(native)
-    return transcode_native(native, target)
+        return little_endian
+    if target == uid.DeflatedExplicitVRLittleEndian:
+        # Deflate compresses the encoded data set as a whole: lossless by construction.
+        return _write(pydicom.dcmread(io.BytesIO(little_endian)), target)
+    return _rle(little_endian)
+
+
+def _rle(little_endian: bytes) -> bytes:
+    """An Explicit VR Little Endian file as RLE Lossless, pydicom's encoder, verified by
+    decoding every frame back and comparing all bits with the original's."""
+    dataset = pydicom.dcmread(io.BytesIO(little_endian))
+    if "PixelData" not in dataset:
+        raise TranscodeRefusedError(
+            "the instance has no (7FE0,0010) Pixel Data, so there is nothing to encode as RLE"
+        )
+    try:
+        dataset.compress(uid.RLELossless, encoding_plugin="pydicom")
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types here
+        # pydicom's sentences name the element and the value ("(0028,0100) ...").
+        sentence = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise TranscodeRefusedError(f"RLE Lossless cannot hold this image: {sentence}") from None
+    out = io.BytesIO()
+    dataset.preamble = dataset.preamble or b"\0" * 128
+    dataset.file_meta.FileMetaInformationGroupLength = 0
+    pydicom.dcmwrite(out, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
+    data = out.getvalue()
+    # Every bit, the ones above Bits Stored too: no masking, no colour conversion.
+    encoded, before = (
+        pixel_array(io.BytesIO(file), raw=True, correct_unused_bits=False)
+        for file in (data, little_endian)
+    )
+    if not np.array_equal(encoded, before):
+        raise TranscodeRefusedError(
+            "the RLE Lossless encoding did not decode to the original pixels bit for bit"
+        )
+    return data
 
 
 def _little_endian(native: bytes) -> bytes:

@@ -1,9 +1,10 @@
 """Strata's compressed files read by independent DICOM toolkits: DCMTK, GDCM and pydicom.
 
-For a few real native files and every registered lossless codec, the file that
-``workers.restore.transcode_native`` builds (what ``strata get --syntax`` gives back) must
-parse in dcmdump, decompress with DCMTK and GDCM where they know the transfer syntax,
-and show exactly the original's pixels (as pydicom reads them) after each decompression.
+For a few real native files and every encapsulated syntax Strata writes (each registered
+lossless codec, and RLE Lossless through pydicom's encoder), the file that
+``workers.restore.transcode`` builds (what ``strata get --syntax`` gives back) must parse
+in dcmdump, decompress with DCMTK and GDCM where they know the transfer syntax, and show
+exactly the original's pixels (as pydicom reads them) after each decompression.
 A tool that does not know a syntax skips that one check, naming its version.
 
 deploy/local/install-peers.sh installs DCMTK and GDCM's tools (Debian packages).
@@ -26,7 +27,7 @@ from pydicom.uid import UID
 
 from workers.codec import lossless_transfer_syntaxes
 from workers.records import HTJ2K_LOSSLESS
-from workers.restore import transcode_native
+from workers.restore import transcode
 
 pytestmark = [pytest.mark.integration]
 
@@ -34,6 +35,8 @@ DATA_STORE = Path(data_store.__file__).parent / "data"
 INSTALL = "deploy/local/install-peers.sh installs it (make test runs it)"
 JPEGLS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 ORIGINALS = {
@@ -46,11 +49,13 @@ ORIGINALS = {
     "MR_small_bigendian": Path(pydicom.data.get_testdata_file("MR_small_bigendian.dcm") or ""),
     "SC_rgb_expb_16bit_2frame": DATA_STORE / "SC_rgb_expb_16bit_2frame.dcm",
 }
-SYNTAXES = sorted(lossless_transfer_syntaxes())
+SYNTAXES = sorted(lossless_transfer_syntaxes() | {RLE_LOSSLESS})
 # DCMTK's decompressor per syntax. Debian's DCMTK 3.6.7 has no dcmdjp2k (JPEG 2000 is
 # not in the free toolkit), so the JPEG 2000 family is skipped there, naming the version.
 DCMTK_DECOMPRESSORS = {
     JPEGLS_LOSSLESS: "dcmdjpls",
+    JPEG_LOSSLESS_SV1: "dcmdjpeg",
+    JPEG_LOSSLESS: "dcmdjpeg",
     RLE_LOSSLESS: "dcmdrle",
     JPEG2000_LOSSLESS: "dcmdjp2k",
     HTJ2K_LOSSLESS: "dcmdjp2k",
@@ -72,7 +77,9 @@ def _compressed(directory: Path, name: str, syntax: str) -> Path:
     """The original ``name`` transcoded to ``syntax`` (built once per module)."""
     path = directory / f"{name}.{syntax}.dcm"
     if not path.exists():
-        path.write_bytes(transcode_native(ORIGINALS[name].read_bytes(), syntax))
+        original = ORIGINALS[name].read_bytes()
+        syntax_in = pydicom.dcmread(ORIGINALS[name], stop_before_pixels=True).file_meta
+        path.write_bytes(transcode(original, syntax_in.TransferSyntaxUID, syntax))
     return path
 
 
@@ -134,9 +141,15 @@ def test_dcmdump_parses_the_file(compressed_dir: Path, name: str, syntax: str) -
     assert f"(0002,0010) UI [{syntax}]" in result.stdout
     # The Basic Offset Table and one fragment per frame, up to the delimiter.
     assert f"(7fe0,0010) OB (PixelSequence #={_frames(name) + 1})" in result.stdout
-    if syntax in (JPEGLS_LOSSLESS, JPEG2000_LOSSLESS):
-        # DCMTK knows these and says it read the data set in them.
-        known = {JPEGLS_LOSSLESS: "JPEG-LS Lossless", JPEG2000_LOSSLESS: "JPEG 2000"}
+    # DCMTK knows these and says it read the data set in them.
+    known = {
+        JPEGLS_LOSSLESS: "JPEG-LS Lossless",
+        JPEG2000_LOSSLESS: "JPEG 2000",
+        JPEG_LOSSLESS_SV1: "JPEG Lossless, Non-hierarchical, 1st Order Prediction",
+        JPEG_LOSSLESS: "JPEG Lossless, Non-hierarchical, Process 14",
+        RLE_LOSSLESS: "RLE Lossless",
+    }
+    if syntax in known:
         assert f"# Used TransferSyntax: {known[syntax]}" in result.stdout
 
 

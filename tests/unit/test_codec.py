@@ -17,12 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels.decoders.base import HTJ2KLosslessDecoder
+from pydicom.pixels.decoders.base import HTJ2KLosslessDecoder, JPEGLosslessSV1Decoder
 from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.uid import UID
 
 from workers.codec import (
     JPEG2000_LOSSLESS,
+    JPEG_LOSSLESS,
+    JPEG_LOSSLESS_PREDICTOR,
+    JPEG_LOSSLESS_SV1,
     JPEGLS_LOSSLESS,
     EncodedPixels,
     NotLossless,
@@ -57,25 +60,29 @@ def layout(**changes: Any) -> PixelLayout:
 
 @st.composite
 def native_pixels(
-    draw: st.DrawFn, bits: list[int], *, jpegls_profile: bool = False
+    draw: st.DrawFn,
+    bits: list[int],
+    *,
+    jpegls_profile: bool = False,
+    jpeg_profile: bool = False,
 ) -> tuple[bytes, PixelLayout]:
     """A layout and raw Pixel Data for it, pad byte included when the length is odd.
 
     With ``jpegls_profile``, only layouts PS3.5 Table 8.2.3-1 allows in JPEG-LS: Bits
-    Stored 2 or more, unsigned colour, YBR_FULL of 8 bits.
+    Stored 2 or more, unsigned colour, YBR_FULL of 8 bits. With ``jpeg_profile``, the
+    layouts JPEG Lossless takes: the same, with Bits Stored 1 too.
     """
+    profile = jpegls_profile or jpeg_profile
     bits_allocated = draw(st.sampled_from(bits))
     samples = draw(st.sampled_from([1, 3]))
-    colours = ["RGB"] if jpegls_profile and bits_allocated == 16 else ["RGB", "YBR_FULL"]
+    colours = ["RGB"] if profile and bits_allocated == 16 else ["RGB", "YBR_FULL"]
     pixels = layout(
         rows=draw(st.integers(1, 70)),
         columns=draw(st.integers(1, 70)),
         samples_per_pixel=samples,
         bits_allocated=bits_allocated,
         bits_stored=draw(st.integers(2 if jpegls_profile else 1, bits_allocated)),
-        pixel_representation=(
-            0 if jpegls_profile and samples == 3 else draw(st.sampled_from([0, 1]))
-        ),
+        pixel_representation=(0 if profile and samples == 3 else draw(st.sampled_from([0, 1]))),
         planar_configuration=draw(st.sampled_from([0, 1])) if samples == 3 else 0,
         photometric_interpretation=(
             draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"]))
@@ -118,6 +125,9 @@ FIRST_MARKERS = {
     HTJ2K_LOSSLESS: b"\xff\x4f\xff\x51",
     JPEG2000_LOSSLESS: b"\xff\x4f\xff\x51",
     JPEGLS_LOSSLESS: b"\xff\xd8\xff\xf7",
+    # libjpeg-turbo writes APP0 (JFIF) before SOF3 for one component, APP14 (Adobe) for three.
+    JPEG_LOSSLESS_SV1: b"\xff\xd8\xff",
+    JPEG_LOSSLESS: b"\xff\xd8\xff",
 }
 
 
@@ -155,6 +165,41 @@ def test_jpegls_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None
     _assert_first_frame_reads_colour_by_pixel(encoded, raw, pixels)
 
 
+@settings(max_examples=300, deadline=None)
+@given(case=native_pixels(bits=[8, 16], jpeg_profile=True))
+def test_jpeg_lossless_sv1_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None:
+    raw, pixels = case
+    encoded = _assert_round_trip(raw, pixels, JPEG_LOSSLESS_SV1)
+    _assert_first_frame_reads_colour_by_pixel(encoded, raw, pixels)
+    assert all(_sof3_and_predictor(frame)[1] == 1 for frame in encoded.frames)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=native_pixels(bits=[8, 16], jpeg_profile=True))
+def test_jpeg_lossless_round_trip_is_bit_exact(case: tuple[bytes, PixelLayout]) -> None:
+    raw, pixels = case
+    encoded = _assert_round_trip(raw, pixels, JPEG_LOSSLESS)
+    _assert_first_frame_reads_colour_by_pixel(encoded, raw, pixels)
+    predictor = JPEG_LOSSLESS_PREDICTOR
+    assert all(_sof3_and_predictor(frame)[1] == predictor for frame in encoded.frames)
+
+
+def _sof3_and_predictor(codestream: bytes) -> tuple[dict[str, Any], int]:
+    """The SOF3 segment's precision and component IDs, and the SOS selection value."""
+    frame: dict[str, Any] = {}
+    position = 2
+    while True:
+        marker = codestream[position + 1]
+        length = int.from_bytes(codestream[position + 2 : position + 4], "big")
+        segment = codestream[position + 4 : position + 2 + length]
+        if marker == 0xC3:
+            frame = {"precision": segment[0], "ids": bytes(segment[6::3])}
+        if marker == 0xDA:
+            assert frame, "SOS before SOF3"
+            return frame, segment[1 + 2 * segment[0]]
+        position += 2 + length
+
+
 def _assert_first_frame_reads_colour_by_pixel(
     encoded: EncodedPixels, raw: bytes, pixels: PixelLayout
 ) -> None:
@@ -184,10 +229,11 @@ def _container(pixels: PixelLayout) -> np.dtype[Any]:
 
 
 @st.composite
-def admitted_pixels(draw: st.DrawFn) -> tuple[bytes, PixelLayout]:
-    """Little-endian JPEG-LS layouts whose values fit Bits Stored (what the pipeline
-    compresses: see workers.codec.values_fit_bits_stored)."""
-    raw, pixels = draw(native_pixels(bits=[8, 16], jpegls_profile=True))
+def admitted_pixels(draw: st.DrawFn, *, jpeg_profile: bool = False) -> tuple[bytes, PixelLayout]:
+    """Little-endian JPEG-LS (or JPEG Lossless) layouts whose values fit Bits Stored (what
+    the pipeline compresses: see workers.codec.values_fit_bits_stored)."""
+    profile = {"jpeg_profile": True} if jpeg_profile else {"jpegls_profile": True}
+    raw, pixels = draw(native_pixels(bits=[8, 16], **profile))
     pixels = PixelLayout(**{**pixels.__dict__, "little_endian": True})
     values = np.frombuffer(raw, _container(pixels), pixels.expected_length // _width(pixels))
     if pixels.pixel_representation:
@@ -237,6 +283,69 @@ def test_pydicom_reads_jpegls_as_the_native_pixels(case: tuple[bytes, PixelLayou
     assert np.array_equal(stored.pixel_array, _native_array(data))
 
 
+@pytest.mark.skipif(
+    not JPEGLosslessSV1Decoder.is_available,
+    reason="pydicom has no JPEG Lossless decoder (pylibjpeg-libjpeg or python-gdcm)",
+)
+@pytest.mark.parametrize("transfer_syntax", [JPEG_LOSSLESS_SV1, JPEG_LOSSLESS])
+@settings(max_examples=60, deadline=None)
+@given(case=admitted_pixels(jpeg_profile=True))
+def test_pydicom_reads_jpeg_lossless_as_the_native_pixels(
+    transfer_syntax: str, case: tuple[bytes, PixelLayout]
+) -> None:
+    """pydicom (pylibjpeg-libjpeg, a decoder independent of libjpeg-turbo) sees the
+    native pixels: precision, sign, colour space left alone, frames."""
+    raw, pixels = case
+    data = _native_file(raw, pixels)
+    split = split_file(data)
+    encoded = encode_verified(data[split.pixel_start : split.pixel_end], pixels, transfer_syntax)
+    stored = _stored_form(data, split, encoded)
+    assert np.array_equal(stored.pixel_array, _native_array(data))
+
+
+@pytest.mark.parametrize("transfer_syntax", [JPEG_LOSSLESS_SV1, JPEG_LOSSLESS])
+def test_jpeg_lossless_declares_bits_stored_when_the_values_fit(transfer_syntax: str) -> None:
+    pixels = layout(bits_stored=12, pixel_representation=1)
+    fits = np.arange(-17, 18, dtype="<i2")
+    encoded = encode_verified(fits.tobytes(), pixels, transfer_syntax)
+    assert _sof3_and_predictor(encoded.frames[0])[0]["precision"] == 12
+    # Signed samples are stored as their 12-bit two's complement pattern.
+    decoded = imagecodecs.jpeg8_decode(encoded.frames[0])
+    assert np.array_equal(decoded.ravel(), fits.view("<u2") & 0xFFF)
+    overlay = (np.arange(35, dtype="<u2") | 0x8000).view("<i2").tobytes()
+    encoded = encode_verified(overlay, pixels, transfer_syntax)
+    assert _sof3_and_predictor(encoded.frames[0])[0]["precision"] == 16
+    assert decode_to_native(encoded, pixels) == overlay
+    # libjpeg-turbo codes 16-bit samples at 9 bits or more: 8 of 16 goes at 16.
+    narrow = layout(bits_stored=8, pixel_representation=1)
+    encoded = encode_verified(fits.tobytes(), narrow, transfer_syntax)
+    assert _sof3_and_predictor(encoded.frames[0])[0]["precision"] == 16
+    assert decode_to_native(encoded, narrow) == fits.tobytes()
+
+
+@pytest.mark.parametrize(("photometric", "ids"), [("RGB", b"RGB"), ("YBR_FULL", b"\1\2\3")])
+def test_jpeg_lossless_keeps_colour_samples_as_they_are(photometric: str, ids: bytes) -> None:
+    """No colour transform: the samples in the codestream are the file's, colour-by-pixel,
+    and YBR_FULL samples are not labelled RGB."""
+    pixels = layout(
+        rows=2,
+        columns=3,
+        samples_per_pixel=3,
+        planar_configuration=1,
+        photometric_interpretation=photometric,
+        bits_allocated=8,
+        bits_stored=8,
+    )
+    planes = np.arange(0, 18 * 13, 13, dtype=np.uint8).reshape(3, 2, 3)
+    for transfer_syntax in (JPEG_LOSSLESS_SV1, JPEG_LOSSLESS):
+        encoded = encode_verified(planes.tobytes(), pixels, transfer_syntax)
+        assert _sof3_and_predictor(encoded.frames[0])[0]["ids"] == ids
+        assert b"Adobe" in encoded.frames[0] and b"JFIF" not in encoded.frames[0]
+        decoded = imagecodecs.jpeg8_decode(encoded.frames[0], colorspace="rgb")
+        assert np.array_equal(decoded, np.moveaxis(planes, 0, -1))
+        assert decode_to_native(encoded, pixels) == planes.tobytes()
+
+
 def test_jpegls_declares_bits_stored_when_the_values_fit() -> None:
     pixels = layout(bits_stored=12, pixel_representation=1)
     fits = np.arange(-17, 18, dtype="<i2")
@@ -282,7 +391,10 @@ def test_jpegls_frames_that_outgrow_pyjpegls_buffer_still_encode() -> None:
         _assert_round_trip(raw, pixels, JPEGLS_LOSSLESS)
 
 
-@pytest.mark.parametrize("transfer_syntax", [HTJ2K_LOSSLESS, JPEG2000_LOSSLESS, JPEGLS_LOSSLESS])
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [HTJ2K_LOSSLESS, JPEG2000_LOSSLESS, JPEGLS_LOSSLESS, JPEG_LOSSLESS_SV1, JPEG_LOSSLESS],
+)
 @pytest.mark.parametrize(("rows", "columns"), [(2, 3), (2, 1), (1, 1), (1, 5)])
 def test_frames_of_a_planar_layout_decode_colour_by_pixel_for_readers(
     transfer_syntax: str, rows: int, columns: int
@@ -417,6 +529,25 @@ def test_jpeg2000_declares_bits_stored_when_the_values_fit() -> None:
             JPEGLS_LOSSLESS,
             "(0028,0100) Bits Allocated 16 is not allowed for YBR_FULL in JPEG-LS",
         ),
+        (
+            {"bits_allocated": 32},
+            JPEG_LOSSLESS_SV1,
+            "(0028,0100) Bits Allocated 32 is not supported by JPEG Lossless SV1",
+        ),
+        (
+            {
+                "samples_per_pixel": 3,
+                "photometric_interpretation": "RGB",
+                "pixel_representation": 1,
+            },
+            JPEG_LOSSLESS,
+            "(0028,0103) Pixel Representation 1 (signed) with 3 samples per pixel",
+        ),
+        (
+            {"samples_per_pixel": 3, "photometric_interpretation": "YBR_FULL"},
+            JPEG_LOSSLESS_SV1,
+            "(0028,0100) Bits Allocated 16 is not supported for YBR_FULL by JPEG Lossless",
+        ),
         ({}, "1.2.840.10008.1.2.4.50", "no lossless codec is registered"),
     ],
 )
@@ -473,7 +604,13 @@ def test_short_pixel_data_is_a_caller_error() -> None:
 
 
 def test_registered_syntaxes() -> None:
-    assert lossless_transfer_syntaxes() == {HTJ2K_LOSSLESS, JPEG2000_LOSSLESS, JPEGLS_LOSSLESS}
+    assert lossless_transfer_syntaxes() == {
+        HTJ2K_LOSSLESS,
+        JPEG2000_LOSSLESS,
+        JPEGLS_LOSSLESS,
+        JPEG_LOSSLESS_SV1,
+        JPEG_LOSSLESS,
+    }
 
 
 # --- real files -------------------------------------------------------------------------
@@ -578,6 +715,22 @@ def test_real_file_jpegls_round_trip_and_pydicom_reads_it(name: str) -> None:
     assert split.layout is not None
     pixels = data[split.pixel_start : split.pixel_end]
     encoded = encode_verified(pixels, split.layout, JPEGLS_LOSSLESS)
+    assert decode_to_native(encoded, split.layout) == pixels
+    stored = _stored_form(data, split, encoded)
+    assert np.array_equal(stored.pixel_array, _native_array(data))
+
+
+@pytest.mark.parametrize("transfer_syntax", [JPEG_LOSSLESS_SV1, JPEG_LOSSLESS])
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_real_file_jpeg_lossless_round_trip_and_pydicom_reads_it(
+    name: str, transfer_syntax: str
+) -> None:
+    if not JPEGLosslessSV1Decoder.is_available:
+        pytest.skip("pydicom has no JPEG Lossless decoder (pylibjpeg-libjpeg or python-gdcm)")
+    data, split = _split(name)
+    assert split.layout is not None
+    pixels = data[split.pixel_start : split.pixel_end]
+    encoded = encode_verified(pixels, split.layout, transfer_syntax)
     assert decode_to_native(encoded, split.layout) == pixels
     stored = _stored_form(data, split, encoded)
     assert np.array_equal(stored.pixel_array, _native_array(data))

@@ -16,16 +16,22 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
     generate_uid,
 )
 
 from workers.ingest import PipelineSettings, prepare
 from workers.keys import create_key_file, load_key_file
 from workers.records import HTJ2K_LOSSLESS, IngestItem, StoreSettings
-from workers.restore import ObjectRef, TranscodeRefusedError, rebuild
+from workers.restore import ObjectRef, TranscodeRefusedError, rebuild, transcode_targets
 
 SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
 
@@ -169,7 +175,17 @@ def test_modality_policy_picks_the_codec(key_file: Path) -> None:
     ["CT_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"],
 )
 @pytest.mark.parametrize(
-    "target", [HTJ2K_LOSSLESS, "1.2.840.10008.1.2.4.90", ExplicitVRLittleEndian]
+    "target",
+    [
+        HTJ2K_LOSSLESS,
+        JPEG2000Lossless,
+        JPEGLSLossless,
+        JPEGLosslessSV1,
+        JPEGLossless,
+        RLELossless,
+        ExplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+    ],
 )
 def test_retrieval_transcodes_lossless_inputs_to_any_lossless_syntax(
     name: str, target: str, key_file: Path
@@ -186,6 +202,33 @@ def test_retrieval_transcodes_lossless_inputs_to_any_lossless_syntax(
     np.testing.assert_array_equal(
         pixel_array(dataset, raw=True), pixel_array(io.BytesIO(data), raw=True)
     )
+
+
+def test_unknown_target_is_refused_naming_every_syntax_strata_writes(key_file: Path) -> None:
+    data = Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes()
+    blob, record = prepare(
+        IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
+    )
+    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
+    with pytest.raises(TranscodeRefusedError) as caught:
+        rebuild(blob, ref, "1.2.840.10008.1.2.4.50", load_key_file(key_file))
+    for syntax in transcode_targets():
+        assert syntax in str(caught.value)
+    assert transcode_targets() >= {RLELossless, DeflatedExplicitVRLittleEndian, JPEGLossless}
+
+
+def test_rle_refuses_a_layout_it_cannot_write_naming_the_element(key_file: Path) -> None:
+    """pydicom's RLE encoder takes no 32-bit colour: refused, the data set intact."""
+    dataset = pydicom.dcmread(pydicom.data.get_testdata_file("SC_rgb_32bit.dcm"))
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    data = buffer.getvalue()
+    blob, record = prepare(
+        IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
+    )
+    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
+    with pytest.raises(TranscodeRefusedError, match=r"RLE Lossless .*\(0028,0100\) Bits Allocated"):
+        rebuild(blob, ref, RLELossless, load_key_file(key_file))
 
 
 def test_lossy_original_is_never_transcoded(key_file: Path) -> None:
