@@ -9,8 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 
+from pydicom.uid import UID
+
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+def syntax_name(transfer_syntax: str) -> str:
+    """A transfer syntax's name for sentences ("JPEG-LS Lossless Image Compression")."""
+    name = UID(transfer_syntax).name
+    return name if name != transfer_syntax else f"transfer syntax {transfer_syntax}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from workers.envelope import open_object
 from workers.ingest import PipelineSettings
 from workers.keys import KeyProvider, cached_key_file
 from workers.payload import Manifest
+from workers.records import syntax_name
 from workers.split import PixelLayout, sample_bytes, split_file, swap_pairs
 
 
@@ -122,11 +123,13 @@ def transcode(original: bytes, syntax_in: str, target: str) -> bytes:
     "lossless" copy of lossy pixels would misstate what the archive holds."""
     if syntax_in not in LOSSLESS_INPUTS:
         raise TranscodeRefusedError(
-            f"the instance arrived in {_name(syntax_in)}, which is lossy; it is only given "
+            f"the instance arrived in {syntax_name(syntax_in)}, which is lossy; it is only given "
             "back as received (form 'original')"
         )
     if target not in transcode_targets():
-        known = ", ".join(f"{syntax} ({_name(syntax)})" for syntax in sorted(transcode_targets()))
+        known = ", ".join(
+            f"{syntax} ({syntax_name(syntax)})" for syntax in sorted(transcode_targets())
+        )
         raise TranscodeRefusedError(
             f"transfer syntax {target!r} is not one Strata writes; it writes {known}"
         )
@@ -138,7 +141,7 @@ def transcode(original: bytes, syntax_in: str, target: str) -> bytes:
             dataset.decompress()
         except Exception as error:  # noqa: BLE001 - pydicom raises many types here
             raise TranscodeRefusedError(
-                f"{_name(syntax_in)} pixel data could not be decoded ({type(error).__name__})"
+                f"{syntax_name(syntax_in)} pixel data could not be decoded ({type(error).__name__})"
             ) from None
         native = _write(dataset, uid.ExplicitVRLittleEndian)
     if target not in _WRITTEN_BY_PYDICOM:
@@ -166,11 +169,7 @@ def _rle(little_endian: bytes) -> bytes:
         # pydicom's sentences name the element and the value ("(0028,0100) ...").
         sentence = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise TranscodeRefusedError(f"RLE Lossless cannot hold this image: {sentence}") from None
-    out = io.BytesIO()
-    dataset.preamble = dataset.preamble or b"\0" * 128
-    dataset.file_meta.FileMetaInformationGroupLength = 0
-    pydicom.dcmwrite(out, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
-    data = out.getvalue()
+    data = _write(dataset, uid.RLELossless)
     # Every bit, the ones above Bits Stored too: no masking, no colour conversion.
     encoded, before = (
         pixel_array(io.BytesIO(file), raw=True, correct_unused_bits=False)
@@ -202,7 +201,13 @@ def _little_endian(native: bytes) -> bytes:
 
 
 def _write(dataset: pydicom.Dataset, transfer_syntax: str) -> bytes:
-    """``dataset`` encoded in an uncompressed little-endian syntax, Part 10 framing."""
+    """``dataset`` as a Part 10 file in ``transfer_syntax`` (explicit VR little endian).
+
+    force_encoding re-encodes big-endian and implicit-VR originals as explicit VR little
+    endian, which every syntax written here requires. pydicom refuses it together with
+    enforce_file_format, so the preamble and file meta (read from the original Part 10
+    file) are written as they are, with the group length recomputed.
+    """
     dataset.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     dataset.preamble = dataset.preamble or b"\0" * 128
     dataset.file_meta.FileMetaInformationGroupLength = 0
@@ -213,11 +218,6 @@ def _write(dataset: pydicom.Dataset, transfer_syntax: str) -> bytes:
 
 def _file(data: bytes, transfer_syntax: str) -> RestoredFile:
     return RestoredFile(data, transfer_syntax, hashlib.sha256(data).hexdigest())
-
-
-def _name(transfer_syntax: str) -> str:
-    name = UID(transfer_syntax).name
-    return name if name != transfer_syntax else f"transfer syntax {transfer_syntax}"
 
 
 def _original(manifest: Manifest, segments: list[bytes]) -> bytes:
@@ -284,12 +284,4 @@ def _encapsulated(
     if layout.samples_per_pixel > 1:
         # Compressed pixel data is always colour-by-pixel (PS3.5 8.2).
         dataset.PlanarConfiguration = 0
-    out = io.BytesIO()
-    # force_encoding re-encodes big-endian and implicit-VR originals as explicit VR little
-    # endian, which every compressed transfer syntax requires. pydicom refuses it together
-    # with enforce_file_format, so the preamble and file meta (read from the original Part
-    # 10 file) are written as they are, with the group length recomputed.
-    dataset.preamble = dataset.preamble or b"\0" * 128
-    dataset.file_meta.FileMetaInformationGroupLength = 0
-    pydicom.dcmwrite(out, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
-    return out.getvalue()
+    return _write(dataset, transfer_syntax)
