@@ -81,8 +81,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -95,6 +96,8 @@ from deltalake import DeltaTable, write_deltalake
 
 from workers.records import InstanceRecord, Stored, StoreSettings
 from workers.store import ensure_bucket
+
+log = logging.getLogger("strata.catalog")
 
 DEFAULT_BUCKET = "strata-catalog"
 INSTANCES = "instances"
@@ -154,6 +157,14 @@ STUDIES_SCHEMA = pa.schema(
 
 _RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(InstanceRecord))
 _RECENT_RECORDS = 4096
+
+
+class CatalogCommitFailedError(Exception):
+    """A group's rows were not written to ``instances``; checked against the table itself.
+
+    Raised only when the writer re-read the table after the failure and found none of the
+    group's rows in it, so a caller may answer "not stored" with certainty.
+    """
 
 
 @dataclass(frozen=True)
@@ -497,9 +508,12 @@ class CatalogWriter:
         self._bucket = bucket
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        create_tables(settings, bucket)
-        self._instances = _open_table(settings, bucket, INSTANCES)
-        self._studies_table = _open_table(settings, bucket, STUDIES)
+        # The tables are opened on first use, not here: an actor whose constructor raises
+        # (the store briefly down when Ray restarts it) would stay dead for good.
+        self._instances: DeltaTable | None = None
+        self._studies_table: DeltaTable | None = None
+        self._opening = asyncio.Lock()
+        self._committing: Counter[str] = Counter()
 
         self._index: dict[str, IndexEntry] = {}
         self._max_versions: dict[str, int] = {}
@@ -507,7 +521,6 @@ class CatalogWriter:
         self._series: dict[str, set[str]] = {}
         self._recent: OrderedDict[str, InstanceRecord] = OrderedDict()
         self._dirty_studies: set[str] = set()
-        self._load()
 
         self._pending: list[_Waiter] = []
         self._pending_rows = 0
@@ -523,20 +536,65 @@ class CatalogWriter:
             "max_group_size": 0,
             "flush_ms_total": 0,
             "flush_ms_max": 0,
+            "studies_failures": 0,
         }
 
     # -- public, async ------------------------------------------------------------------
 
+    async def ready(self) -> None:
+        """Open the tables and load the index, once; raises (and is retried by the next
+        call) while the store cannot be read."""
+        async with self._opening:
+            if self._instances is None:
+                fresh = await asyncio.to_thread(self._open_and_load)
+                # Swapped in on the event loop, all at once: nothing ever reads a half-built
+                # index (the load runs in a thread).
+                self._studies_table = fresh._studies_table
+                self._index = fresh._index
+                self._max_versions = fresh._max_versions
+                self._studies = fresh._studies
+                self._series = fresh._series
+                self._dirty_studies = fresh._dirty_studies
+                self._recent.clear()
+                self._instances = fresh._instances
+
+    def _open_and_load(self) -> CatalogWriter:
+        """A writer's state loaded from the tables, built apart from this one's."""
+        create_tables(self._settings, self._bucket)
+        fresh = CatalogWriter.__new__(CatalogWriter)
+        fresh._settings, fresh._bucket = self._settings, self._bucket
+        fresh._studies_table = _open_table(self._settings, self._bucket, STUDIES)
+        fresh._index, fresh._max_versions, fresh._studies = {}, {}, {}
+        fresh._series, fresh._dirty_studies = {}, set()
+        instances = _open_table(self._settings, self._bucket, INSTANCES)
+        fresh._load(instances)
+        fresh._instances = instances
+        return fresh
+
     async def commit(self, stored: list[Stored]) -> list[Committed]:
         """Catalog ``stored`` files; returns one ``Committed`` per file, in order."""
+        await self.ready()
         if not stored:
             return []
-        # A record that does not fit the schema fails its own caller, not the whole group.
-        _instances_table([item.record for item in stored])
-        return await self._enqueue(list(stored), [])
+        # A record that does not fit the schema fails its own caller, not the whole group,
+        # and for certain: nothing of it was written.
+        try:
+            _instances_table([item.record for item in stored])
+        except (pa.ArrowException, ValueError, TypeError) as error:
+            raise CatalogCommitFailedError(f"a row does not fit the schema: {error}") from None
+        shas = [item.record.sha256 for item in stored]
+        # Until their group is resolved, these rows may land: the reconciler must not take
+        # their objects for orphans, even if the caller has stopped waiting.
+        self._committing.update(shas)
+        try:
+            return await self._enqueue(list(stored), [])
+        finally:
+            self._committing.subtract(shas)
+            self._committing += Counter()  # drop the zeros
 
     async def lookup_sha256(self, sha256: str) -> InstanceRecord | None:
         """The catalogued record of the file with this SHA-256, or None if it is new."""
+        await self.ready()
         entry = self._index.get(sha256)
         if entry is None:
             return None
@@ -553,6 +611,7 @@ class CatalogWriter:
         that does not need to know may fire and forget.
         """
         if study_uids:
+            await self.ready()
             await self._enqueue([], list(study_uids))
 
     async def close(self) -> None:
@@ -567,6 +626,7 @@ class CatalogWriter:
 
     async def stats(self) -> dict[str, int]:
         """Counters: Delta commits to each table, rows written, largest group, timings."""
+        await self.ready()
         return dict(self._stats)
 
     # -- group commit -------------------------------------------------------------------
@@ -606,8 +666,13 @@ class CatalogWriter:
             self._has_pending.clear()
             self._batch_full.clear()
             try:
+                await self.ready()  # rebuilds the index after a failed commit
                 results = await self._flush(group)
             except Exception as error:  # noqa: BLE001 - every waiter of the group learns of it
+                # The in-memory index may be behind the table (a commit whose answer was
+                # lost can still have landed), so it is rebuilt from the table before any
+                # further decision: a retry must never append a row twice.
+                self._instances = None
                 for waiter in group:
                     if not waiter.future.done():
                         waiter.future.set_exception(error)
@@ -642,7 +707,14 @@ class CatalogWriter:
             by_sha.update(fetched)
 
         if new_records:
-            await asyncio.to_thread(self._append_instances, new_records)
+            try:
+                await asyncio.to_thread(self._append_instances, new_records)
+            except Exception as error:
+                if not await self._landed_after_failure(new_records, error):
+                    raise CatalogCommitFailedError(
+                        f"{len(new_records)} rows were not written to "
+                        f"{table_uri(self._bucket, INSTANCES)}"
+                    ) from error
             self._stats["commits"] += 1
             self._stats["rows_written"] += len(new_records)
             self._apply(new_records)
@@ -655,11 +727,24 @@ class CatalogWriter:
                     self._studies[study_uid] = dataclasses.replace(current, last_access_time=now)
                     self._dirty_studies.add(study_uid)
         if self._dirty_studies:
-            # Rows stay dirty until written: a failed upsert is retried with the next group.
+            # Rows stay dirty until written: a failed upsert is retried with the next group
+            # (and repaired from `instances` when a writer starts). The callers' rows are
+            # durable in `instances`, so they are not told that their files failed.
             dirty = sorted(self._dirty_studies)
-            await asyncio.to_thread(self._upsert_studies, [self._studies[uid] for uid in dirty])
-            self._dirty_studies.difference_update(dirty)
-            self._stats["studies_commits"] += 1
+            try:
+                await asyncio.to_thread(self._upsert_studies, [self._studies[uid] for uid in dirty])
+            except Exception as error:  # noqa: BLE001 - retried with the next group
+                self._stats["studies_failures"] += 1
+                log.error(
+                    "updating %d rows of %s failed (%s: %s); retried with the next commit",
+                    len(dirty),
+                    table_uri(self._bucket, STUDIES),
+                    type(error).__name__,
+                    error,
+                )
+            else:
+                self._dirty_studies.difference_update(dirty)
+                self._stats["studies_commits"] += 1
 
         elapsed_ms = round((time.perf_counter() - started) * 1000)
         self._stats["flush_ms_total"] += elapsed_ms
@@ -674,6 +759,40 @@ class CatalogWriter:
             results.append(committed[start : start + len(waiter.stored)])
             start += len(waiter.stored)
         return results
+
+    async def _landed_after_failure(
+        self, records: Sequence[InstanceRecord], error: Exception
+    ) -> bool:
+        """After a failed append, whether its rows are in the table after all.
+
+        A commit can fail after its log entry was written (the answer to the conditional
+        PUT was lost). The table is the truth: re-read it. Raises when the table cannot be
+        read either, so the caller knows the outcome is unknown.
+        """
+        log.error(
+            "appending %d rows to %s failed (%s: %s); re-reading the table",
+            len(records),
+            table_uri(self._bucket, INSTANCES),
+            type(error).__name__,
+            error,
+        )
+        found = await asyncio.to_thread(
+            self._fetch_records,
+            {
+                r.sha256: IndexEntry(r.sop_instance_uid, r.version, utc(r.ingest_time).date())
+                for r in records
+            },
+        )
+        if not found:
+            return False
+        if len(found) != len(records):  # a Delta commit is atomic: all or none
+            raise RuntimeError("a commit's rows are partly in the table; the log is damaged")
+        return True
+
+    async def known_sha256(self, sha256s: list[str]) -> list[str]:
+        """Those of ``sha256s`` that have a row in ``instances`` (for orphan reconciling)."""
+        await self.ready()
+        return [sha for sha in sha256s if sha in self._index or self._committing[sha]]
 
     def _apply(self, records: Sequence[InstanceRecord]) -> None:
         """Record committed rows in the in-memory index and study rows."""
@@ -702,11 +821,13 @@ class CatalogWriter:
     # commit, or enforce a dropped constraint. The refresh costs one LIST of _delta_log.
 
     def _append_instances(self, records: Sequence[InstanceRecord]) -> None:
+        assert self._instances is not None  # ready() ran
         self._instances.update_incremental()
         write_deltalake(self._instances, _instances_table(records), mode="append")
 
     def _upsert_studies(self, rows: Sequence[StudyRow]) -> None:
         uids = ", ".join(sql_string_literal(row.study_instance_uid) for row in rows)
+        assert self._studies_table is not None  # ready() ran
         self._studies_table.update_incremental()
         write_deltalake(
             self._studies_table,
@@ -728,10 +849,11 @@ class CatalogWriter:
                 found[record.sha256] = record
         return found
 
-    def _load(self) -> None:
+    def _load(self, instances: DeltaTable) -> None:
         """Build the in-memory index and study rows from the tables; repair ``studies``."""
+        assert self._studies_table is not None
         connection = duckdb.connect()
-        connection.register(INSTANCES, self._instances.to_pyarrow_dataset())
+        connection.register(INSTANCES, instances.to_pyarrow_dataset())
         connection.register(STUDIES, self._studies_table.to_pyarrow_dataset())
         cursor = connection.execute(
             "SELECT sha256, sop_instance_uid, version, ingest_date FROM instances"

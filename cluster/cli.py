@@ -26,7 +26,7 @@ from rich.table import Table
 from cluster import config as config_module
 from cluster.config import CODECS, Config, ConfigError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one failure, one line
 # Retrieval-only targets (never chosen at ingest), beside the codecs of cluster.config.
 OTHER_TARGETS = {
     "rle": "1.2.840.10008.1.2.5",
@@ -35,8 +35,16 @@ OTHER_TARGETS = {
 }
 
 
+class CommandError(Exception):
+    """A failure the command explains in one sentence (no traceback, nothing internal)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
+    """Entry point of the console script; returns the process exit code.
+
+    Every failure ends in one line that says what failed and what to do, and a non-zero
+    exit; the detail goes to the log (``strata serve``) or is shown with ``--debug``.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -46,16 +54,51 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]configuration error:[/red] {error}")
         return 2
     except grpc.RpcError as error:
-        console.print(f"[red]server answered {error.code().name}:[/red] {error.details()}")
+        console.print(f"[red]{_rpc_failure(error, getattr(args, 'server', ''))}[/red]")
+        return 1
+    except CommandError as error:
+        console.print(f"[red]{error}[/red]")
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        console.print(
+            f"[red]strata {args.command} failed ({type(error).__name__}); run it again with "
+            "--debug for the details[/red]"
+        )
+        return 1
+
+
+def _rpc_failure(error: grpc.RpcError, server: str) -> str:
+    """One sentence for a failed call: the server's own words, or why it was not reached."""
+    code = error.code()
+    details = error.details() or ""
+    # gRPC's own texts (connection refused, name resolution, deadline) carry addresses and
+    # socket errors; Strata's servers answer with sentences written for people.
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        "failed to connect" in details.lower() or "connection" in details.lower()
+    ):
+        return (
+            f"no Strata node answers at {server}: start one with `strata serve`, or name "
+            "the right one with --server HOST:PORT"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and details.lower().startswith("deadline"):
+        return (
+            f"the node at {server} did not answer in time; it may be overloaded or "
+            "restarting a component, try again (or raise --timeout)"
+        )
+    return f"the node answered {code.name}: {details}"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML configuration file")
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--debug", action="store_true", help="show a traceback when a command fails"
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
 
     serve = commands.add_parser("serve", help="run the gRPC front end")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -82,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     get.add_argument("--version", type=int, default=0, help="0 = latest")
     get.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    get.add_argument(
+        "--timeout", type=float, default=600, help="seconds to wait for the whole file"
+    )
     get.set_defaults(run=_get)
 
     query = commands.add_parser("query", help="SQL over the catalog (DuckDB)")
@@ -100,6 +146,8 @@ def _load(args: argparse.Namespace, **overrides: object) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cluster.minio_server import MinioServerError
+    from cluster.server import PortUnavailableError
     from cluster.stack import Stack
 
     config = _load(args, host=args.host, port=args.port, data_dir=args.data_dir)
@@ -107,7 +155,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         stack = Stack(config, embedded=args.embedded)
-        await stack.start()
+        try:
+            await stack.start()
+        except PortUnavailableError as error:
+            raise CommandError(f"strata serve could not start: {error}") from None
+        except MinioServerError as error:
+            logging.getLogger("strata.serve").error("MinIO did not start: %s", error)
+            raise CommandError(
+                "strata serve could not start its object store (MinIO); the log above says why"
+            ) from None
+        except Exception as error:
+            logging.getLogger("strata.serve").error(
+                "start-up failed: %s: %s", type(error).__name__, error, exc_info=args.debug
+            )
+            raise CommandError(
+                f"strata serve could not start ({type(error).__name__}): is the object store "
+                "reachable and the data directory writable? The log above has the details"
+            ) from None
         console.print(f"strata serving on {stack.address}  (Ctrl-C to stop)")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -164,32 +228,52 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    from cluster.client import StrataClient
+    from cluster.client import IntegrityError, StrataClient
 
     targets = {**CODECS, **OTHER_TARGETS}
     with StrataClient(args.server) as client:
-        retrieved = client.retrieve(
-            args.sop_instance_uid,
-            stored=args.syntax == "stored",
-            version=args.version,
-            transfer_syntax=targets.get(args.syntax, ""),
-        )
-    args.out.write_bytes(retrieved.data)
+        try:
+            retrieved = client.retrieve_to(
+                args.out,
+                args.sop_instance_uid,
+                stored=args.syntax == "stored",
+                version=args.version,
+                transfer_syntax=targets.get(args.syntax, ""),
+                timeout=args.timeout,
+            )
+        except IntegrityError as error:
+            raise CommandError(f"{error}; nothing was written, try again") from None
     console.print(
-        f"wrote {args.out} ({len(retrieved.data)} bytes, transfer syntax "
+        f"wrote {args.out} ({args.out.stat().st_size} bytes, transfer syntax "
         f"{retrieved.transfer_syntax}, sha256 {retrieved.sha256[:16]}…)"
     )
     return 0
 
 
 def _query(args: argparse.Namespace) -> int:
+    import duckdb
+    from deltalake.exceptions import DeltaError
+
     from cluster import catalog
     from cluster.stack import node_store_settings
 
     config = _load(args, data_dir=args.data_dir)
-    settings = node_store_settings(config)
-    connection = catalog.connect(settings, bucket=config.catalog_bucket)
-    result = connection.execute(args.sql)
+    try:
+        settings = node_store_settings(config)
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    try:
+        connection = catalog.connect(settings, bucket=config.catalog_bucket)
+    except (OSError, DeltaError):
+        raise CommandError(
+            "the catalog cannot be read: its object store does not answer (is the node "
+            "running?) or the catalog tables do not exist yet"
+        ) from None
+    try:
+        result = connection.execute(args.sql)
+    except duckdb.Error as error:
+        # DuckDB's own sentence names the bad column or syntax; its first line is enough.
+        raise CommandError(f"the query failed: {str(error).splitlines()[0]}") from None
     columns = [d[0] for d in result.description]
     table = Table()
     for column in columns:

@@ -34,6 +34,8 @@ class IngestOutcome:
     bytes_in: int
     bytes_stored: int
     transfer_syntax_stored: str
+    sha256: str = ""  # of the file as the server received it
+    study_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class Retrieved:
     data: bytes
     transfer_syntax: str
     sha256: str
+
+
+class IntegrityError(Exception):
+    """What arrived is not what the server said it sent."""
 
 
 class StrataClient:
@@ -130,6 +136,8 @@ class StrataClient:
                 bytes_in=result.bytes_in,
                 bytes_stored=result.bytes_stored,
                 transfer_syntax_stored=result.transfer_syntax_stored,
+                sha256=result.sha256,
+                study_instance_uid=result.study_instance_uid,
             )
 
     def retrieve(
@@ -142,24 +150,66 @@ class StrataClient:
     ) -> Retrieved:
         """One instance: the original bytes, its stored compressed form (``stored``), or
         the instance transcoded losslessly to ``transfer_syntax`` (a UID)."""
+        parts: list[bytes] = []
+        head = self._retrieve_into(
+            parts.append, sop_instance_uid, stored, version, transfer_syntax, timeout=None
+        )
+        return Retrieved(b"".join(parts), head.transfer_syntax, head.sha256)
+
+    def retrieve_to(
+        self,
+        path: Path,
+        sop_instance_uid: str,
+        *,
+        stored: bool = False,
+        version: int = 0,
+        transfer_syntax: str = "",
+        timeout: float | None = None,
+    ) -> Retrieved:
+        """Like ``retrieve``, but written to ``path`` chunk by chunk (memory stays flat);
+        ``path`` appears only once the whole file arrived and matched its SHA-256.
+        The ``Retrieved`` returned has empty ``data``."""
+        partial = path.with_name(path.name + ".partial")
+        try:
+            with partial.open("wb") as handle:
+                head = self._retrieve_into(
+                    handle.write, sop_instance_uid, stored, version, transfer_syntax, timeout
+                )
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return Retrieved(b"", head.transfer_syntax, head.sha256)
+
+    def _retrieve_into(
+        self,
+        write: Callable[[bytes], object],
+        sop_instance_uid: str,
+        stored: bool,
+        version: int,
+        transfer_syntax: str,
+        timeout: float | None,
+    ) -> pb.RetrieveChunk:
         request = pb.RetrieveRequest(
             sop_instance_uid=sop_instance_uid,
             syntax=pb.RETRIEVE_SYNTAX_STORED if stored else pb.RETRIEVE_SYNTAX_ORIGINAL,
             version=version,
             transfer_syntax=transfer_syntax,
         )
-        parts: list[bytes] = []
         first: pb.RetrieveChunk | None = None
-        for chunk in self.archive.Retrieve(request):
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in self.archive.Retrieve(request, timeout=timeout):
             first = first or chunk
-            parts.append(chunk.data)
+            digest.update(chunk.data)
+            size += len(chunk.data)
+            write(chunk.data)
         if first is None:
-            raise RuntimeError("the server sent no data")
-        data = b"".join(parts)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != first.total_size or digest != first.sha256:
-            raise RuntimeError("the file received does not match the size and SHA-256 announced")
-        return Retrieved(data, first.transfer_syntax, digest)
+            raise IntegrityError("the server sent no data")
+        if size != first.total_size or digest.hexdigest() != first.sha256:
+            raise IntegrityError(
+                "the file received does not match the size and SHA-256 the server announced"
+            )
+        return first
 
     def retrieve_frames(
         self, sop_instance_uid: str, frames: list[int], *, decoded: bool = False, version: int = 0

@@ -63,6 +63,10 @@ class Config:
     codec_policy: tuple[tuple[str, str], ...] = ()
     # Compute
     ray_address: str = ""  # empty: start a local Ray; "auto": join the running cluster
+    # The address every Ray process of this node listens on. Loopback unless this node is
+    # part of a multi-machine cluster (then the pod's or host's address, on a private
+    # network; Ray's own token authentication is on).
+    ray_node_ip: str = "127.0.0.1"
     worker_cpus: int = 0  # 0: all cores Ray sees
     # Instances with at least this many frames are encoded by several workers at once,
     # in runs of fanout_chunk_frames frames (0 turns it off).
@@ -74,6 +78,17 @@ class Config:
     batch_wait_ms: int = 20
     commit_max_rows: int = 64
     commit_wait_ms: int = 50
+    # Deadlines (seconds). A sender silent this long in the middle of a file is cut off and
+    # its budget given back; every remote call and read step has its own deadline.
+    idle_timeout_s: int = 30
+    read_deadline_s: int = 60
+    ingest_deadline_s: int = 600
+    commit_deadline_s: int = 60
+    # Self-healing: how often the node checks its components, and how often (and how old
+    # an object must be) before an object with no catalog row is removed as an orphan.
+    watch_interval_s: int = 2
+    reconcile_interval_s: int = 600
+    orphan_grace_s: int = 900  # >= ingest + commit deadlines when nodes share a bucket
 
     def validate(self) -> Config:
         """Return self, or raise ConfigError naming the first bad key."""
@@ -113,9 +128,17 @@ class Config:
             "batch_max_bytes",
             "commit_max_rows",
             "fanout_chunk_frames",
+            "idle_timeout_s",
+            "read_deadline_s",
+            "ingest_deadline_s",
+            "commit_deadline_s",
+            "watch_interval_s",
+            "reconcile_interval_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.orphan_grace_s < 0:
+            raise ConfigError(f"orphan_grace_s must not be negative, not {self.orphan_grace_s}")
         if self.worker_cpus < 0:
             raise ConfigError(f"worker_cpus must be 0 (all) or more, not {self.worker_cpus}")
         return self

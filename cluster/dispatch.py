@@ -4,17 +4,34 @@ Per-file Ray overhead (a task is ~1 ms of scheduling) is small against the codec
 only when files travel in batches; a batch closes when it holds ``batch_max_files`` files
 or ``batch_max_bytes`` bytes, or ``batch_wait_ms`` after its first file arrived. At most
 two batches per worker core are in flight, so the cluster is never idle and never flooded.
+
+Every file gets a ticket, unique in this process, when it is submitted; the pipeline and the
+catalog writer know it only by that ticket, so files that different streams or connections
+named alike can never be answered with each other's result.
+
+Every remote call has a deadline. A batch whose task fails or runs past its deadline is
+cancelled (the worker is killed, freeing its core) and its files are answered
+``storage_failed``: nothing of them was committed. A commit whose outcome is unknown (the
+catalog writer died, or the store failed mid-commit) is retried until ``commit_deadline``:
+the writer decides duplicates by SHA-256 from the committed table, so a retry never stores a
+row twice, and a file is answered ``storage_failed`` only when the writer said plainly that
+its rows were not written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import ray
 
+from cluster.catalog import CatalogCommitFailedError, Committed
 from workers.errors import Reason
 from workers.ingest import PipelineSettings, ingest_batch
 from workers.records import IngestItem, InstanceRecord, Rejected, Stored
@@ -24,6 +41,8 @@ log = logging.getLogger("strata.dispatch")
 # Ray's retries cover a worker process that died mid-batch: the pipeline is idempotent
 # (content-addressed object keys), so running a batch twice stores nothing twice.
 _ingest_task = ray.remote(num_cpus=1, max_retries=3)(ingest_batch)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,9 +56,45 @@ class FileResult:
     message: str = ""
 
 
+class DeadlineExceededError(Exception):
+    """A remote call did not answer within its deadline (and was cancelled)."""
+
+
+async def within(call: Awaitable[T], seconds: float, what: str) -> T:
+    """Await ``call`` for at most ``seconds``; cancel the Ray task behind it when late.
+
+    ``call`` may be a Ray ObjectRef (of a task or an actor call) or any awaitable.
+    Cancelling a task with ``force=True`` kills the worker process that runs it, so a read
+    stuck in a store that does not answer gives its core back.
+    """
+    try:
+        return await asyncio.wait_for(_awaitable(call), seconds)
+    except (TimeoutError, asyncio.CancelledError) as error:
+        if isinstance(call, ray.ObjectRef):
+            cancel(call)
+        if isinstance(error, TimeoutError):
+            raise DeadlineExceededError(f"{what} did not answer within {seconds:g} s") from None
+        raise
+
+
+def cancel(ref: ray.ObjectRef) -> None:  # type: ignore[type-arg]
+    """Stop the task behind ``ref`` if it is still running; never raises."""
+    try:
+        ray.cancel(ref, force=True)
+    except Exception:  # an actor call or a finished task cannot be cancelled
+        log.debug("could not cancel a Ray task", exc_info=True)
+
+
+async def _awaitable(call: Awaitable[T]) -> T:
+    return await call
+
+
 @dataclass
 class _Pending:
-    item: IngestItem
+    file_id: str  # the door's name for the file, echoed in its result
+    ticket: str  # unique in this process; the pipeline and catalog know the file by it
+    sha256: str
+    item: IngestItem | None  # dropped once handed to Ray, so its bytes are held once
     future: asyncio.Future[FileResult]
 
 
@@ -55,6 +110,8 @@ class Dispatcher:
         batch_max_files: int,
         batch_max_bytes: int,
         batch_wait_ms: int,
+        ingest_deadline_s: float = 600.0,
+        commit_deadline_s: float = 60.0,
     ) -> None:
         self._settings = settings
         self._settings_ref = ray.put(settings)
@@ -62,17 +119,68 @@ class Dispatcher:
         self._batch_max_files = batch_max_files
         self._batch_max_bytes = batch_max_bytes
         self._batch_wait = batch_wait_ms / 1000
+        self._ingest_deadline = ingest_deadline_s
+        self._commit_deadline = commit_deadline_s
         self._slots = asyncio.Semaphore(max(1, 2 * worker_cpus))
+        self._tickets = itertools.count(1)
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Batches waiting on their worker task, and those that reset() cut off.
+        self._ingesting: set[asyncio.Task[Any]] = set()
+        self._cut_off: set[asyncio.Task[Any]] = set()
+        # SHA-256 of every file submitted and not yet answered (its object may be in the
+        # store without a catalog row yet), and those whose orphan object is being removed.
+        self._in_flight: Counter[str] = Counter()
+        self._removing: dict[str, asyncio.Event] = {}
+
+    def reset(self, catalog: Any) -> None:
+        """Carry on over a restarted Ray: a new catalog writer handle, settings put again.
+
+        Batches still waiting on a worker of the old runtime are answered ``storage_failed``
+        now (their commit had not begun); batches already committing retry with the new
+        writer, which decides from the table whether their rows landed.
+        """
+        self._catalog = catalog
+        self._settings_ref = ray.put(self._settings)
+        for task in self._ingesting:
+            self._cut_off.add(task)
+            task.cancel()
+
+    @contextlib.asynccontextmanager
+    async def removing(self, sha256: str) -> AsyncIterator[bool]:
+        """Hold back new files with this SHA-256 while its orphan object is deleted.
+
+        Yields False (delete nothing) when such a file is in flight: its object is about to
+        be committed, not an orphan.
+        """
+        if self._in_flight[sha256] or sha256 in self._removing:
+            yield False
+            return
+        done = self._removing[sha256] = asyncio.Event()
+        try:
+            yield True
+        finally:
+            del self._removing[sha256]
+            done.set()
 
     async def submit(self, item: IngestItem) -> FileResult:
         """Store one file; returns once it is committed (or rejected)."""
+        while (removal := self._removing.get(item.sha256)) is not None:
+            await removal.wait()  # an orphan with these bytes is being deleted: not after
+        self._in_flight[item.sha256] += 1
         future: asyncio.Future[FileResult] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(item, future))
+        ticket = f"t{next(self._tickets)}"
+        pending = _Pending(
+            item.file_id, ticket, item.sha256, IngestItem(ticket, item.data, item.sha256), future
+        )
+        self._pending.append(pending)
+        # A caller that gives up (its client went away) lets go of the bytes at once, if
+        # they have not been handed to Ray yet: its budget is released at the same time.
+        future.add_done_callback(lambda done: _drop_if_cancelled(pending, done))
         self._pending_bytes += len(item.data)
+        del item  # the caller has let go of it too: while waiting, only _Pending holds it
         if (
             len(self._pending) >= self._batch_max_files
             or self._pending_bytes >= self._batch_max_bytes
@@ -94,30 +202,156 @@ class Dispatcher:
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
-            async with self._slots:
-                outcomes = await _ingest_task.remote([p.item for p in batch], self._settings_ref)
-            stored = [o for o in outcomes if isinstance(o, Stored)]
-            committed = {c.file_id: c for c in await self._catalog.commit.remote(stored)}
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, Rejected):
-                    result = FileResult(
-                        outcome.file_id, "rejected", reason=outcome.reason, message=outcome.message
-                    )
-                else:
-                    row = committed[outcome.file_id]
-                    result = FileResult(outcome.file_id, row.status, record=row.record)
-                if not pending.future.done():
-                    pending.future.set_result(result)
-        except Exception as error:
-            log.exception("a batch of %d files failed", len(batch))
+            await self._run_batch(batch)
+        except Exception:
+            log.exception("a batch of %d files failed unexpectedly", len(batch))
+        finally:
+            # Whatever happened, nobody waits for ever: unanswered files were not committed
+            # as far as this dispatcher knows.
+            self._answer_all(batch, Reason.UNCONFIRMED, _UNCONFIRMED)
             for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_result(
-                        FileResult(
-                            pending.item.file_id,
-                            "rejected",
-                            reason=Reason.STORAGE_FAILED.value,
-                            message=f"the batch could not be stored ({type(error).__name__}); "
-                            "nothing from it was acknowledged, send it again",
-                        )
-                    )
+                self._in_flight[pending.sha256] -= 1
+                if not self._in_flight[pending.sha256]:
+                    del self._in_flight[pending.sha256]
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._ingesting.add(task)
+        try:
+            outcomes = await self._ingest(batch)
+        except asyncio.CancelledError:
+            if task not in self._cut_off:
+                raise
+            self._cut_off.discard(task)
+            task.uncancel()
+            log.error("a batch of %d files was cut off by a Ray restart", len(batch))
+            self._answer_all(batch, Reason.STORAGE_FAILED, _NOT_STORED)
+            return
+        except Exception as error:  # noqa: BLE001 - every file of the batch learns of it
+            log.error("a batch of %d files failed in the workers: %s", len(batch), _cause(error))
+            self._answer_all(batch, Reason.STORAGE_FAILED, _NOT_STORED)
+            return
+        finally:
+            self._ingesting.discard(task)
+        by_ticket = {o.file_id: o for o in outcomes}
+        stored = [o for o in outcomes if isinstance(o, Stored)]
+        committed: dict[str, FileResult] = {}
+        if stored:
+            committed = await self.commit(stored)
+        for pending in batch:
+            if pending.future.done():
+                continue  # its caller gave up
+            outcome = by_ticket.get(pending.ticket)
+            if isinstance(outcome, Rejected):
+                result = FileResult(
+                    pending.file_id, "rejected", reason=outcome.reason, message=outcome.message
+                )
+            elif outcome is None:
+                log.error("the pipeline returned no outcome for ticket %s", pending.ticket)
+                result = FileResult(
+                    pending.file_id,
+                    "rejected",
+                    reason=Reason.INTERNAL.value,
+                    message="the pipeline gave no answer for this file; nothing was stored",
+                )
+            else:
+                result = replace(committed[outcome.file_id], file_id=pending.file_id)
+            if not pending.future.done():
+                pending.future.set_result(result)
+
+    async def _ingest(self, batch: list[_Pending]) -> list[Any]:
+        async with self._slots:
+            items = [p.item for p in batch if p.item is not None]
+            tickets = [item.file_id for item in items]
+            if not items:
+                return []  # every caller gave up while the batch waited
+            ref = _ingest_task.remote(items, self._settings_ref)
+            del items
+            for pending in batch:
+                pending.item = None  # Ray holds the bytes now (in its object store)
+            outcomes: list[Any] = await within(ref, self._ingest_deadline, "a worker batch")
+        if sorted(o.file_id for o in outcomes) != sorted(tickets):
+            raise RuntimeError("the pipeline answered for other files than it was given")
+        return outcomes
+
+    async def commit(self, stored: Sequence[Stored]) -> dict[str, FileResult]:
+        """Commit ``stored`` rows; a result per ticket, retried until the commit deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._commit_deadline
+        delay = 0.25
+        uncertain = False
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                rows: list[Committed] = await within(
+                    self._catalog.commit.remote(list(stored)),
+                    max(remaining, 1.0),
+                    "the catalog writer",
+                )
+            except CatalogCommitFailedError as error:
+                # The writer checked: none of these rows is in the table.
+                failure: Exception = error
+                uncertain = False
+            except Exception as error:  # noqa: BLE001 - writer died, store down, deadline
+                failure = error
+                uncertain = True
+            else:
+                return {row.file_id: _committed_result(row, uncertain) for row in rows}
+            if loop.time() + delay >= deadline:
+                break
+            log.warning(
+                "commit of %d rows failed (%s); retrying in %.2f s",
+                len(stored),
+                _cause(failure),
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        log.error("commit of %d rows gave up: %s", len(stored), _cause(failure))
+        if uncertain:
+            reason, message = Reason.UNCONFIRMED, _UNCONFIRMED
+        else:
+            reason, message = Reason.STORAGE_FAILED, _NOT_STORED
+        return {
+            item.file_id: FileResult(item.file_id, "rejected", reason=reason.value, message=message)
+            for item in stored
+        }
+
+    def _answer_all(self, batch: list[_Pending], reason: Reason, message: str) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_result(
+                    FileResult(pending.file_id, "rejected", reason=reason.value, message=message)
+                )
+
+
+def _drop_if_cancelled(pending: _Pending, future: asyncio.Future[FileResult]) -> None:
+    if future.cancelled():
+        pending.item = None
+
+
+def _committed_result(row: Committed, retried: bool) -> FileResult:
+    # A retry after an unknown outcome may find the first attempt's rows already there:
+    # the file is stored, and it was this send that stored it.
+    status = "stored" if retried and row.status == "duplicate" else row.status
+    return FileResult(row.file_id, status, record=row.record)
+
+
+def _cause(error: BaseException) -> str:
+    """A short, internal description of a failure for the server log (no PHI, no data)."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return f"{type(error.cause).__name__}: {error.cause}"
+    if isinstance(error, ray.exceptions.RayActorError):
+        return "the catalog writer's process died"
+    return f"{type(error).__name__}: {error}"
+
+
+_NOT_STORED = (
+    "the archive could not store this file (a component failed and is being restarted); "
+    "nothing was committed for it, send it again"
+)
+_UNCONFIRMED = (
+    "the catalog did not confirm this file before the commit deadline; send it again: if "
+    "it was in fact stored, the archive answers DUPLICATE"
+)

@@ -8,9 +8,10 @@ back is translated to an ``IngestResult``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -22,19 +23,29 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cluster import catalog
 from cluster.admission import ByteBudget
 from cluster.config import CHUNK_LIMIT
-from cluster.dispatch import Dispatcher, FileResult
+from cluster.dispatch import DeadlineExceededError, Dispatcher, FileResult, cancel, within
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
+from workers import store
 from workers.errors import Reason
 from workers.frames import NoSuchFrameError, read_frames
 from workers.ingest import PipelineSettings
 from workers.records import IngestItem, InstanceRecord
-from workers.restore import ObjectRef, RestoreError, TranscodeRefusedError, restore
+from workers.restore import (
+    ObjectRef,
+    RestoredHead,
+    RestoreError,
+    TranscodeRefusedError,
+    restore_chunks,
+)
 
 log = logging.getLogger("strata.frontend")
 
 RETRIEVE_CHUNK = 1024 * 1024
-_restore_task = ray.remote(num_cpus=1, max_retries=2)(restore)
+# A few chunks ahead of the client at most: a large file crosses the front end in pieces.
+_restore_stream = ray.remote(  # type: ignore[call-overload]
+    num_cpus=1, max_retries=2, num_returns="streaming", _generator_backpressure_num_objects=4
+)(restore_chunks)
 _frames_task = ray.remote(num_cpus=1, max_retries=2)(read_frames)
 
 _STATUS = {
@@ -44,16 +55,34 @@ _STATUS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the budget tracks each file arriving
 class _Assembly:
-    """One file being received."""
+    """One file being received.
+
+    The bytes grow in one ``bytearray``: glibc grows large blocks in place (mremap), so a
+    file is never held twice while it arrives, and the budget counts what is really held.
+    """
 
     file_id: str
-    chunks: list[bytes] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
     size: int = 0
     reserved: int = 0
     hasher: Any = field(default_factory=hashlib.sha256)
     rejected: bool = False
+
+    def take(self) -> bytearray:
+        """The received bytes; the assembly no longer holds them."""
+        data, self.data = self.data, bytearray()
+        return data
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long the front end waits for each kind of remote call, and for a sender."""
+
+    idle_s: float = 30.0  # a sender silent mid-file for this long is cut off
+    read_s: float = 60.0  # one retrieval step (a chunk, or a batch of frames)
+    lookup_s: float = 10.0  # one catalog lookup
 
 
 class ArchiveService(pb_grpc.ArchiveServicer):
@@ -67,6 +96,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         budget: ByteBudget,
         max_file_bytes: int,
         catalog_bucket: str,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._catalog = catalog_actor
@@ -75,8 +105,18 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         self._budget = budget
         self._max_file_bytes = max_file_bytes
         self._catalog_bucket = catalog_bucket
+        self._deadlines = deadlines or Deadlines()
         # Identical files in flight at once (even on different streams) are stored once.
         self._inflight: dict[str, asyncio.Future[FileResult]] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+        # Set while a component is down and being restarted: new work is refused at once
+        # with this sentence instead of waiting on a component that cannot answer.
+        self.unavailable: str | None = None
+
+    def rebind(self, catalog_actor: Any) -> None:
+        """Carry on over a restarted Ray runtime with its new catalog writer."""
+        self._catalog = catalog_actor
+        self._settings_ref = ray.put(self._settings)
 
     async def Ingest(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.IngestChunk], context: grpc.aio.ServicerContext
@@ -88,47 +128,86 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                 yield result
             await reader
         finally:
+            # A client that cancels (or whose call ends) frees what it started: its partial
+            # file's budget, and its files' waits (work already handed to a worker batch
+            # shared with other clients still finishes; a resend is answered DUPLICATE).
             if not reader.done():
                 reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
     async def _read(
         self,
         requests: AsyncIterator[pb.IngestChunk],
         results: asyncio.Queue[pb.IngestResult | None],
     ) -> None:
+        owner = object()  # this stream's identity in the budget's fair shares
         tasks: set[asyncio.Task[None]] = set()
+        unanswered: set[str] = set()
         current: _Assembly | None = None
+        chunks = aiter(requests)
         try:
-            async for chunk in requests:
+            while True:
+                # Only a sender in the middle of a file holds budget; only it is timed out.
+                idle = self._deadlines.idle_s if current is not None else None
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), idle)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    assert current is not None
+                    if not current.rejected:  # a file is answered once
+                        await self._reject(
+                            current, results, owner, Reason.IDLE_TIMEOUT, _idle(self._deadlines)
+                        )
+                    current = None
+                    break
                 if current is not None and chunk.file_id != current.file_id:
-                    await self._reject(current, results, Reason.INCOMPLETE_STREAM, _INCOMPLETE)
+                    if not current.rejected:
+                        await self._reject(
+                            current, results, owner, Reason.INCOMPLETE_STREAM, _INCOMPLETE
+                        )
                     current = None
                 if current is None:
                     current = _Assembly(chunk.file_id)
+                    if chunk.file_id in unanswered:
+                        await self._reject(current, results, owner, Reason.BAD_REQUEST, _REUSED_ID)
                 if not current.rejected:
-                    await self._accept_chunk(current, chunk.data, results)
+                    await self._accept_chunk(current, chunk.data, results, owner)
                 if chunk.last:
                     if not current.rejected:
-                        task = asyncio.create_task(self._store(current, results))
+                        await self._budget.close_file(current)  # complete: needs no more
+                        unanswered.add(current.file_id)
+                        task = asyncio.create_task(self._store(current, results, owner, unanswered))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                     current = None
             if current is not None and not current.rejected:
-                await self._reject(current, results, Reason.INCOMPLETE_STREAM, _INCOMPLETE)
+                await self._reject(current, results, owner, Reason.INCOMPLETE_STREAM, _INCOMPLETE)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
         finally:
             if current is not None:
-                await self._release(current)
+                current.take()
+                await self._release(current, owner)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             results.put_nowait(None)
 
     async def _accept_chunk(
-        self, current: _Assembly, data: bytes, results: asyncio.Queue[pb.IngestResult | None]
+        self,
+        current: _Assembly,
+        data: bytes,
+        results: asyncio.Queue[pb.IngestResult | None],
+        owner: object,
     ) -> None:
         if len(data) > CHUNK_LIMIT:
             await self._reject(
                 current,
                 results,
+                owner,
                 Reason.CHUNK_TOO_LARGE,
                 f"a chunk of {len(data)} bytes exceeds the 4 MiB limit; send smaller chunks",
             )
@@ -136,28 +215,30 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             await self._reject(
                 current,
                 results,
+                owner,
                 Reason.TOO_LARGE,
                 f"the file exceeds the configured limit of {self._max_file_bytes} bytes "
                 "(max_file_bytes)",
             )
         else:
             # Waiting here is the backpressure: the stream is not read until room frees.
-            await self._budget.acquire(len(data))
+            await self._budget.acquire(len(data), owner, current)
             current.reserved += len(data)
             current.size += len(data)
-            current.chunks.append(data)
+            current.data += data
             current.hasher.update(data)
 
     async def _reject(
         self,
         current: _Assembly,
         results: asyncio.Queue[pb.IngestResult | None],
+        owner: object,
         reason: Reason,
         message: str,
     ) -> None:
         current.rejected = True
-        current.chunks.clear()
-        await self._release(current)
+        current.take()
+        await self._release(current, owner)
         results.put_nowait(
             pb.IngestResult(
                 file_id=current.file_id,
@@ -168,88 +249,148 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             )
         )
 
-    async def _release(self, current: _Assembly) -> None:
+    async def _release(self, current: _Assembly, owner: object) -> None:
+        await self._budget.close_file(current)
         if current.reserved:
-            await self._budget.release(current.reserved)
+            await self._budget.release(current.reserved, owner)
             current.reserved = 0
 
     async def _store(
-        self, current: _Assembly, results: asyncio.Queue[pb.IngestResult | None]
+        self,
+        current: _Assembly,
+        results: asyncio.Queue[pb.IngestResult | None],
+        owner: object,
+        unanswered: set[str],
     ) -> None:
         sha256 = current.hasher.hexdigest()
-        data = b"".join(current.chunks)
-        current.chunks.clear()
         try:
-            result = await self._store_once(current.file_id, data, sha256)
-        except Exception as error:
+            result = await self._store_once(current, sha256)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
             log.exception("file %s could not be stored", sha256[:12])
             result = FileResult(
                 current.file_id,
                 "rejected",
                 reason=Reason.INTERNAL.value,
-                message=f"the front end failed with {type(error).__name__}; send it again",
+                message="the archive failed on this file and the error was logged; nothing "
+                "was stored for it, send it again",
             )
         finally:
-            del data
-            await self._release(current)
+            current.take()
+            await self._release(current, owner)
+            unanswered.discard(current.file_id)
         results.put_nowait(_to_proto(result, current.size, sha256))
 
-    async def _store_once(self, file_id: str, data: bytes, sha256: str) -> FileResult:
-        earlier = self._inflight.get(sha256)
-        if earlier is not None:
-            first = await asyncio.shield(earlier)
+    async def _store_once(self, current: _Assembly, sha256: str) -> FileResult:
+        file_id = current.file_id
+        if self.unavailable is not None:
+            return FileResult(
+                file_id, "rejected", reason=Reason.UNAVAILABLE.value, message=self.unavailable
+            )
+        while (earlier := self._inflight.get(sha256)) is not None:
+            try:
+                first = await asyncio.shield(earlier)
+            except (Exception, asyncio.CancelledError):
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+                continue  # the first copy's sender went away: store this one
             status = "duplicate" if first.status != "rejected" else "rejected"
             return FileResult(file_id, status, first.record, first.reason, first.message)
         # Registered before the first await, so an identical file arriving meanwhile waits.
         future: asyncio.Future[FileResult] = asyncio.get_running_loop().create_future()
         self._inflight[sha256] = future
         try:
-            known = await self._catalog.lookup_sha256.remote(sha256)
+            known = await self._lookup(sha256)
             if known is not None:
                 result = FileResult(file_id, "duplicate", record=known)
             else:
-                result = await self._dispatcher.submit(IngestItem(file_id, data, sha256))
+                result = await self._dispatcher.submit(IngestItem(file_id, current.take(), sha256))  # type: ignore[arg-type]
             future.set_result(result)
             return result
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
+        except BaseException:
+            future.cancel()
             raise
         finally:
             del self._inflight[sha256]
 
-    async def Retrieve(  # noqa: N802 - gRPC method name
+    async def _lookup(self, sha256: str) -> InstanceRecord | None:
+        """The catalogued file with this SHA-256; None when new or when the catalog writer
+        cannot say in time (then the commit decides: it checks duplicates itself)."""
+        try:
+            known: InstanceRecord | None = await within(
+                self._catalog.lookup_sha256.remote(sha256),
+                self._deadlines.lookup_s,
+                "the catalog writer",
+            )
+        except Exception as error:  # noqa: BLE001 - the lookup is only a shortcut
+            log.warning("duplicate lookup skipped: %s", type(error).__name__)
+            return None
+        return known
+
+    async def Retrieve(  # type: ignore[override]  # noqa: N802 - gRPC method name
         self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.RetrieveChunk]:
+    ) -> None:
+        # Written with context.write rather than yielded, so that a client that stops
+        # reading is given up on after the read deadline instead of holding a worker.
         form = request.transfer_syntax or (
             "stored" if request.syntax == pb.RETRIEVE_SYNTAX_STORED else "original"
         )
+        await self._check_available(context)
         record = await self._find(request.sop_instance_uid, request.version, context)
         ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
-        restored = await self._reading(
-            _restore_task.remote(ref, form, self._settings_ref), record, context
-        )
-        data = restored.data
-        for offset in range(0, max(len(data), 1), RETRIEVE_CHUNK):
-            chunk = pb.RetrieveChunk(data=data[offset : offset + RETRIEVE_CHUNK])
-            if offset == 0:
-                chunk.transfer_syntax = restored.transfer_syntax
-                chunk.total_size = len(data)
-                chunk.sha256 = restored.sha256
-            yield chunk
+        stream = _restore_stream.remote(ref, form, self._settings_ref, RETRIEVE_CHUNK)
+        try:
+            head: RestoredHead = await self._reading(_next(stream), record, context)
+            self._record_access(record)
+            first = True
+            while True:
+                try:
+                    data: bytes = await self._reading(_next(stream), record, context)
+                except StopAsyncIteration:
+                    break
+                chunk = pb.RetrieveChunk(data=data)
+                if first:
+                    chunk.transfer_syntax = head.transfer_syntax
+                    chunk.total_size = head.total_size
+                    chunk.sha256 = head.sha256
+                    first = False
+                await self._send(context, chunk)
+            if first:  # an empty file still announces what it is
+                await self._send(
+                    context,
+                    pb.RetrieveChunk(
+                        transfer_syntax=head.transfer_syntax, total_size=0, sha256=head.sha256
+                    ),
+                )
+        finally:
+            # The client went away or a step failed: stop the worker, free its core.
+            cancel(stream)
+
+    async def _send(self, context: grpc.aio.ServicerContext, message: Any) -> None:
+        try:
+            await asyncio.wait_for(context.write(message), self._deadlines.read_s)
+        except TimeoutError:
+            log.warning("a client stopped reading a retrieval; it was given up on")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the client read nothing for {self._deadlines.read_s:g} s",
+            )
 
     async def RetrieveFrames(  # noqa: N802 - gRPC method name
         self, request: pb.RetrieveFramesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Frame]:
         if not request.frames:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no frame numbers given")
+        await self._check_available(context)
         record = await self._find(request.sop_instance_uid, request.version, context)
         ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
-        frames = await self._reading(
-            _frames_task.remote(ref, list(request.frames), self._settings_ref, request.decoded),
-            record,
-            context,
-        )
+        task = _frames_task.remote(ref, list(request.frames), self._settings_ref, request.decoded)
+        try:
+            frames = await self._reading(_ref_awaitable(task), record, context)
+        finally:
+            cancel(task)
+        self._record_access(record)
         for frame in frames:
             yield pb.Frame(
                 number=frame.number,
@@ -258,16 +399,28 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                 bytes_read=frame.bytes_read,
             )
 
+    async def _check_available(self, context: grpc.aio.ServicerContext) -> None:
+        if self.unavailable is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.unavailable)
+
     async def _find(
         self, sop_instance_uid: str, version: int, context: grpc.aio.ServicerContext
     ) -> InstanceRecord:
-        record = await asyncio.to_thread(
-            catalog.latest_instance,
-            self._settings.store,
-            sop_instance_uid,
-            version or None,
-            bucket=self._catalog_bucket,
-        )
+        try:
+            record = await asyncio.wait_for(
+                asyncio.to_thread(
+                    catalog.latest_instance,
+                    self._settings.store,
+                    sop_instance_uid,
+                    version or None,
+                    bucket=self._catalog_bucket,
+                ),
+                self._deadlines.read_s,
+            )
+        except Exception as error:
+            log.error("catalog lookup for a retrieval failed: %s: %s", type(error).__name__, error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _CATALOG_DOWN)
+            raise
         if record is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, "no stored instance has that SOP Instance UID"
@@ -276,25 +429,73 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         return record
 
     async def _reading(
-        self, reader: Any, record: InstanceRecord, context: grpc.aio.ServicerContext
+        self, step: Awaitable[Any], record: InstanceRecord, context: grpc.aio.ServicerContext
     ) -> Any:
-        """Await a reading task; map its failure to a status, record the access."""
+        """Await one step of a read within the read deadline; map a failure to a status."""
         try:
-            result = await reader
+            return await within(step, self._deadlines.read_s, "a retrieval")
+        except StopAsyncIteration:
+            raise
         except ray.exceptions.RayTaskError as error:
             cause = error.cause
             if isinstance(cause, TranscodeRefusedError):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(cause))
             if isinstance(cause, NoSuchFrameError):
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(cause))
-            log.error("reading object %s failed: %s", record.object_key, type(cause).__name__)
+            if isinstance(cause, store.ObjectUnreadableError):
+                log.error("object %s cannot be read back: %s", record.object_key, cause)
+                await context.abort(grpc.StatusCode.DATA_LOSS, _unreadable(record))
             if isinstance(cause, RestoreError):
-                await context.abort(grpc.StatusCode.DATA_LOSS, str(cause))
-            await context.abort(
-                grpc.StatusCode.INTERNAL, "the object could not be read; the error was logged"
+                log.error("object %s failed its checks: %s", record.object_key, cause)
+                await context.abort(grpc.StatusCode.DATA_LOSS, _unreadable(record))
+            if isinstance(cause, store.StoreUnavailableError):
+                log.error("object %s: the store is unavailable: %s", record.object_key, cause)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _STORE_DOWN)
+            log.error(
+                "reading object %s failed: %s: %s", record.object_key, type(cause).__name__, cause
             )
-        await self._catalog.record_access.remote([record.study_instance_uid])
-        return result
+            await context.abort(grpc.StatusCode.INTERNAL, _READ_FAILED)
+        except DeadlineExceededError:
+            log.error(
+                "reading object %s: no answer within %g s",
+                record.object_key,
+                self._deadlines.read_s,
+            )
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _READ_TIMEOUT)
+        except ray.exceptions.RayError as error:
+            log.error(
+                "reading object %s failed in Ray: %s", record.object_key, type(error).__name__
+            )
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _WORKERS_DOWN)
+        raise AssertionError("unreachable: abort() raises")
+
+    def _record_access(self, record: InstanceRecord) -> None:
+        """Note the read with the next catalog commit, without waiting for it."""
+        try:
+            call = self._catalog.record_access.remote([record.study_instance_uid])
+        except Exception as error:  # noqa: BLE001 - an access record never fails a read
+            log.warning("access not recorded: %s", type(error).__name__)
+            return
+        waiting = asyncio.ensure_future(_quietly(call))
+        self._background.add(waiting)
+        waiting.add_done_callback(self._background.discard)
+
+
+async def _quietly(call: Any) -> None:
+    try:
+        await within(call, 30, "the catalog writer")
+    except Exception as error:  # noqa: BLE001 - an access record never fails a read
+        log.warning("access not recorded: %s", type(error).__name__)
+
+
+async def _ref_awaitable(ref: Any) -> Any:
+    return await ref
+
+
+async def _next(stream: Any) -> Any:
+    """The next value of a Ray streaming generator (its failure, if the task failed)."""
+    ref = await stream.__anext__()
+    return await ref
 
 
 class CatalogService(pb_grpc.CatalogServicer):
@@ -308,8 +509,8 @@ class CatalogService(pb_grpc.CatalogServicer):
         self, request: pb.FindRequest, context: grpc.aio.ServicerContext
     ) -> pb.FindStudiesResponse:
         filters = await _filters(request, context)
-        rows = await asyncio.to_thread(
-            catalog.find_studies, self._settings.store, bucket=self._bucket, **filters
+        rows = await _searching(
+            context, catalog.find_studies, self._settings.store, bucket=self._bucket, **filters
         )
         response = pb.FindStudiesResponse()
         for row in rows:
@@ -334,7 +535,8 @@ class CatalogService(pb_grpc.CatalogServicer):
         self, request: pb.FindRequest, context: grpc.aio.ServicerContext
     ) -> pb.FindInstancesResponse:
         filters = await _filters(request, context)
-        rows = await asyncio.to_thread(
+        rows = await _searching(
+            context,
             catalog.find_instances,
             self._settings.store,
             bucket=self._bucket,
@@ -343,6 +545,24 @@ class CatalogService(pb_grpc.CatalogServicer):
             **filters,
         )
         return pb.FindInstancesResponse(instances=[_instance(row) for row in rows])
+
+
+FIND_DEADLINE_S = 60.0
+
+
+async def _searching(
+    context: grpc.aio.ServicerContext, search: Callable[..., list[Any]], *args: Any, **kwargs: Any
+) -> list[Any]:
+    """Run a catalog search in a thread within its deadline; map a failure to a status."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(search, *args, **kwargs), FIND_DEADLINE_S)
+    except TimeoutError:
+        log.error("a catalog search did not finish within %g s", FIND_DEADLINE_S)
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _SEARCH_TIMEOUT)
+    except Exception as error:  # noqa: BLE001 - mapped to a status; detail in the log
+        log.error("a catalog search failed: %s: %s", type(error).__name__, error)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, _CATALOG_DOWN)
+    raise AssertionError("unreachable: abort() raises")
 
 
 async def _filters(request: pb.FindRequest, context: grpc.aio.ServicerContext) -> dict[str, Any]:
@@ -421,3 +641,30 @@ _INCOMPLETE = (
     "the stream ended, or the next file began, before this file's last chunk; nothing was "
     "stored for it"
 )
+
+
+def _idle(deadlines: Deadlines) -> str:
+    return (
+        f"nothing arrived for {deadlines.idle_s:g} s in the middle of this file, so the archive "
+        "stopped waiting and closed the stream; nothing was stored for it, send it again"
+    )
+
+
+def _unreadable(record: InstanceRecord) -> str:
+    return (
+        f"the stored object of version {record.version} of this instance cannot be read back "
+        "(too few of its erasure-coded parts are readable, or it failed its integrity check); "
+        "the incident was logged for the operators"
+    )
+
+
+_REUSED_ID = (
+    "this file_id is already used on this stream by a file not answered yet; give each file "
+    "of a stream its own file_id"
+)
+_CATALOG_DOWN = "the catalog is not answering; try again shortly"
+_SEARCH_TIMEOUT = "the catalog search did not finish in time; narrow it or try again"
+_STORE_DOWN = "the object store is not answering; try again shortly"
+_WORKERS_DOWN = "the archive's workers are restarting; try again shortly"
+_READ_FAILED = "the instance could not be read; the error was logged for the operators"
+_READ_TIMEOUT = "the instance could not be read in time; the error was logged, try again"

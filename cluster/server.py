@@ -23,12 +23,21 @@ SERVICE_NAMES = (
 
 async def start_server(
     archive: ArchiveService, catalog: CatalogService, host: str, port: int
-) -> tuple[grpc.aio.Server, int]:
-    """Start serving on ``host:port`` (0 picks a free port); returns the server and port."""
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Start serving on ``host:port`` (0 picks a free port).
+
+    Returns the server, its port, and the health servicer, through which the node says
+    NOT_SERVING while it restarts a component.
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_SENT_MESSAGE),
+            # Without this, a second node started on the same port would silently share
+            # it with the first (gRPC sets SO_REUSEPORT by default).
+            ("grpc.so_reuseport", 0),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
         ]
     )
     pb_grpc.add_ArchiveServicer_to_server(archive, server)
@@ -45,8 +54,18 @@ async def start_server(
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc raises RuntimeError("Failed to bind ...") on a taken port
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not listen on {host}:{port}")
+        raise PortUnavailableError(
+            f"cannot listen on {host}:{port}: the port is in use or the address is not this "
+            "machine's; choose another with --port or --host"
+        )
     await server.start()
-    return server, bound
+    return server, bound, health_servicer
+
+
+class PortUnavailableError(OSError):
+    """The gRPC door could not listen where it was configured to."""

@@ -6,22 +6,31 @@ start, so that they all run the same components the same way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray._private.auto_init_hook
+from grpc_health.v1 import health_pb2
 
 from cluster.admission import ByteBudget
 from cluster.catalog import CatalogWriter
 from cluster.config import CODECS, Config
-from cluster.dispatch import Dispatcher
-from cluster.frontend import ArchiveService, CatalogService
+from cluster.dispatch import Dispatcher, within
+from cluster.frontend import ArchiveService, CatalogService, Deadlines
 from cluster.minio_server import MinioServer, ensure_minio_binary
-from cluster.server import start_server
+from cluster.ray_runtime import init_local_ray
+from cluster.reconcile import ReconcileReport, remove_orphans
+from cluster.server import PortUnavailableError, start_server
 from workers import store
 from workers.fanout import FrameFanout
 from workers.ingest import PipelineSettings
@@ -43,9 +52,15 @@ class Stack:
         self.embedded = embedded
         self.minio: MinioServer | None = None
         self.port = 0
-        self.budget = ByteBudget(config.max_inflight_bytes)
+        self.budget = ByteBudget(config.max_inflight_bytes, config.max_file_bytes)
         self._server: Any = None
         self._catalog: Any = None
+        self._dispatcher: Any = None
+        self._archive: Any = None
+        self._health: Any = None
+        self._keepers: list[asyncio.Task[None]] = []
+        self._reconcile_soon = asyncio.Event()
+        self._ray_down = ""  # what died, while a Ray restart has not yet succeeded
         self._started_ray = False
         self.store_settings: StoreSettings | None = None
 
@@ -63,6 +78,12 @@ class Stack:
 
     async def _start(self) -> None:
         config = self.config
+        # A Ray call while the runtime is being restarted must fail, not start a default
+        # Ray of its own (which would listen on every interface).
+        # (Ray reads RAY_ENABLE_AUTO_CONNECT once, at import: the flag is set directly.)
+        os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+        ray._private.auto_init_hook.enable_auto_connect = False
+        _check_port_free(config.host, config.port)  # before minutes of start-up, not after
         if self.embedded:
             config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             ensure_minio_binary()
@@ -86,69 +107,191 @@ class Stack:
             fanout=FrameFanout(
                 config.fanout_min_frames, config.fanout_chunk_frames, config.fanout_min_bytes
             ),
+            max_file_bytes=config.max_file_bytes,
         )
         store.ensure_bucket(self.store_settings, store.tier_bucket(config.tier))
 
         if not ray.is_initialized():
-            ray.init(
+            init_local_ray(
                 address=config.ray_address or None,
                 num_cpus=(config.worker_cpus or None) if not config.ray_address else None,
                 namespace=NAMESPACE,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-                runtime_env={"env_vars": {"PYTHONHASHSEED": "0"}},
+                host=config.ray_node_ip,
             )
             self._started_ray = True
         worker_cpus = config.worker_cpus or int(
             ray.cluster_resources().get("CPU", os.cpu_count())  # type: ignore[no-untyped-call]
         )
 
-        self._catalog = (
-            ray.remote(CatalogWriter)
-            .options(name=CATALOG_ACTOR, num_cpus=0, max_concurrency=1000)
-            .remote(
-                self.store_settings,
-                bucket=config.catalog_bucket,
-                max_batch=config.commit_max_rows,
-                max_wait_s=config.commit_wait_ms / 1000,
-            )
-        )
-        await self._catalog.stats.remote()  # wait until the tables are open
-        dispatcher = Dispatcher(
+        self._catalog = self._new_catalog_writer()
+        await self._catalog.ready.remote()  # wait until the tables are open
+        self._dispatcher = Dispatcher(
             settings,
             self._catalog,
             worker_cpus=worker_cpus,
             batch_max_files=config.batch_max_files,
             batch_max_bytes=config.batch_max_bytes,
             batch_wait_ms=config.batch_wait_ms,
+            ingest_deadline_s=config.ingest_deadline_s,
+            commit_deadline_s=config.commit_deadline_s,
         )
-        archive = ArchiveService(
-            dispatcher,
+        self._archive = ArchiveService(
+            self._dispatcher,
             self._catalog,
             settings,
             self.budget,
             config.max_file_bytes,
             config.catalog_bucket,
+            Deadlines(
+                idle_s=config.idle_timeout_s,
+                read_s=config.read_deadline_s,
+                lookup_s=min(10, config.read_deadline_s),
+            ),
         )
-        self._server, self.port = await start_server(
-            archive, CatalogService(settings, config.catalog_bucket), config.host, config.port
+        self._server, self.port, self._health = await start_server(
+            self._archive,
+            CatalogService(settings, config.catalog_bucket),
+            config.host,
+            config.port,
         )
         if self.embedded:
             _write_node_file(config.data_dir, self.address, self.store_settings)
+        self._keepers = [
+            asyncio.create_task(self._watch(), name="strata-watch"),
+            asyncio.create_task(self._reconcile_forever(), name="strata-reconcile"),
+        ]
         log.info("strata serving on %s (workers: %d cores)", self.address, worker_cpus)
+
+    def _new_catalog_writer(self) -> Any:
+        # Ray restarts the writer's process whenever it dies (max_restarts=-1); a call in
+        # flight then fails rather than being replayed (max_task_retries=0), and the
+        # dispatcher retries it against the new process, which reloads the table first.
+        return (
+            ray.remote(CatalogWriter)
+            .options(
+                name=CATALOG_ACTOR,
+                get_if_exists=True,  # one left by a restart that failed half-way
+                num_cpus=0,
+                max_concurrency=1000,
+                max_restarts=-1,
+                max_task_retries=0,
+            )
+            .remote(
+                self.store_settings,
+                bucket=self.config.catalog_bucket,
+                max_batch=self.config.commit_max_rows,
+                max_wait_s=self.config.commit_wait_ms / 1000,
+            )
+        )
+
+    # -- self-healing ---------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Notice a dead component and bring it back, for as long as the node runs.
+
+        The catalog writer and Ray's worker processes are restarted by Ray itself. What Ray
+        cannot restart is watched here: the embedded MinIO, and Ray's own processes (GCS,
+        raylet, agents) when this node started them.
+        """
+        while True:
+            await asyncio.sleep(self.config.watch_interval_s)
+            try:
+                if self.minio is not None and not self.minio.running:
+                    await self._heal("the object store (MinIO)", self._restart_minio)
+                dead = _dead_ray_processes() if self._started_ray else []
+                if dead or self._ray_down:
+                    # Set until a restart succeeds, so a failed one is tried again.
+                    self._ray_down = self._ray_down or f"the Ray runtime ({', '.join(dead)})"
+                    if await self._heal(self._ray_down, self._restart_ray):
+                        self._ray_down = ""
+            except Exception:
+                log.exception("the component watch failed; it runs again shortly")
+
+    async def _heal(self, what: str, restart: Callable[[], Awaitable[None]]) -> bool:
+        log.error("%s has stopped; refusing new work and restarting it", what)
+        self._archive.unavailable = (
+            f"the archive is restarting {what}; nothing was stored for this file, send it "
+            "again in a few seconds"
+        )
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            await restart()
+        except Exception as error:  # noqa: BLE001 - retried by the next watch
+            log.error(
+                "restarting %s failed (%s: %s); the node stays unavailable and tries again in %d s",
+                what,
+                type(error).__name__,
+                error,
+                self.config.watch_interval_s,
+            )
+            return False
+        self._archive.unavailable = None
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._reconcile_soon.set()
+        log.warning("%s is back; serving again", what)
+        return True
+
+    async def _restart_minio(self) -> None:
+        assert self.minio is not None
+        await asyncio.to_thread(self.minio.start)  # same port, same drives, same keys
+
+    async def _restart_ray(self) -> None:
+        config = self.config
+        # The old runtime's handles are useless: drop them, start a new runtime, and hand
+        # the new writer to the dispatcher (which answers batches that were lost with it).
+        if ray.is_initialized():
+            ray.shutdown()
+        init_local_ray(
+            address=None,
+            num_cpus=config.worker_cpus or None,
+            namespace=NAMESPACE,
+            host=config.ray_node_ip,
+        )
+        self._catalog = self._new_catalog_writer()
+        await within(self._catalog.ready.remote(), 120, "the new catalog writer")
+        self._dispatcher.reset(self._catalog)
+        self._archive.rebind(self._catalog)
+
+    async def _reconcile_forever(self) -> None:
+        """Remove orphan objects at start, after every heal, and every interval."""
+        while True:
+            try:
+                await self.reconcile()
+            except Exception as error:  # noqa: BLE001 - tried again next interval
+                log.error("reconcile failed (%s: %s)", type(error).__name__, error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._reconcile_soon.wait(), self.config.reconcile_interval_s
+                )
+            self._reconcile_soon.clear()
+
+    async def reconcile(self) -> ReconcileReport:
+        """One orphan-removal pass over this node's tier bucket."""
+        assert self.store_settings is not None
+        return await remove_orphans(
+            self.store_settings,
+            store.tier_bucket(self.config.tier),
+            self._catalog,
+            self._dispatcher,
+            grace=timedelta(seconds=self.config.orphan_grace_s),
+            now=datetime.now(UTC),
+        )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop in reverse order. Safe to call twice."""
+        for keeper in self._keepers:
+            keeper.cancel()
+        self._keepers = []
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
         if self._catalog is not None:
             try:
-                await self._catalog.close.remote()
+                await within(self._catalog.close.remote(), 30, "the catalog writer")
             except Exception:
                 log.exception("catalog writer did not close cleanly")
-            ray.kill(self._catalog)
+            with contextlib.suppress(Exception):
+                ray.kill(self._catalog, no_restart=True)
             self._catalog = None
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
@@ -189,3 +332,28 @@ def _write_node_file(data_dir: Path, address: str, settings: StoreSettings) -> N
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump({"grpc": address, "store": asdict(settings)}, handle)
+
+
+def _dead_ray_processes() -> list[str]:
+    """Kinds of this node's own Ray processes (GCS, raylet, agents) that have exited."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return []
+    return sorted({str(kind) for kind, _ in node.dead_processes()})
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise PortUnavailableError now if the gRPC port cannot be listened on."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC does: a port in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise PortUnavailableError(
+                f"cannot listen on {host}:{port}: the port is in use or the address is not "
+                "this machine's; choose another with --port or --host"
+            ) from None

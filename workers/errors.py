@@ -16,7 +16,15 @@ class Reason(StrEnum):
     INCOMPLETE_STREAM = "incomplete_stream"
     CHUNK_TOO_LARGE = "chunk_too_large"
     BAD_REQUEST = "bad_request"
+    # Strata's side: nothing of the file was committed; the sender may send it again.
     STORAGE_FAILED = "storage_failed"
+    # A component was down for longer than the commit deadline and whether the file's
+    # catalog row landed could not be learned; a resend is answered DUPLICATE if it did.
+    UNCONFIRMED = "commit_unconfirmed"
+    # The node is not accepting work (a component is down and restarting); send later.
+    UNAVAILABLE = "unavailable"
+    # The sender sent nothing for longer than the idle timeout while holding budget.
+    IDLE_TIMEOUT = "idle_timeout"
     INTERNAL = "internal_error"
 
 

@@ -68,6 +68,9 @@ class PipelineSettings:
     fanout: FrameFanout = field(default_factory=FrameFanout)
     # A codec or zstd is used only if the result is at most this fraction of the input.
     min_saving: float = MIN_SAVING
+    # The most bytes a data set may take once inflated or decoded (max_file_bytes): a
+    # small deflated or compressed file that would expand past it is refused unexpanded.
+    max_file_bytes: int | None = None
 
     def codecs_for(self, modality: str) -> list[str]:
         """Lossless syntaxes to try, in order: the policy's choice, then the others."""
@@ -85,6 +88,16 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Ou
             outcomes.append(ingest_one(item, settings))
         except RejectError as error:
             outcomes.append(Rejected(item.file_id, error.reason.value, error.message))
+        except StorageError as error:
+            log.error("file %s: the object store refused it: %s", _short(item.sha256), error)
+            outcomes.append(
+                Rejected(
+                    item.file_id,
+                    Reason.STORAGE_FAILED.value,
+                    "the object store did not accept this file (it is unavailable or "
+                    "restarting); nothing was committed for it, send it again",
+                )
+            )
         except Exception as error:
             log.exception("file %s failed in the pipeline", _short(item.sha256))
             outcomes.append(
@@ -98,17 +111,24 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Ou
     return outcomes
 
 
+class StorageError(Exception):
+    """Writing a prepared object to the store failed; the file itself was fine."""
+
+
 def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
     """Store one file and return its catalog row (not yet committed)."""
     blob, record = prepare(item, settings)
-    store.put(settings.store, store.tier_bucket(settings.tier), record.object_key, blob)
+    try:
+        store.put(settings.store, store.tier_bucket(settings.tier), record.object_key, blob)
+    except Exception as error:
+        raise StorageError(f"{type(error).__name__}: {error}") from error
     return Stored(item.file_id, record)
 
 
 def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, InstanceRecord]:
     """The sealed object for one file and its catalog row; no I/O but the key file."""
     data = item.data
-    split = split_file(data)
+    split = split_file(data, max_dataset_bytes=settings.max_file_bytes)
     header = split.header
     codecs = settings.codecs_for(header.modality)
     manifest, segments, note = _encode(

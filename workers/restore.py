@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import imagecodecs
@@ -27,6 +28,7 @@ from workers.codec import (
     lossless_transfer_syntaxes,
 )
 from workers.envelope import open_object
+from workers.errors import Reason, RejectError
 from workers.ingest import PipelineSettings
 from workers.keys import KeyProvider, cached_key_file
 from workers.payload import Manifest
@@ -68,11 +70,46 @@ def restore(ref: ObjectRef, form: str, settings: PipelineSettings) -> RestoredFi
     or a transfer syntax UID to transcode to losslessly (see ``transcode``).
     """
     blob = store.get(settings.store, store.tier_bucket(ref.tier), ref.object_key)
-    return rebuild(blob, ref, form, cached_key_file(settings.key_file))
+    return rebuild(
+        blob, ref, form, cached_key_file(settings.key_file), max_bytes=settings.max_file_bytes
+    )
 
 
-def rebuild(blob: bytes, ref: ObjectRef, form: str, keys: KeyProvider) -> RestoredFile:
-    """Decrypt one object and rebuild the file in ``form`` (see ``restore``)."""
+@dataclass(frozen=True)
+class RestoredHead:
+    """What a streamed restore sends first: what the file is, before its bytes."""
+
+    transfer_syntax: str
+    total_size: int
+    sha256: str
+
+
+def restore_chunks(
+    ref: ObjectRef, form: str, settings: PipelineSettings, chunk_size: int
+) -> Iterator[RestoredHead | bytes]:
+    """``restore``, streamed: a ``RestoredHead``, then the file in ``chunk_size`` pieces.
+
+    Run as a Ray streaming generator, so the front end holds a few chunks of a large file
+    at a time instead of the whole file (Ray's generator backpressure keeps the worker
+    from running ahead of a slow client).
+    """
+    restored = restore(ref, form, settings)
+    yield RestoredHead(restored.transfer_syntax, len(restored.data), restored.sha256)
+    view = memoryview(restored.data)
+    for offset in range(0, len(view), chunk_size):
+        yield bytes(view[offset : offset + chunk_size])
+
+
+def rebuild(
+    blob: bytes,
+    ref: ObjectRef,
+    form: str,
+    keys: KeyProvider,
+    *,
+    max_bytes: int | None = None,
+) -> RestoredFile:
+    """Decrypt one object and rebuild the file in ``form`` (see ``restore``); a transcode
+    whose data set would inflate or decode past ``max_bytes`` is refused first."""
     segments = open_object(
         blob, object_key=ref.object_key, sop_instance_uid=ref.sop_instance_uid, keys=keys
     )
@@ -84,7 +121,42 @@ def rebuild(blob: bytes, ref: ObjectRef, form: str, keys: KeyProvider) -> Restor
         return _file(data, manifest.transfer_syntax_stored)
     if form in ("original", "stored", manifest.transfer_syntax_in):
         return RestoredFile(original, manifest.transfer_syntax_in, manifest.sha256)
+    _refuse_if_expanding_past(original, manifest.transfer_syntax_in, max_bytes)
     return _file(transcode(original, manifest.transfer_syntax_in, form), form)
+
+
+def _refuse_if_expanding_past(original: bytes, syntax_in: str, limit: int | None) -> None:
+    """Refuse a transcode that would hold more than ``limit`` bytes of data set or pixels.
+
+    A deflated data set is measured by inflating at most ``limit`` + 1 bytes of it; an
+    encapsulated one by what its image attributes declare once decoded (RLE, for one,
+    expands up to 64 times).
+    """
+    if limit is None:
+        return
+    try:
+        split = split_file(original, max_dataset_bytes=limit)
+    except RejectError as error:
+        if error.reason != Reason.TOO_LARGE:
+            raise
+        raise TranscodeRefusedError(
+            f"{error.message}; it is only given back as received (form 'original')"
+        ) from None
+    if not split.encapsulated:
+        return
+    header = pydicom.dcmread(io.BytesIO(original), stop_before_pixels=True)
+    declared = (
+        int(header.get("Rows", 0) or 0)
+        * int(header.get("Columns", 0) or 0)
+        * int(header.get("SamplesPerPixel", 1) or 1)
+        * -(-int(header.get("BitsAllocated", 8) or 8) // 8)
+        * int(header.get("NumberOfFrames", 1) or 1)
+    )
+    if declared > limit:
+        raise TranscodeRefusedError(
+            f"decoding this instance's pixel data would take {declared} bytes, more than the "
+            f"{limit}-byte limit (max_file_bytes); retrieve it as 'original' or 'stored'"
+        )
 
 
 # Transfer syntaxes whose pixels are exactly what was encoded: safe to decode and

@@ -18,6 +18,7 @@ exception or a log line.
 from __future__ import annotations
 
 import datetime
+import re
 import struct
 import zlib
 from collections.abc import Iterable
@@ -58,6 +59,10 @@ _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PREAMBLE_AND_PREFIX = 132
+
+# An IS value pydicom would read as an integer: ASCII digits only (str.isdigit() also
+# takes "²"), and few enough of them that int() and str() cannot refuse the number.
+_INTEGER_STRING = re.compile(r"([+-]?)0*([0-9]{1,12})")
 
 _ENCODED_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
 _LONG_LENGTH_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
@@ -183,7 +188,7 @@ def swap_pairs(value: bytes | memoryview) -> bytes:
     return np.frombuffer(value, dtype=">u2").astype("<u2").tobytes()
 
 
-def split_file(data: bytes) -> SplitFile:
+def split_file(data: bytes, *, max_dataset_bytes: int | None = None) -> SplitFile:
     """Return ``data`` split around its top-level Pixel Data value, or raise RejectError.
 
     Rejects with NOT_DICOM what pydicom refuses to read (and data sets whose structure
@@ -192,7 +197,14 @@ def split_file(data: bytes) -> SplitFile:
     ``_check_image_has_pixel_data``),
     MISSING_UID without SOP Instance UID or Study Instance UID, and PIXEL_LENGTH_MISMATCH
     when native Pixel Data does not have the length its Image Pixel attributes declare.
+
+    ``max_dataset_bytes`` (the ``max_file_bytes`` setting; None: no limit) bounds the data
+    set as it is read: TOO_LARGE when it is longer, and for a deflated file (Deflated
+    Explicit VR Little Endian) as soon as inflating it would pass the limit, so that no
+    more than ``max_dataset_bytes + 1`` bytes are ever inflated.
     """
+    if max_dataset_bytes is not None and max_dataset_bytes < 0:
+        raise ValueError(f"max_dataset_bytes must not be negative, not {max_dataset_bytes}")
     if len(data) < _PREAMBLE_AND_PREFIX or data[128:132] != b"DICM":
         # The same test pydicom's dcmread(force=False) applies before anything else.
         raise RejectError(
@@ -200,7 +212,7 @@ def split_file(data: bytes) -> SplitFile:
             "the file has no 'DICM' prefix after a 128-byte preamble, "
             "so it is not a DICOM Part 10 file",
         )
-    structure = _walk_file(data)
+    structure = _walk_file(data, max_dataset_bytes)
     _check_not_cut_before_uids(structure)
     attributes = _Attributes(data, structure)
     header = _header(attributes, structure.transfer_syntax)
@@ -266,7 +278,8 @@ class _Structure:
     media_storage_sop_instance: str  # (0002,0003), "" when absent
     little_endian: bool
     deflated: bool
-    dataset_bytes: bytes  # the bytes the data set is read from: the file, or inflated
+    # the bytes the data set is read from: the file, or the inflated data set
+    dataset_bytes: bytes | bytearray
     top_level_tags: frozenset[int]
     pixel_data: _PixelData | None
 
@@ -280,10 +293,10 @@ def _element_name(tag: int) -> str:
         return label
 
 
-def _walk_file(data: bytes) -> _Structure:
+def _walk_file(data: bytes, max_dataset_bytes: int | None) -> _Structure:
     """Walk preamble, file meta information and data set; raise RejectError on failure."""
     try:
-        return _walk_file_or_raise(data)
+        return _walk_file_or_raise(data, max_dataset_bytes)
     except _TruncatedError as error:
         raise RejectError(Reason.TRUNCATED, str(error)) from None
     except _MalformedError as error:
@@ -294,7 +307,7 @@ def _walk_file(data: bytes) -> _Structure:
         ) from None
 
 
-def _walk_file_or_raise(data: bytes) -> _Structure:
+def _walk_file_or_raise(data: bytes, max_dataset_bytes: int | None) -> _Structure:
     walk = _Walk(data, little_endian=True)
     # File meta information: explicit VR little endian, unless its first element says
     # otherwise (pydicom then reads it as implicit VR, and so do we).
@@ -324,10 +337,16 @@ def _walk_file_or_raise(data: bytes) -> _Structure:
 
     deflated = transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
     if deflated:
-        walk = _Walk(_inflate(data, position), little_endian=True)
+        walk = _Walk(_inflate(data, position, max_dataset_bytes), little_endian=True)
         position = 0
         implicit, little_endian = False, True
     else:
+        if max_dataset_bytes is not None and len(data) - position > max_dataset_bytes:
+            raise RejectError(
+                Reason.TOO_LARGE,
+                f"the data set has {len(data) - position} bytes, more than the "
+                f"{max_dataset_bytes}-byte limit (max_file_bytes); {_SMALLER_PARTS}",
+            )
         implicit, little_endian = _dataset_encoding(data, position, transfer_syntax)
         walk = _Walk(data, little_endian=little_endian)
 
@@ -370,11 +389,49 @@ def _dataset_encoding(data: bytes, position: int, transfer_syntax: str) -> tuple
     return True, True
 
 
-def _inflate(data: bytes, position: int) -> bytes:
-    """The data set of a deflated file; TRUNCATED when the deflate stream is cut short."""
+# What a sender can do about a data set over the limit.
+_SMALLER_PARTS = (
+    "send the instance in smaller parts (e.g. fewer frames per instance) "
+    "or ask the archive administrator to raise max_file_bytes"
+)
+# Inflate in steps: at most this many bytes out per step, so that the result grows in
+# place (a bytearray; one unbounded decompress() call briefly holds its output twice) ...
+_INFLATE_OUTPUT_STEP = 1 << 20
+# ... and at most this many deflated bytes in, since zlib copies the input a step leaves
+# unused.
+_INFLATE_INPUT_STEP = 1 << 16
+
+
+def _inflate(data: bytes, position: int, max_bytes: int | None) -> bytearray:
+    """The data set of a deflated file; TRUNCATED when the deflate stream is cut short.
+
+    TOO_LARGE as soon as it would grow past ``max_bytes``: never more than
+    ``max_bytes + 1`` bytes are inflated, however much the stream would give.
+    """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    deflated = memoryview(data)[position:]  # slices of it are not copies
+    offset = 0
+    unused: bytes | memoryview = b""
+    inflated = bytearray()
     try:
-        inflated = inflater.decompress(data[position:])
+        while not inflater.eof:
+            if not unused and offset < len(deflated):
+                unused = deflated[offset : offset + _INFLATE_INPUT_STEP]
+                offset += len(unused)
+            room = _INFLATE_OUTPUT_STEP
+            if max_bytes is not None:
+                room = min(room, max_bytes + 1 - len(inflated))
+            step = inflater.decompress(unused, room)
+            unused = inflater.unconsumed_tail
+            if not step and not unused and offset == len(deflated):
+                break  # every byte used and nothing more comes out: cut short
+            inflated += step
+            if max_bytes is not None and len(inflated) > max_bytes:
+                raise RejectError(
+                    Reason.TOO_LARGE,
+                    f"the deflated data set inflates past the {max_bytes}-byte limit "
+                    f"(max_file_bytes), so it was not inflated further; {_SMALLER_PARTS}",
+                )
     except zlib.error:
         raise _MalformedError(
             "the data set of this Deflated Explicit VR Little Endian file is not a valid "
@@ -395,7 +452,7 @@ class _Walk:
     items of undefined length are walked as nested data sets.
     """
 
-    def __init__(self, data: bytes, *, little_endian: bool) -> None:
+    def __init__(self, data: bytes | bytearray, *, little_endian: bool) -> None:
         self.data = data
         self.size = len(data)
         order = "<" if little_endian else ">"
@@ -662,9 +719,16 @@ class _Attributes:
             text = value.decode("latin-1").split("\\")[0].strip("\0 ")
             if not text:
                 return None
-            if text.lstrip("+-").isdigit():
-                return int(text)
-        elif len(value) >= 2:
+            match = _INTEGER_STRING.fullmatch(text)
+            if match is None:
+                raise RejectError(
+                    Reason.PIXEL_LENGTH_MISMATCH,
+                    f"{_element_name(tag)} is not an integer of at most 12 digits (VR IS), "
+                    "so the length of (7FE0,0010) Pixel Data cannot be checked",
+                )
+            sign, digits = match.groups()
+            return -int(digits) if sign == "-" else int(digits)
+        if len(value) >= 2:
             number: int = struct.unpack_from(self.unsigned_short, value)[0]
             return number
         raise RejectError(

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from cluster.minio_server import MinioServer
+from cluster.ray_runtime import init_local_ray
 from tests.integration.node import Node
 
 _HERE = Path(__file__).parent
@@ -45,7 +46,7 @@ def ray_local() -> Iterator[None]:
     """A local Ray with 2 CPUs, shut down at the end if this fixture started it."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init_local_ray(address=None, num_cpus=2, namespace=None)
     try:
         yield
     finally:

@@ -37,6 +37,13 @@ class Node:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The process id of the running `strata serve` (the Ray driver)."""
+        if self._process is None or self._process.poll() is not None:
+            raise RuntimeError("the node is not running")
+        return self._process.pid
+
     def start(self, timeout: float = 180.0) -> None:
         env = dict(os.environ)
         env["STRATA_KEY_FILE"] = str(self.key_file)

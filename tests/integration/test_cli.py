@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +102,57 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert line in out
     assert "not_dicom" in out and "truncated" in out and "pixel_length_mismatch" in out
     assert not (tmp_path / "data" / "node.json").exists(), "the demo stops what it started"
+
+
+def _one_clear_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The failure's output: one line, no traceback, pid, internal address or URL."""
+    assert result.returncode != 0
+    text = (result.stdout + result.stderr).strip()
+    assert "Traceback" not in text
+    for internal in ("ipv4:", "http://", "pid", "raylet", "RayError"):
+        assert internal not in text, text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) <= 2, text  # rich may wrap one sentence
+    return " ".join(lines)
+
+
+def test_get_from_a_node_that_is_not_running_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    result = strata("get", "1.2.3", "--out", str(tmp_path / "x"), "--server", f"127.0.0.1:{port}")
+    assert "no Strata node answers" in _one_clear_line(result)
+    assert not (tmp_path / "x").exists()
+
+
+def test_query_without_a_node_is_one_line(tmp_path: Path) -> None:
+    result = strata("query", "SELECT 1", "--data-dir", str(tmp_path / "nothing-here"))
+    assert "no running embedded node" in _one_clear_line(result)
+
+
+def test_a_bad_query_is_one_line(node: Node) -> None:
+    result = strata("query", "SELECT nonsense FROM instances", "--data-dir", str(node.data_dir))
+    assert "the query failed" in _one_clear_line(result)
+
+
+def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "serve", "--embedded", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={
+                **os.environ,
+                "STRATA_DATA_DIR": str(tmp_path / "data"),
+                "STRATA_KEY_FILE": str(tmp_path / "keys.json"),
+            },
+        )
+    assert result.returncode != 0
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert "strata serve could not start" in last and str(port) in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,124 @@
+"""Orphan objects: objects in a tier's bucket that no catalog row names, removed.
+
+A worker writes an instance's object before the catalog writer commits its row, and the
+sender is answered only after both. A crash in between (a worker, the writer, MinIO or Ray
+dying) leaves an object nobody was told is stored: an orphan. Its sender was answered with a
+failure and sends again; the orphan itself is plaintext-free but wastes space and, left
+alone, would make the store disagree with the catalog for ever.
+
+The reconciler lists the bucket, asks the catalog writer which of the objects' SHA-256 it
+knows, and deletes the rest, except objects written less than ``grace`` ago and objects whose
+file is in flight in this node (about to be committed). While it deletes one, the dispatcher
+holds back any new file with the same bytes, so a resend can never lose its object to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cluster.dispatch import Dispatcher, within
+from workers import store
+from workers.records import StoreSettings
+
+log = logging.getLogger("strata.reconcile")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of a tier's bucket, as listed."""
+
+    key: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What one pass found and did."""
+
+    listed: int
+    orphans: int
+    removed: int
+    kept_in_flight: int
+
+
+def sha256_of(key: str) -> str | None:
+    """The SHA-256 an object key ends with (keys are ``v1/../<sha256>``), or None."""
+    last = key.rsplit("/", 1)[-1]
+    return last if _SHA256.fullmatch(last) else None
+
+
+def candidates(
+    objects: Iterable[StoredObject], now: datetime, grace: timedelta
+) -> list[tuple[str, str]]:
+    """(key, SHA-256) of the objects old enough to be judged; others are left alone."""
+    chosen = []
+    for item in objects:
+        sha = sha256_of(item.key)
+        if sha is not None and now - item.last_modified >= grace:
+            chosen.append((item.key, sha))
+    return chosen
+
+
+def list_objects(settings: StoreSettings, bucket: str) -> list[StoredObject]:
+    """Every object of ``bucket`` with its time of writing."""
+    return [
+        StoredObject(item.key, item.last_modified)
+        for item in store.list_objects(settings, bucket)
+        if item.last_modified is not None
+    ]
+
+
+async def remove_orphans(
+    settings: StoreSettings,
+    bucket: str,
+    catalog: Any,  # the CatalogWriter actor handle
+    dispatcher: Dispatcher,
+    grace: timedelta,
+    now: datetime,
+    call_deadline_s: float = 60.0,
+) -> ReconcileReport:
+    """One pass over ``bucket``: delete every object without a catalog row (see module)."""
+    listed = await asyncio.to_thread(list_objects, settings, bucket)
+    judged = candidates(listed, now, grace)
+    known = set(await _known(catalog, [sha for _, sha in judged], call_deadline_s))
+    orphans = [(key, sha) for key, sha in judged if sha not in known]
+    removed = kept = 0
+    for key, sha in orphans:
+        async with dispatcher.removing(sha) as may_remove:
+            if not may_remove:
+                kept += 1
+                continue
+            # Committed since the listing? No new file with these bytes can start now.
+            if await _known(catalog, [sha], call_deadline_s):
+                continue
+            await asyncio.to_thread(store.delete, settings, bucket, key)
+            removed += 1
+            log.warning("removed orphan object %s (no catalog row)", key)
+    report = ReconcileReport(len(listed), len(orphans), removed, kept)
+    if removed:
+        log.warning(
+            "reconcile of %s: %d objects, %d without a catalog row, %d removed, %d in flight",
+            bucket,
+            report.listed,
+            report.orphans,
+            report.removed,
+            report.kept_in_flight,
+        )
+    return report
+
+
+async def _known(catalog: Any, sha256s: Sequence[str], deadline_s: float) -> list[str]:
+    if not sha256s:
+        return []
+    known: list[str] = await within(
+        catalog.known_sha256.remote(list(sha256s)), deadline_s, "the catalog writer"
+    )
+    return known
