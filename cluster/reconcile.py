@@ -103,8 +103,8 @@ async def remove_orphans(
             removed += 1
             log.warning("removed orphan object %s (no catalog row)", key)
     report = ReconcileReport(len(listed), len(orphans), removed, kept)
-    if removed:
-        log.warning(
+    if orphans:
+        (log.warning if removed else log.info)(
             "reconcile of %s: %d objects, %d without a catalog row, %d removed, %d in flight",
             bucket,
             report.listed,

@@ -6,12 +6,17 @@ Every test under tests/integration is marked ``integration`` here, so
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 import ray
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from cluster.minio_server import MinioServer
 from cluster.ray_runtime import init_local_ray
@@ -74,3 +79,30 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield node
     finally:
         node.stop()
+
+
+def ct_instances(count: int, tag: str, *, frames: int = 0) -> list[tuple[str, bytes]]:
+    """``count`` different CT files of one new study, named ``tag-000``, ``tag-001``, …
+
+    Built from pydicom's CT_small.dcm, each with its own SOP Instance UID. With ``frames``,
+    each holds that many noisy 512×512 16-bit frames (0.5 MiB each): enough work to keep
+    the workers busy.
+    """
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if frames:
+        template.Rows, template.Columns, template.NumberOfFrames = 512, 512, frames
+    study = generate_uid()
+    out = []
+    for number in range(count):
+        dataset = template.copy()
+        if frames:
+            noise = np.random.default_rng(number).integers(0, 4096, 512 * 512 * frames)
+            dataset.PixelData = noise.astype(np.uint16).tobytes()
+        dataset.StudyInstanceUID = study
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.InstanceNumber = number + 1
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        out.append((f"{tag}-{number:03}", buffer.getvalue()))
+    return out

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from cluster.client import IngestOutcome, StrataClient
+from tests.integration.conftest import ct_instances
 from tests.integration.node import Node
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,23 +27,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STREAMS = 8
 FILES_PER_STREAM = 6
 PROCESSES = 3
-
-
-def _distinct_files(count: int, tag: str) -> list[tuple[str, bytes]]:
-    """``count`` different small CT files, each with its own SOP Instance UID."""
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    study = generate_uid()
-    files = []
-    for number in range(count):
-        dataset = template.copy()
-        dataset.StudyInstanceUID = study
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        dataset.InstanceNumber = number + 1
-        buffer = io.BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        files.append((f"{tag}-{number}", buffer.getvalue()))
-    return files
 
 
 def _expected(files: list[tuple[str, bytes]]) -> dict[str, tuple[str, str]]:
@@ -67,7 +49,7 @@ def _check(outcomes: list[IngestOutcome], expected: dict[str, tuple[str, str]]) 
 
 
 def test_concurrent_streams_each_get_their_own_answers(node: Node) -> None:
-    per_stream = [_distinct_files(FILES_PER_STREAM, f"s{n}") for n in range(STREAMS)]
+    per_stream = [ct_instances(FILES_PER_STREAM, f"s{n}") for n in range(STREAMS)]
     expected = {name: value for files in per_stream for name, value in _expected(files).items()}
 
     def send(files: list[tuple[str, bytes]]) -> list[IngestOutcome]:
@@ -81,7 +63,7 @@ def test_concurrent_streams_each_get_their_own_answers(node: Node) -> None:
 
 def test_single_file_streams_at_once_get_their_own_answers(node: Node) -> None:
     # The case the review found: 8 one-file streams, every file_id "0".
-    files = _distinct_files(STREAMS, "single")
+    files = ct_instances(STREAMS, "single")
     expected = _expected(files)
 
     def send(item: tuple[str, bytes]) -> list[IngestOutcome]:
@@ -114,14 +96,14 @@ def test_sender_processes_at_once_get_their_own_answers(node: Node, tmp_path: Pa
     for number in range(PROCESSES):
         folder = tmp_path / f"sender{number}"
         folder.mkdir()
-        files = _distinct_files(FILES_PER_STREAM * 2, f"p{number}")
+        files = ct_instances(FILES_PER_STREAM * 2, f"p{number}")
         for name, data in files:
             (folder / name).write_bytes(data)
         # A file that is not DICOM and a file another sender also sends, in every folder.
         (folder / f"p{number}-zz-junk").write_bytes(b"not a DICOM file" * 50)
         expected.update(_expected(files))
         folders.append(folder)
-    shared_name, shared = _distinct_files(1, "shared")[0]
+    shared_name, shared = ct_instances(1, "shared")[0]
     shared_uid, shared_sha = _expected([(shared_name, shared)])[shared_name]
     for folder in folders:
         (folder / shared_name).write_bytes(shared)

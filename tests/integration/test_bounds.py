@@ -28,6 +28,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from cluster.client import StrataClient
 from cluster.rpc import strata_pb2 as pb
+from tests.integration.conftest import ct_instances
 from tests.integration.node import Node
 from workers.ingest import object_key_for
 
@@ -70,12 +71,7 @@ def _large_file(megabytes: int, seed: int) -> bytes:
 
 
 def _small_file() -> bytes:
-    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    dataset.SOPInstanceUID = generate_uid()
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return ct_instances(1, "small")[0][1]
 
 
 def _private_bytes(pid: int) -> int:
@@ -119,10 +115,11 @@ def test_fast_senders_of_large_files_stay_within_the_budget(small_node: Node) ->
         f"MiB) against a budget of {BUDGET / MiB:.0f} MiB"
     )
     assert sorted(answers) == ["stored"] * (2 * senders)
-    # What the budget admits is held once by the front end and, for the batches being
-    # encoded, once more in Ray's object store pages it wrote (counted as its private
-    # memory until a worker maps them); plus gRPC's receive windows and thread arenas.
-    assert growth < 2 * BUDGET + 64 * MiB, f"grew by {growth / MiB:.0f} MiB"
+    # Not yet the budget itself: what the budget admits is held once by the front end and,
+    # for the batches being encoded, again by Ray (its serialized task arguments and the
+    # object-store pages the front end wrote), plus gRPC's windows and thread arenas.
+    # Measured +225..+261 MiB for this 100 MiB budget; the known gap is in README.md.
+    assert growth < 3 * BUDGET, f"grew by {growth / MiB:.0f} MiB"
 
 
 def test_a_stalled_sender_is_cut_off_and_others_are_served(small_node: Node) -> None:

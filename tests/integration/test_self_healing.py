@@ -23,16 +23,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
-import numpy as np
 import psutil
 import pydicom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minio import Minio
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from cluster.client import IngestOutcome, StrataClient
+from tests.integration.conftest import ct_instances
 from tests.integration.node import Node
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,28 +61,6 @@ def healing_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 def acknowledged() -> dict[str, bytes]:
     """SHA-256 → bytes of every file the node acknowledged in this module."""
     return {}
-
-
-def _files(count: int, tag: str) -> list[tuple[str, bytes]]:
-    """``count`` different CT files of 8 noisy 512×512 frames (4 MiB): enough work that
-    the workers are busy when a component is killed."""
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    template.Rows, template.Columns, template.NumberOfFrames = 512, 512, 8
-    study = generate_uid()
-    out = []
-    for number in range(count):
-        dataset = template.copy()
-        dataset.PixelData = (
-            np.random.default_rng(number).integers(0, 4096, 512 * 512 * 8, dtype=np.uint16)
-        ).tobytes()
-        dataset.StudyInstanceUID = study
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        dataset.InstanceNumber = number + 1
-        buffer = io.BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        out.append((f"{tag}-{number:03}", buffer.getvalue()))
-    return out
 
 
 def _processes(node: Node, marker: str) -> list[psutil.Process]:
@@ -193,9 +169,17 @@ def _check_and_heal(
                 outcome
             )
             assert "Ray" not in outcome.message and "127.0.0.1" not in outcome.message
+            uid = str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
+            if outcome.reason == "commit_unconfirmed":
+                # Either way is the truth here; if it landed, it is whole.
+                try:
+                    if client.retrieve(uid).data == data:
+                        acknowledged[outcome.sha256] = data
+                        continue
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND
             if outcome.reason in ("storage_failed", "unavailable"):
                 # "Not stored" is the truth: there is no catalog row for it.
-                uid = str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
                 with pytest.raises(grpc.RpcError) as missing:
                     client.retrieve(uid)
                 assert missing.value.code() == grpc.StatusCode.NOT_FOUND, outcome
@@ -232,7 +216,7 @@ def _check_and_heal(
 def test_catalog_writer_killed_mid_ingest(
     healing_node: Node, acknowledged: dict[str, bytes]
 ) -> None:
-    files = _files(FILES, "writer")
+    files = ct_instances(FILES, frames=8, tag="writer")
 
     def kill() -> None:
         writers = _processes(healing_node, "CatalogWriter")
@@ -245,7 +229,7 @@ def test_catalog_writer_killed_mid_ingest(
 
 
 def test_ray_worker_killed_mid_ingest(healing_node: Node, acknowledged: dict[str, bytes]) -> None:
-    files = _files(FILES, "worker")
+    files = ct_instances(FILES, frames=8, tag="worker")
 
     def kill() -> None:
         _wait_for(lambda: bool(_processes(healing_node, "ingest_batch")), "a busy worker", 30)
@@ -259,7 +243,7 @@ def test_ray_worker_killed_mid_ingest(healing_node: Node, acknowledged: dict[str
 
 
 def test_minio_killed_mid_ingest(healing_node: Node, acknowledged: dict[str, bytes]) -> None:
-    files = _files(FILES, "minio")
+    files = ct_instances(FILES, frames=8, tag="minio")
 
     def kill() -> None:
         servers = _processes(healing_node, "minio")
@@ -275,7 +259,7 @@ def test_minio_killed_mid_ingest(healing_node: Node, acknowledged: dict[str, byt
 
 
 def test_ray_runtime_killed_mid_ingest(healing_node: Node, acknowledged: dict[str, bytes]) -> None:
-    files = _files(FILES, "raylet")
+    files = ct_instances(FILES, frames=8, tag="raylet")
 
     def kill() -> None:
         raylets = _processes(healing_node, "raylet")
