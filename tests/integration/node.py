@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from minio import Minio
 
 
 def free_port() -> int:
@@ -91,6 +93,16 @@ class Node:
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait(10)
+
+    def object_store(self) -> Minio:
+        """A client of the node's embedded MinIO, signed in as its root user."""
+        document = json.loads((self.data_dir / "node.json").read_text())["store"]
+        return Minio(
+            document["endpoint"],
+            access_key=document["access_key"],
+            secret_key=document["secret_key"],
+            secure=False,
+        )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ import grpc
 import numpy as np
 import pydicom
 import pytest
-from minio import Minio
 from pydicom.data import get_testdata_files
 from pydicom.uid import generate_uid
 
@@ -66,18 +64,11 @@ def ingested(client: StrataClient, corpus: list[Path]) -> dict[str, IngestOutcom
     return by_source
 
 
-def _store(node: Node) -> Minio:
-    document = json.loads((node.data_dir / "node.json").read_text())["store"]
-    return Minio(
-        document["endpoint"],
-        access_key=document["access_key"],
-        secret_key=document["secret_key"],
-        secure=False,
-    )
-
-
 def _objects(node: Node) -> dict[str, str]:
-    return {o.object_name: o.etag for o in _store(node).list_objects("strata-hot", recursive=True)}
+    return {
+        o.object_name: o.etag
+        for o in node.object_store().list_objects("strata-hot", recursive=True)
+    }
 
 
 def _phi_strings(files: list[Path]) -> set[bytes]:

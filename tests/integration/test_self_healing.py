@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,6 @@ import psutil
 import pydicom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from minio import Minio
 
 from cluster.client import IngestOutcome, StrataClient
 from tests.integration.conftest import ct_instances
@@ -123,20 +121,10 @@ def _send_while(
     return outcomes
 
 
-def _store(node: Node) -> Minio:
-    document = json.loads((node.data_dir / "node.json").read_text())["store"]
-    return Minio(
-        document["endpoint"],
-        access_key=document["access_key"],
-        secret_key=document["secret_key"],
-        secure=False,
-    )
-
-
 def _object_shas(node: Node) -> set[str]:
     return {
         item.object_name.rsplit("/", 1)[-1]
-        for item in _store(node).list_objects("strata-hot", recursive=True)
+        for item in node.object_store().list_objects("strata-hot", recursive=True)
         if item.object_name
     }
 
@@ -279,7 +267,7 @@ def test_an_object_without_a_catalog_row_is_removed(
     # What a worker that died between its PUT and the commit leaves behind.
     orphan_sha = hashlib.sha256(b"an orphan").hexdigest()
     key = f"v1/00/{'0' * 24}/{'1' * 24}/{orphan_sha}"
-    _store(healing_node).put_object("strata-hot", key, io.BytesIO(b"sealed bytes"), 12)
+    healing_node.object_store().put_object("strata-hot", key, io.BytesIO(b"sealed bytes"), 12)
     assert orphan_sha in _object_shas(healing_node)
     _wait_for(lambda: orphan_sha not in _object_shas(healing_node), "the orphan's removal", 60)
     assert f"removed orphan object {key}" in healing_node.log_text()
