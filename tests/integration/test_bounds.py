@@ -115,9 +115,9 @@ def test_fast_senders_of_large_files_stay_within_the_budget(small_node: Node) ->
         f"MiB) against a budget of {BUDGET / MiB:.0f} MiB"
     )
     assert sorted(answers) == ["stored"] * (2 * senders)
-    # Not yet the budget itself: what the budget admits is held once by the front end and,
-    # for the batches being encoded, again by Ray (its serialized task arguments and the
-    # object-store pages the front end wrote), plus gRPC's windows and thread arenas.
+    # Not yet the budget itself: beyond what the budget counts (received bytes, and Ray's
+    # object-store copy of the batches being encoded), native memory not yet accounted for
+    # (one more file-sized buffer at the peak, gRPC's windows, thread arenas).
     # Measured +225..+271 MiB for this 100 MiB budget; the known gap is in README.md.
     assert growth < 3.5 * BUDGET, f"grew by {growth / MiB:.0f} MiB"
 
