@@ -68,7 +68,7 @@ async def within(call: Awaitable[T], seconds: float, what: str) -> T:
     stuck in a store that does not answer gives its core back.
     """
     try:
-        return await asyncio.wait_for(_awaitable(call), seconds)
+        return await asyncio.wait_for(call, seconds)
     except (TimeoutError, asyncio.CancelledError) as error:
         if isinstance(call, ray.ObjectRef):
             cancel(call)
@@ -83,10 +83,6 @@ def cancel(ref: ray.ObjectRef) -> None:  # type: ignore[type-arg]
         ray.cancel(ref, force=True)
     except Exception:  # an actor call or a finished task cannot be cancelled
         log.debug("could not cancel a Ray task", exc_info=True)
-
-
-async def _awaitable(call: Awaitable[T]) -> T:
-    return await call
 
 
 @dataclass
@@ -257,8 +253,7 @@ class Dispatcher:
                 )
             else:
                 result = replace(committed[outcome.file_id], file_id=pending.file_id)
-            if not pending.future.done():
-                pending.future.set_result(result)
+            pending.future.set_result(result)
 
     async def _ingest(self, batch: list[_Pending]) -> list[Any]:
         async with self._slots:

@@ -343,26 +343,17 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         try:
             head: RestoredHead = await self._reading(_next(stream), record, context)
             self._record_access(record)
-            first = True
+            # The first chunk (there is one even for an empty file) says what the file is.
+            chunk = pb.RetrieveChunk(
+                transfer_syntax=head.transfer_syntax, total_size=head.total_size, sha256=head.sha256
+            )
             while True:
                 try:
-                    data: bytes = await self._reading(_next(stream), record, context)
+                    chunk.data = await self._reading(_next(stream), record, context)
                 except StopAsyncIteration:
                     break
-                chunk = pb.RetrieveChunk(data=data)
-                if first:
-                    chunk.transfer_syntax = head.transfer_syntax
-                    chunk.total_size = head.total_size
-                    chunk.sha256 = head.sha256
-                    first = False
                 await self._send(context, chunk)
-            if first:  # an empty file still announces what it is
-                await self._send(
-                    context,
-                    pb.RetrieveChunk(
-                        transfer_syntax=head.transfer_syntax, total_size=0, sha256=head.sha256
-                    ),
-                )
+                chunk = pb.RetrieveChunk()
         finally:
             # The client went away or a step failed: stop the worker, free its core.
             cancel(stream)
@@ -386,10 +377,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         record = await self._find(request.sop_instance_uid, request.version, context)
         ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
         task = _frames_task.remote(ref, list(request.frames), self._settings_ref, request.decoded)
-        try:
-            frames = await self._reading(_ref_awaitable(task), record, context)
-        finally:
-            cancel(task)
+        frames = await self._reading(task, record, context)  # cancelled there if late
         self._record_access(record)
         for frame in frames:
             yield pb.Frame(
@@ -486,10 +474,6 @@ async def _quietly(call: Any) -> None:
         await within(call, 30, "the catalog writer")
     except Exception as error:  # noqa: BLE001 - an access record never fails a read
         log.warning("access not recorded: %s", type(error).__name__)
-
-
-async def _ref_awaitable(ref: Any) -> Any:
-    return await ref
 
 
 async def _next(stream: Any) -> Any:

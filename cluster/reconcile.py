@@ -32,14 +32,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
-class StoredObject:
-    """One object of a tier's bucket, as listed."""
-
-    key: str
-    last_modified: datetime
-
-
-@dataclass(frozen=True)
 class ReconcileReport:
     """What one pass found and did."""
 
@@ -56,24 +48,16 @@ def sha256_of(key: str) -> str | None:
 
 
 def candidates(
-    objects: Iterable[StoredObject], now: datetime, grace: timedelta
+    objects: Iterable[store.ListedObject], now: datetime, grace: timedelta
 ) -> list[tuple[str, str]]:
     """(key, SHA-256) of the objects old enough to be judged; others are left alone."""
     chosen = []
     for item in objects:
         sha = sha256_of(item.key)
-        if sha is not None and now - item.last_modified >= grace:
+        old_enough = item.last_modified is not None and now - item.last_modified >= grace
+        if sha is not None and old_enough:
             chosen.append((item.key, sha))
     return chosen
-
-
-def list_objects(settings: StoreSettings, bucket: str) -> list[StoredObject]:
-    """Every object of ``bucket`` with its time of writing."""
-    return [
-        StoredObject(item.key, item.last_modified)
-        for item in store.list_objects(settings, bucket)
-        if item.last_modified is not None
-    ]
 
 
 async def remove_orphans(
@@ -86,7 +70,7 @@ async def remove_orphans(
     call_deadline_s: float = 60.0,
 ) -> ReconcileReport:
     """One pass over ``bucket``: delete every object without a catalog row (see module)."""
-    listed = await asyncio.to_thread(list_objects, settings, bucket)
+    listed = await asyncio.to_thread(lambda: list(store.list_objects(settings, bucket)))
     judged = candidates(listed, now, grace)
     known = set(await _known(catalog, [sha for _, sha in judged], call_deadline_s))
     orphans = [(key, sha) for key, sha in judged if sha not in known]

@@ -59,13 +59,16 @@ async def start_server(
     except RuntimeError:  # grpc raises RuntimeError("Failed to bind ...") on a taken port
         bound = 0
     if bound == 0:
-        raise PortUnavailableError(
-            f"cannot listen on {host}:{port}: the port is in use or the address is not this "
-            "machine's; choose another with --port or --host"
-        )
+        raise PortUnavailableError(host, port)
     await server.start()
     return server, bound, health_servicer
 
 
 class PortUnavailableError(OSError):
     """The gRPC door could not listen where it was configured to."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            f"cannot listen on {host}:{port}: the port is in use or the address is not this "
+            "machine's; choose another with --port or --host"
+        )

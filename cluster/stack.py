@@ -353,7 +353,4 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError:
-            raise PortUnavailableError(
-                f"cannot listen on {host}:{port}: the port is in use or the address is not "
-                "this machine's; choose another with --port or --host"
-            ) from None
+            raise PortUnavailableError(host, port) from None

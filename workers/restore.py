@@ -87,7 +87,8 @@ class RestoredHead:
 def restore_chunks(
     ref: ObjectRef, form: str, settings: PipelineSettings, chunk_size: int
 ) -> Iterator[RestoredHead | bytes]:
-    """``restore``, streamed: a ``RestoredHead``, then the file in ``chunk_size`` pieces.
+    """``restore``, streamed: a ``RestoredHead``, then the file in ``chunk_size`` pieces
+    (at least one).
 
     Run as a Ray streaming generator, so the front end holds a few chunks of a large file
     at a time instead of the whole file (Ray's generator backpressure keeps the worker
@@ -96,7 +97,7 @@ def restore_chunks(
     restored = restore(ref, form, settings)
     yield RestoredHead(restored.transfer_syntax, len(restored.data), restored.sha256)
     view = memoryview(restored.data)
-    for offset in range(0, len(view), chunk_size):
+    for offset in range(0, max(len(view), 1), chunk_size):  # an empty file: one empty chunk
         yield bytes(view[offset : offset + chunk_size])
 
 

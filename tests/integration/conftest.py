@@ -68,17 +68,13 @@ def bucket_name() -> str:
 @pytest.fixture(scope="session")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One real `strata serve --embedded` process (Ray + 4-drive MinIO) for the session."""
-    node = Node(
+    with Node(
         tmp_path_factory.mktemp("node"),
         max_file_bytes=str(NODE_MAX_FILE),
         max_inflight_bytes=str(NODE_INFLIGHT),
         fanout_min_bytes=str(MiB),  # so that test_multiframe's 3 MB instance fans out
-    )
-    node.start()
-    try:
+    ) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def ct_instances(count: int, tag: str, *, frames: int = 0) -> list[tuple[str, bytes]]:

@@ -74,6 +74,13 @@ class Node:
         self.stop()
         raise TimeoutError(f"strata serve did not become healthy:\n{self.log_tail()}")
 
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _healthy(self) -> bool:
         try:
             with grpc.insecure_channel(self.address) as channel:

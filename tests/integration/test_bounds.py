@@ -42,18 +42,14 @@ IDLE_S = 3
 
 @pytest.fixture(scope="module")
 def small_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    node = Node(
+    with Node(
         tmp_path_factory.mktemp("bounds"),
         max_inflight_bytes=str(BUDGET),
         max_file_bytes=str(MAX_FILE),
         idle_timeout_s=str(IDLE_S),
         read_deadline_s="30",
-    )
-    node.start()
-    try:
+    ) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def _large_file(megabytes: int, seed: int) -> bytes:

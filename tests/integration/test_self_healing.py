@@ -38,7 +38,7 @@ FILES = 24  # per test, over two streams
 
 @pytest.fixture(scope="module")
 def healing_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    node = Node(
+    with Node(
         tmp_path_factory.mktemp("healing"),
         watch_interval_s="1",
         reconcile_interval_s="2",
@@ -47,12 +47,8 @@ def healing_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         ingest_deadline_s="120",
         read_deadline_s="30",
         batch_max_files="4",
-    )
-    node.start()
-    try:
+    ) as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from cluster.reconcile import StoredObject, candidates, sha256_of
+from cluster.reconcile import candidates, sha256_of
+from workers.store import ListedObject
 
 SHA = "ab" * 32
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -19,9 +20,9 @@ def test_the_sha256_is_the_last_part_of_an_object_key() -> None:
 
 
 def test_objects_younger_than_the_grace_are_left_alone() -> None:
-    old = StoredObject(f"v1/a/b/c/{SHA}", NOW - timedelta(seconds=300))
-    young = StoredObject(f"v1/a/b/d/{'cd' * 32}", NOW - timedelta(seconds=30))
-    foreign = StoredObject("somebody-elses-file.txt", NOW - timedelta(days=3))
+    old = ListedObject(f"v1/a/b/c/{SHA}", NOW - timedelta(seconds=300), 12)
+    young = ListedObject(f"v1/a/b/d/{'cd' * 32}", NOW - timedelta(seconds=30), 12)
+    foreign = ListedObject("somebody-elses-file.txt", NOW - timedelta(days=3), 12)
     chosen = candidates([old, young, foreign], NOW, timedelta(seconds=120))
     assert chosen == [(old.key, SHA)]
     assert candidates([old, young], NOW, timedelta(0)) == [
