@@ -13,7 +13,7 @@ import grpc
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
 
-CHUNK_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024  # the server refuses larger chunks (cluster.config.CHUNK_LIMIT)
 STATUS_NAMES = {
     pb.INGEST_STATUS_STORED: "stored",
     pb.INGEST_STATUS_DUPLICATE: "duplicate",

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
-CHUNK_LIMIT = 4 * MiB  # the wire limit on one IngestChunk's data
+# The wire limit on one IngestChunk's data. gRPC holds up to about one chunk and one flow
+# control window per open stream beyond what the byte budget counts, so the chunk is kept
+# small: that memory is per stream, outside the budget (see README, "Bounded memory").
+CHUNK_LIMIT = 1 * MiB
 
 
 class ConfigError(Exception):
@@ -47,6 +50,9 @@ class Config:
     port: int = 50051
     max_file_bytes: int = 1024 * MiB
     max_inflight_bytes: int = 1536 * MiB
+    # Calls served at once (ingest streams, retrievals, searches); gRPC refuses more with
+    # RESOURCE_EXHAUSTED. Each open stream may hold about 2 MiB outside the byte budget.
+    max_concurrent_calls: int = 100
     # Storage
     data_dir: Path = field(default_factory=lambda: _data_home() / "strata")
     key_file: Path = field(default_factory=lambda: _config_home() / "strata" / "keys.json")
@@ -74,7 +80,7 @@ class Config:
     fanout_chunk_frames: int = 32
     fanout_min_bytes: int = 32 * MiB
     batch_max_files: int = 8
-    batch_max_bytes: int = 64 * MiB
+    batch_max_bytes: int = 16 * MiB
     batch_wait_ms: int = 20
     commit_max_rows: int = 64
     commit_wait_ms: int = 50
@@ -112,8 +118,13 @@ class Config:
             raise ConfigError("max_file_bytes must be positive")
         if self.max_inflight_bytes < self.max_file_bytes + CHUNK_LIMIT:
             raise ConfigError(
-                "max_inflight_bytes must be at least max_file_bytes + 4 MiB, so that one "
-                f"largest file fits ({self.max_inflight_bytes} < {self.max_file_bytes} + 4 MiB)"
+                "max_inflight_bytes must be at least max_file_bytes + 1 MiB (one chunk), so "
+                f"that one largest file fits ({self.max_inflight_bytes} < "
+                f"{self.max_file_bytes} + 1 MiB)"
+            )
+        if self.max_concurrent_calls < 1:
+            raise ConfigError(
+                f"max_concurrent_calls must be at least 1, not {self.max_concurrent_calls}"
             )
         if self.minio_drives < 4:
             raise ConfigError(

@@ -44,6 +44,9 @@ _ingest_task = ray.remote(num_cpus=1, max_retries=3)(ingest_batch)
 
 T = TypeVar("T")
 
+# The longest one commit attempt is waited for (a group commit takes well under a second).
+COMMIT_ATTEMPT_S = 20.0
+
 
 @dataclass(frozen=True)
 class FileResult:
@@ -143,6 +146,14 @@ class Dispatcher:
         for task in self._ingesting:
             self._cut_off.add(task)
             task.cancel()
+        # Files not yet in a batch whose parts were in the old object store are lost.
+        kept: list[_Pending] = []
+        lost: list[_Pending] = []
+        for pending in self._pending:
+            (lost if pending.item is not None and pending.item.parts else kept).append(pending)
+        self._answer_all(lost, Reason.STORAGE_FAILED, _NOT_STORED)
+        self._pending = kept
+        self._pending_bytes = sum(p.item.size for p in kept if p.item is not None)
 
     @contextlib.asynccontextmanager
     async def removing(self, sha256: str) -> AsyncIterator[bool]:
@@ -168,14 +179,12 @@ class Dispatcher:
         self._in_flight[item.sha256] += 1
         future: asyncio.Future[FileResult] = asyncio.get_running_loop().create_future()
         ticket = f"t{next(self._tickets)}"
-        pending = _Pending(
-            item.file_id, ticket, item.sha256, IngestItem(ticket, item.data, item.sha256), future
-        )
+        pending = _Pending(item.file_id, ticket, item.sha256, replace(item, file_id=ticket), future)
         self._pending.append(pending)
         # A caller that gives up (its client went away) lets go of the bytes at once, if
         # they have not been handed to Ray yet: its budget is released at the same time.
         future.add_done_callback(lambda done: _drop_if_cancelled(pending, done))
-        self._pending_bytes += len(item.data)
+        self._pending_bytes += item.size
         del item  # the caller has let go of it too: while waiting, only _Pending holds it
         if (
             len(self._pending) >= self._batch_max_files
@@ -279,9 +288,11 @@ class Dispatcher:
         while True:
             remaining = deadline - loop.time()
             try:
+                # One attempt never takes the whole deadline: a call to a writer whose
+                # runtime died may never answer, and the retry must reach its successor.
                 rows: list[Committed] = await within(
                     self._catalog.commit.remote(list(stored)),
-                    max(remaining, 1.0),
+                    max(min(remaining, COMMIT_ATTEMPT_S), 1.0),
                     "the catalog writer",
                 )
             except CatalogCommitFailedError as error:

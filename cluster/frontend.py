@@ -17,6 +17,7 @@ from datetime import date
 from typing import Any
 
 import grpc
+import numpy as np
 import ray
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -42,6 +43,10 @@ from workers.restore import (
 log = logging.getLogger("strata.frontend")
 
 RETRIEVE_CHUNK = 1024 * 1024
+# A file is handed to Ray's object store in parts of this size while it still arrives, so
+# that it is never held twice (once received, once copied into the store) for longer than
+# one part takes to copy. Smaller files go whole with their batch.
+PART_BYTES = 4 * 1024 * 1024
 # A few chunks ahead of the client at most: a large file crosses the front end in pieces.
 _restore_stream = ray.remote(  # type: ignore[call-overload]
     num_cpus=1, max_retries=2, num_returns="streaming", _generator_backpressure_num_objects=4
@@ -59,21 +64,40 @@ _STATUS = {
 class _Assembly:
     """One file being received.
 
-    The bytes grow in one ``bytearray``: glibc grows large blocks in place (mremap), so a
-    file is never held twice while it arrives, and the budget counts what is really held.
+    The bytes grow in one ``bytearray`` (glibc grows large blocks in place, by mremap);
+    every ``PART_BYTES`` of it are moved into Ray's object store as a part. The budget
+    counts the file, wherever its bytes are, until it is answered.
     """
 
     file_id: str
+    generation: int  # of the Ray runtime its parts are in
     data: bytearray = field(default_factory=bytearray)
+    parts: list[Any] = field(default_factory=list)  # Ray object refs
+    parts_bytes: int = 0
     size: int = 0
     reserved: int = 0
     hasher: Any = field(default_factory=hashlib.sha256)
     rejected: bool = False
 
-    def take(self) -> bytearray:
-        """The received bytes; the assembly no longer holds them."""
-        data, self.data = self.data, bytearray()
-        return data
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        self.data += data
+        self.hasher.update(data)
+        if len(self.data) >= PART_BYTES:
+            # Copied once, out of band (numpy), straight into the object store.
+            self.parts.append(ray.put(np.frombuffer(self.data, dtype=np.uint8)))
+            self.parts_bytes += len(self.data)
+            self.data = bytearray()
+
+    def take(self, file_id: str, sha256: str) -> IngestItem:
+        """The received file as an item to ingest; the assembly no longer holds it."""
+        item = IngestItem(file_id, self.data, sha256, tuple(self.parts), self.parts_bytes)
+        self.drop()
+        return item
+
+    def drop(self) -> None:
+        """Let go of the received bytes (the object store frees the parts)."""
+        self.data, self.parts, self.parts_bytes = bytearray(), [], 0
 
 
 @dataclass(frozen=True)
@@ -112,11 +136,14 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         # Set while a component is down and being restarted: new work is refused at once
         # with this sentence instead of waiting on a component that cannot answer.
         self.unavailable: str | None = None
+        # Counts Ray restarts: parts put before one are gone with the old object store.
+        self._generation = 0
 
     def rebind(self, catalog_actor: Any) -> None:
         """Carry on over a restarted Ray runtime with its new catalog writer."""
         self._catalog = catalog_actor
         self._settings_ref = ray.put(self._settings)
+        self._generation += 1
 
     async def Ingest(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.IngestChunk], context: grpc.aio.ServicerContext
@@ -169,7 +196,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                         )
                     current = None
                 if current is None:
-                    current = _Assembly(chunk.file_id)
+                    current = _Assembly(chunk.file_id, self._generation)
                     if chunk.file_id in unanswered:
                         await self._reject(current, results, owner, Reason.BAD_REQUEST, _REUSED_ID)
                 if not current.rejected:
@@ -190,7 +217,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             raise
         finally:
             if current is not None:
-                current.take()
+                current.drop()
                 await self._release(current, owner)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -209,7 +236,8 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                 results,
                 owner,
                 Reason.CHUNK_TOO_LARGE,
-                f"a chunk of {len(data)} bytes exceeds the 4 MiB limit; send smaller chunks",
+                f"a chunk of {len(data)} bytes exceeds the limit of {CHUNK_LIMIT} bytes; send "
+                "smaller chunks",
             )
         elif current.size + len(data) > self._max_file_bytes:
             await self._reject(
@@ -224,9 +252,13 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             # Waiting here is the backpressure: the stream is not read until room frees.
             await self._budget.acquire(len(data), owner, current)
             current.reserved += len(data)
-            current.size += len(data)
-            current.data += data
-            current.hasher.update(data)
+            try:
+                current.add(data)
+            except Exception as error:  # noqa: BLE001 - Ray is down: this file cannot go on
+                log.error("a part of a file could not be handed to Ray: %s", type(error).__name__)
+                await self._reject(
+                    current, results, owner, Reason.UNAVAILABLE, self.unavailable or _PART_FAILED
+                )
 
     async def _reject(
         self,
@@ -237,7 +269,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         message: str,
     ) -> None:
         current.rejected = True
-        current.take()
+        current.drop()
         await self._release(current, owner)
         results.put_nowait(
             pb.IngestResult(
@@ -277,7 +309,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                 "was stored for it, send it again",
             )
         finally:
-            current.take()
+            current.drop()
             await self._release(current, owner)
             unanswered.discard(current.file_id)
         results.put_nowait(_to_proto(result, current.size, sha256))
@@ -287,6 +319,10 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         if self.unavailable is not None:
             return FileResult(
                 file_id, "rejected", reason=Reason.UNAVAILABLE.value, message=self.unavailable
+            )
+        if current.parts and current.generation != self._generation:
+            return FileResult(
+                file_id, "rejected", reason=Reason.STORAGE_FAILED.value, message=_PARTS_LOST
             )
         while (earlier := self._inflight.get(sha256)) is not None:
             try:
@@ -305,7 +341,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             if known is not None:
                 result = FileResult(file_id, "duplicate", record=known)
             else:
-                result = await self._dispatcher.submit(IngestItem(file_id, current.take(), sha256))  # type: ignore[arg-type]
+                result = await self._dispatcher.submit(current.take(file_id, sha256))
             future.set_result(result)
             return result
         except BaseException:
@@ -645,6 +681,13 @@ def _unreadable(record: InstanceRecord) -> str:
 _REUSED_ID = (
     "this file_id is already used on this stream by a file not answered yet; give each file "
     "of a stream its own file_id"
+)
+_PART_FAILED = (
+    "the archive's workers are restarting; nothing was stored for this file, send it again shortly"
+)
+_PARTS_LOST = (
+    "the archive restarted a component while this file arrived; nothing was stored for it, "
+    "send it again"
 )
 _CATALOG_DOWN = "the catalog is not answering; try again shortly"
 _SEARCH_TIMEOUT = "the catalog search did not finish in time; narrow it or try again"

@@ -83,7 +83,15 @@ class Stack:
         # (Ray reads RAY_ENABLE_AUTO_CONNECT once, at import: the flag is set directly.)
         os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
         ray._private.auto_init_hook.enable_auto_connect = False
-        _check_port_free(config.host, config.port)  # before minutes of start-up, not after
+        holder = _hold_port(config.host, config.port)
+        try:
+            await self._start_components(holder)
+        finally:
+            if holder is not None:
+                holder.close()
+
+    async def _start_components(self, holder: socket.socket | None) -> None:
+        config = self.config
         if self.embedded:
             config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             ensure_minio_binary()
@@ -148,11 +156,14 @@ class Stack:
                 lookup_s=min(10, config.read_deadline_s),
             ),
         )
+        if holder is not None:
+            holder.close()  # the server binds it next
         self._server, self.port, self._health = await start_server(
             self._archive,
             CatalogService(settings, config.catalog_bucket),
             config.host,
             config.port,
+            config.max_concurrent_calls,
         )
         if self.embedded:
             _write_node_file(config.data_dir, self.address, self.store_settings)
@@ -342,15 +353,20 @@ def _dead_ray_processes() -> list[str]:
     return sorted({str(kind) for kind, _ in node.dead_processes()})
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Raise PortUnavailableError now if the gRPC port cannot be listened on."""
+def _hold_port(host: str, port: int) -> socket.socket | None:
+    """Bind the gRPC port now, or raise PortUnavailableError: better before minutes of
+    start-up than after. The socket is kept (bound, not listening) until the server binds
+    the port, so that none of the processes started meanwhile is given it (MinIO's and
+    Ray's take free ports from the same range as a port chosen at random)."""
     if port == 0:
-        return
+        return None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # As gRPC does: a port in TIME_WAIT is free, one with a listener is not.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            raise PortUnavailableError(host, port) from None
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    # As gRPC does: a port in TIME_WAIT is free, one with a listener is not.
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind((host, port))
+    except OSError:
+        holder.close()
+        raise PortUnavailableError(host, port) from None
+    return holder

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import imagecodecs
+import ray
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from workers import store
@@ -85,7 +86,13 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Ou
     outcomes: list[Outcome] = []
     for item in items:
         try:
-            outcomes.append(ingest_one(item, settings))
+            whole = _gathered(item)
+        except Exception as error:  # noqa: BLE001 - this file's parts are gone, not the batch's
+            log.error("file %s: its parts could not be read: %s", _short(item.sha256), error)
+            outcomes.append(Rejected(item.file_id, Reason.STORAGE_FAILED.value, _PARTS_LOST))
+            continue
+        try:
+            outcomes.append(ingest_one(whole, settings))
         except RejectError as error:
             outcomes.append(Rejected(item.file_id, error.reason.value, error.message))
         except StorageError as error:
@@ -111,6 +118,23 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Ou
     return outcomes
 
 
+def _gathered(item: IngestItem) -> IngestItem:
+    """``item`` with the whole file in ``data``: its parts fetched from Ray's object store."""
+    if not item.parts:
+        return item
+    parts = ray.get(list(item.parts), timeout=PARTS_TIMEOUT_S)
+    data = b"".join([*parts, item.data])
+    del parts
+    return IngestItem(item.file_id, data, item.sha256)
+
+
+PARTS_TIMEOUT_S = 60.0
+_PARTS_LOST = (
+    "the archive lost part of this file before storing it (a component restarted); nothing "
+    "was committed for it, send it again"
+)
+
+
 class StorageError(Exception):
     """Writing a prepared object to the store failed; the file itself was fine."""
 
@@ -127,7 +151,7 @@ def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
 
 def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, InstanceRecord]:
     """The sealed object for one file and its catalog row; no I/O but the key file."""
-    data = item.data
+    data = bytes(item.data)  # already bytes in a worker: no copy
     split = split_file(data, max_dataset_bytes=settings.max_file_bytes)
     header = split.header
     codecs = settings.codecs_for(header.modality)

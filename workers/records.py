@@ -6,8 +6,10 @@ tests can build one by hand.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 from pydicom.uid import UID
 
@@ -23,11 +25,38 @@ def syntax_name(transfer_syntax: str) -> str:
 
 @dataclass(frozen=True)
 class IngestItem:
-    """One whole file as received by a front end, with its SHA-256 (hex)."""
+    """One whole file as received by a front end, with its SHA-256 (hex).
+
+    A large file arrives in ``parts``: Ray object refs of its leading bytes, in order, put
+    into Ray's object store by the front end while the rest still arrived; ``data`` is then
+    only its tail. ``data`` may be the ``bytearray`` the front end assembled it in; a
+    worker always sees ``bytes``.
+    """
 
     file_id: str
-    data: bytes
+    data: bytes | bytearray
     sha256: str
+    parts: tuple[Any, ...] = ()
+    parts_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        """The whole file's size in bytes."""
+        return self.parts_bytes + len(self.data)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # Pickle writes bytes and bytearray inline, so Ray would first build a whole copy
+        # of the file in the front end's heap, then copy that into its object store. As a
+        # PickleBuffer, the bytes go out of band: Ray copies them once, straight from the
+        # front end's buffer into the object store.
+        data = pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data)
+        return (_item, (self.file_id, data, self.sha256, self.parts, self.parts_bytes))
+
+
+def _item(file_id: str, data: Any, sha256: str, parts: tuple[Any, ...], size: int) -> IngestItem:
+    # Out of band, ``data`` is a read-only view of Ray's object store, valid only while
+    # the task's arguments are pinned: the worker takes its own copy.
+    return IngestItem(file_id, bytes(data), sha256, parts, size)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class ArchiveServicer:
     """
 
     def Ingest(self, request_iterator, context):
-        """Send files as consecutive chunks (at most 4 MiB each); every file gets exactly one
+        """Send files as consecutive chunks (at most 1 MiB each); every file gets exactly one
         IngestResult, sent only once its object is written and its catalog row committed.
         The server reads the stream only as fast as it stores, so a fast client is pushed
         back by HTTP/2 flow control.

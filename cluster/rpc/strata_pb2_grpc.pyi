@@ -36,7 +36,7 @@ class ArchiveStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ArchiveAsyncStub: ...
     Ingest: _grpc.StreamStreamMultiCallable[_strata_pb2.IngestChunk, _strata_pb2.IngestResult]
-    """Send files as consecutive chunks (at most 4 MiB each); every file gets exactly one
+    """Send files as consecutive chunks (at most 1 MiB each); every file gets exactly one
     IngestResult, sent only once its object is written and its catalog row committed.
     The server reads the stream only as fast as it stores, so a fast client is pushed
     back by HTTP/2 flow control.
@@ -52,7 +52,7 @@ class ArchiveAsyncStub(ArchiveStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ingest: _aio.StreamStreamMultiCallable[_strata_pb2.IngestChunk, _strata_pb2.IngestResult]  # type: ignore[assignment]
-    """Send files as consecutive chunks (at most 4 MiB each); every file gets exactly one
+    """Send files as consecutive chunks (at most 1 MiB each); every file gets exactly one
     IngestResult, sent only once its object is written and its catalog row committed.
     The server reads the stream only as fast as it stores, so a fast client is pushed
     back by HTTP/2 flow control.
@@ -71,7 +71,7 @@ class ArchiveServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_strata_pb2.IngestChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_strata_pb2.IngestResult], _abc.AsyncIterator[_strata_pb2.IngestResult]]:
-        """Send files as consecutive chunks (at most 4 MiB each); every file gets exactly one
+        """Send files as consecutive chunks (at most 1 MiB each); every file gets exactly one
         IngestResult, sent only once its object is written and its catalog row committed.
         The server reads the stream only as fast as it stores, so a fast client is pushed
         back by HTTP/2 flow control.

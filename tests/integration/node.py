@@ -22,6 +22,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _PortTakenError(Exception):
+    pass
+
+
 class Node:
     """Start, stop and restart one embedded node whose data survives restarts."""
 
@@ -47,6 +51,18 @@ class Node:
         return self._process.pid
 
     def start(self, timeout: float = 180.0) -> None:
+        """Start and wait until healthy. The port chosen by ``free_port`` may be taken by
+        another process (Ray's own, for one) before the node binds it: then, and only
+        then, the node is started again on another port."""
+        for _ in range(3):
+            try:
+                self._start_once(timeout)
+                return
+            except _PortTakenError:
+                self.port = free_port()
+        self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> None:
         env = dict(os.environ)
         env["STRATA_KEY_FILE"] = str(self.key_file)
         env.update({f"STRATA_{k.upper()}": v for k, v in self.settings.items()})
@@ -62,11 +78,15 @@ class Node:
             str(self.port),
         ]
         self.started_at = time.time()
+        logged_before = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                taken = f"cannot listen on 127.0.0.1:{self.port}".encode()
+                if taken in self.log_path.read_bytes()[logged_before:]:
+                    raise _PortTakenError
                 raise RuntimeError(f"strata serve exited early:\n{self.log_tail()}")
             if self._healthy():
                 return

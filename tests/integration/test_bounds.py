@@ -38,6 +38,9 @@ MiB = 1024 * 1024
 BUDGET = 100 * MiB
 MAX_FILE = 96 * MiB
 IDLE_S = 3
+# What the front end may hold beyond its budget (see README, "Bounded memory").
+PER_STREAM = 4 * MiB
+RUNTIME = 16 * MiB
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +114,12 @@ def test_fast_senders_of_large_files_stay_within_the_budget(small_node: Node) ->
         f"MiB) against a budget of {BUDGET / MiB:.0f} MiB"
     )
     assert sorted(answers) == ["stored"] * (2 * senders)
-    # Not yet the budget itself: beyond what the budget counts (received bytes, and Ray's
-    # object-store copy of the batches being encoded), native memory not yet accounted for
-    # (one more file-sized buffer at the peak, gRPC's windows, thread arenas).
-    # Measured +225..+271 MiB for this 100 MiB budget; the known gap is in README.md.
-    assert growth < 3.5 * BUDGET, f"grew by {growth / MiB:.0f} MiB"
+    # The budget counts every received byte until its file is answered, in the front end's
+    # heap or in Ray's object store. Beyond it (README, "Bounded memory"): gRPC's buffers
+    # of each open stream, about one chunk and one receive window, and the runtime's
+    # thread arenas. Measured: +111..+119 MiB here; before the fixes +225..+271 MiB.
+    beyond = senders * PER_STREAM + RUNTIME
+    assert growth < BUDGET + beyond, f"grew by {growth / MiB:.0f} MiB"
 
 
 def test_a_stalled_sender_is_cut_off_and_others_are_served(small_node: Node) -> None:
@@ -125,8 +129,8 @@ def test_a_stalled_sender_is_cut_off_and_others_are_served(small_node: Node) -> 
     stalled_answers: list[pb.IngestResult] = []
 
     def stalling_requests() -> Iterator[pb.IngestChunk]:
-        for offset in range(0, 60 * MiB, 4 * MiB):  # 60 of 80 MiB, then nothing
-            yield pb.IngestChunk(file_id="stalled", data=stalled[offset : offset + 4 * MiB])
+        for offset in range(0, 60 * MiB, MiB):  # 60 of 80 MiB, then nothing
+            yield pb.IngestChunk(file_id="stalled", data=stalled[offset : offset + MiB])
         release.wait(120)
 
     def stall() -> None:

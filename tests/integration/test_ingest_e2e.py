@@ -284,7 +284,7 @@ def test_stream_ending_mid_file_rejects_only_that_file(client: StrataClient) -> 
     def requests() -> Iterator[pb.IngestChunk]:
         yield pb.IngestChunk(file_id="whole", data=good, last=True)
         yield pb.IngestChunk(file_id="cut", data=good[:1000])  # next file starts instead
-        yield pb.IngestChunk(file_id="oversized-chunk", data=b"\0" * (4 * MiB + 1), last=True)
+        yield pb.IngestChunk(file_id="oversized-chunk", data=b"\0" * (MiB + 1), last=True)
         yield pb.IngestChunk(file_id="unfinished", data=good[:2000])  # stream ends
 
     results = {r.file_id: r for r in client.archive.Ingest(requests())}
@@ -316,13 +316,13 @@ def test_fast_sender_is_pushed_back(client: StrataClient) -> None:
             buffer = io.BytesIO()
             source.save_as(buffer)
             data = buffer.getvalue()
-            for offset in range(0, len(data), 2 * MiB):
-                sent += len(data[offset : offset + 2 * MiB])
+            for offset in range(0, len(data), MiB):
+                sent += len(data[offset : offset + MiB])
                 ahead.append(sent - acknowledged)
                 yield pb.IngestChunk(
                     file_id=str(index),
-                    data=data[offset : offset + 2 * MiB],
-                    last=offset + 2 * MiB >= len(data),
+                    data=data[offset : offset + MiB],
+                    last=offset + MiB >= len(data),
                 )
 
     statuses = []

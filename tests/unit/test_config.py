@@ -34,6 +34,7 @@ def test_file_then_environment_then_overrides(
         ({"port": 70000}, "port must be"),
         ({"minio_drives": 2}, "at least 4"),
         ({"max_inflight_bytes": 10}, "max_inflight_bytes"),
+        ({"max_concurrent_calls": 0}, "max_concurrent_calls must be at least 1"),
         ({"batch_max_files": "many"}, "batch_max_files must be a whole number"),
         ({"minio_endpoint": "127.0.0.1:9000"}, "minio_access_key"),
     ],

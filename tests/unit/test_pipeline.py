@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,19 @@ def test_lossy_original_is_never_transcoded(key_file: Path) -> None:
     with pytest.raises(TranscodeRefusedError, match="lossy"):
         rebuild(blob, ref, HTJ2K_LOSSLESS, load_key_file(key_file))
     assert rebuild(blob, ref, "original", load_key_file(key_file)).data == data
+
+
+def test_an_ingest_item_pickles_its_bytes_out_of_band() -> None:
+    """Ray pickles task arguments with protocol 5: the file's bytes must travel as one
+    out-of-band buffer (copied once into the object store), not inside the pickle."""
+    data = bytearray(np.random.default_rng(3).bytes(1 << 20))
+    item = IngestItem("f", data, hashlib.sha256(data).hexdigest())
+    buffers: list[pickle.PickleBuffer] = []
+    inline = pickle.dumps(item, protocol=5, buffer_callback=buffers.append)
+    assert len(inline) < 1024
+    assert [len(buffer.raw()) for buffer in buffers] == [len(data)]
+    again = pickle.loads(inline, buffers=buffers)
+    assert isinstance(again.data, bytes)
+    assert again == IngestItem("f", bytes(data), item.sha256)
+    # Without out-of-band support (an older protocol) it still round-trips.
+    assert pickle.loads(pickle.dumps(item, protocol=4)) == again
