@@ -50,8 +50,8 @@ class Config:
     port: int = 50051
     max_file_bytes: int = 1024 * MiB
     max_inflight_bytes: int = 1536 * MiB
-    # Calls served at once (ingest streams, retrievals, searches); gRPC refuses more with
-    # RESOURCE_EXHAUSTED. Each open stream may hold about 2 MiB outside the byte budget.
+    # Ingest streams and retrievals served at once; more are refused RESOURCE_EXHAUSTED.
+    # Each open stream may hold about 3 MiB outside the byte budget.
     max_concurrent_calls: int = 100
     # Storage
     data_dir: Path = field(default_factory=lambda: _data_home() / "strata")

@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -95,6 +95,14 @@ class _Pending:
     sha256: str
     item: IngestItem | None  # dropped once handed to Ray, so its bytes are held once
     future: asyncio.Future[FileResult]
+    on_released: Callable[[], object] | None  # called once Ray holds none of its bytes
+
+    def release(self) -> None:
+        """The file's bytes are no longer held here or in Ray: say so, once."""
+        self.item = None
+        callback, self.on_released = self.on_released, None
+        if callback is not None:
+            callback()
 
 
 class Dispatcher:
@@ -133,6 +141,23 @@ class Dispatcher:
         # store without a catalog row yet), and those whose orphan object is being removed.
         self._in_flight: Counter[str] = Counter()
         self._removing: dict[str, asyncio.Event] = {}
+        # Counts Ray runtimes: parts put into the object store of an earlier one are gone.
+        self.generation = 0
+
+    def runtime_lost(self) -> None:
+        """Ray is going down: files not yet in a batch whose parts are in its object store
+        are answered ``storage_failed`` now, and parts of an older generation are refused
+        from now on (see ``submit``)."""
+        self.generation += 1
+        kept: list[_Pending] = []
+        lost: list[_Pending] = []
+        for pending in self._pending:
+            (lost if pending.item is not None and pending.item.parts else kept).append(pending)
+        self._answer_all(lost, Reason.STORAGE_FAILED, _NOT_STORED)
+        for pending in lost:
+            self._finished(pending)
+        self._pending = kept
+        self._pending_bytes = sum(p.item.size for p in kept if p.item is not None)
 
     def reset(self, catalog: Any) -> None:
         """Carry on over a restarted Ray: a new catalog writer handle, settings put again.
@@ -146,14 +171,6 @@ class Dispatcher:
         for task in self._ingesting:
             self._cut_off.add(task)
             task.cancel()
-        # Files not yet in a batch whose parts were in the old object store are lost.
-        kept: list[_Pending] = []
-        lost: list[_Pending] = []
-        for pending in self._pending:
-            (lost if pending.item is not None and pending.item.parts else kept).append(pending)
-        self._answer_all(lost, Reason.STORAGE_FAILED, _NOT_STORED)
-        self._pending = kept
-        self._pending_bytes = sum(p.item.size for p in kept if p.item is not None)
 
     @contextlib.asynccontextmanager
     async def removing(self, sha256: str) -> AsyncIterator[bool]:
@@ -172,17 +189,40 @@ class Dispatcher:
             del self._removing[sha256]
             done.set()
 
-    async def submit(self, item: IngestItem) -> FileResult:
-        """Store one file; returns once it is committed (or rejected)."""
-        while (removal := self._removing.get(item.sha256)) is not None:
-            await removal.wait()  # an orphan with these bytes is being deleted: not after
+    async def submit(
+        self,
+        item: IngestItem,
+        generation: int | None = None,
+        on_released: Callable[[], object] | None = None,
+    ) -> FileResult:
+        """Store one file; returns once it is committed (or rejected).
+
+        ``generation`` is the Ray generation its parts were put in (if it has parts).
+        ``on_released`` is called once neither this dispatcher nor Ray holds the file's
+        bytes any more: after its batch ends, even when the caller stopped waiting.
+        """
+        try:
+            while (removal := self._removing.get(item.sha256)) is not None:
+                await removal.wait()  # an orphan with these bytes is being deleted: not after
+        except asyncio.CancelledError:
+            if on_released is not None:
+                on_released()
+            raise
+        if item.parts and generation != self.generation:
+            if on_released is not None:
+                on_released()
+            return FileResult(
+                item.file_id, "rejected", reason=Reason.STORAGE_FAILED.value, message=_NOT_STORED
+            )
         self._in_flight[item.sha256] += 1
         future: asyncio.Future[FileResult] = asyncio.get_running_loop().create_future()
         ticket = f"t{next(self._tickets)}"
-        pending = _Pending(item.file_id, ticket, item.sha256, replace(item, file_id=ticket), future)
+        pending = _Pending(
+            item.file_id, ticket, item.sha256, replace(item, file_id=ticket), future, on_released
+        )
         self._pending.append(pending)
         # A caller that gives up (its client went away) lets go of the bytes at once, if
-        # they have not been handed to Ray yet: its budget is released at the same time.
+        # they have not been handed to Ray yet.
         future.add_done_callback(lambda done: _drop_if_cancelled(pending, done))
         self._pending_bytes += item.size
         del item  # the caller has let go of it too: while waiting, only _Pending holds it
@@ -215,9 +255,14 @@ class Dispatcher:
             # as far as this dispatcher knows.
             self._answer_all(batch, Reason.UNCONFIRMED, _UNCONFIRMED)
             for pending in batch:
-                self._in_flight[pending.sha256] -= 1
-                if not self._in_flight[pending.sha256]:
-                    del self._in_flight[pending.sha256]
+                self._finished(pending)
+
+    def _finished(self, pending: _Pending) -> None:
+        """``pending`` is answered and its batch over: Ray holds nothing of it any more."""
+        self._in_flight[pending.sha256] -= 1
+        if not self._in_flight[pending.sha256]:
+            del self._in_flight[pending.sha256]
+        pending.release()
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         task = asyncio.current_task()
@@ -234,7 +279,7 @@ class Dispatcher:
             self._answer_all(batch, Reason.STORAGE_FAILED, _NOT_STORED)
             return
         except Exception as error:  # noqa: BLE001 - every file of the batch learns of it
-            log.error("a batch of %d files failed in the workers: %s", len(batch), _cause(error))
+            log.error("a batch of %d files failed in the workers: %s", len(batch), cause_of(error))
             self._answer_all(batch, Reason.STORAGE_FAILED, _NOT_STORED)
             return
         finally:
@@ -309,12 +354,12 @@ class Dispatcher:
             log.warning(
                 "commit of %d rows failed (%s); retrying in %.2f s",
                 len(stored),
-                _cause(failure),
+                cause_of(failure),
                 delay,
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-        log.error("commit of %d rows gave up: %s", len(stored), _cause(failure))
+        log.error("commit of %d rows gave up: %s", len(stored), cause_of(failure))
         if uncertain:
             reason, message = Reason.UNCONFIRMED, _UNCONFIRMED
         else:
@@ -333,8 +378,9 @@ class Dispatcher:
 
 
 def _drop_if_cancelled(pending: _Pending, future: asyncio.Future[FileResult]) -> None:
-    if future.cancelled():
-        pending.item = None
+    if future.cancelled() and pending.item is not None:
+        # Not handed to Ray yet (once it is, the batch's end releases it).
+        pending.release()
 
 
 def _committed_result(row: Committed, retried: bool) -> FileResult:
@@ -344,7 +390,7 @@ def _committed_result(row: Committed, retried: bool) -> FileResult:
     return FileResult(row.file_id, status, record=row.record)
 
 
-def _cause(error: BaseException) -> str:
+def cause_of(error: BaseException) -> str:
     """A short, internal description of a failure for the server log (no PHI, no data)."""
     if isinstance(error, ray.exceptions.RayTaskError):
         return f"{type(error.cause).__name__}: {error.cause}"

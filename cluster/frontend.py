@@ -24,7 +24,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cluster import catalog
 from cluster.admission import ByteBudget
 from cluster.config import CHUNK_LIMIT
-from cluster.dispatch import DeadlineExceededError, Dispatcher, FileResult, cancel, within
+from cluster.dispatch import (
+    DeadlineExceededError,
+    Dispatcher,
+    FileResult,
+    cancel,
+    cause_of,
+    within,
+)
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
 from workers import store
@@ -70,7 +77,7 @@ class _Assembly:
     """
 
     file_id: str
-    generation: int  # of the Ray runtime its parts are in
+    generation: int = 0  # of the Ray runtime its parts are in (Dispatcher.generation)
     data: bytearray = field(default_factory=bytearray)
     parts: list[Any] = field(default_factory=list)  # Ray object refs
     parts_bytes: int = 0
@@ -78,12 +85,16 @@ class _Assembly:
     reserved: int = 0
     hasher: Any = field(default_factory=hashlib.sha256)
     rejected: bool = False
+    # Handed to the dispatcher, which then says when its budget may be released.
+    submitted: bool = False
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes, generation: int) -> None:
         self.size += len(data)
         self.data += data
         self.hasher.update(data)
         if len(self.data) >= PART_BYTES:
+            if not self.parts:
+                self.generation = generation
             # Copied once, out of band (numpy), straight into the object store.
             self.parts.append(ray.put(np.frombuffer(self.data, dtype=np.uint8)))
             self.parts_bytes += len(self.data)
@@ -121,8 +132,11 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         max_file_bytes: int,
         catalog_bucket: str,
         deadlines: Deadlines | None = None,
+        max_calls: int = 100,
     ) -> None:
         self._dispatcher = dispatcher
+        self._max_calls = max_calls
+        self._calls = 0
         self._catalog = catalog_actor
         self._settings = settings
         self._settings_ref = ray.put(settings)
@@ -136,32 +150,51 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         # Set while a component is down and being restarted: new work is refused at once
         # with this sentence instead of waiting on a component that cannot answer.
         self.unavailable: str | None = None
-        # Counts Ray restarts: parts put before one are gone with the old object store.
-        self._generation = 0
 
     def rebind(self, catalog_actor: Any) -> None:
         """Carry on over a restarted Ray runtime with its new catalog writer."""
         self._catalog = catalog_actor
         self._settings_ref = ray.put(self._settings)
-        self._generation += 1
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """One of the ``max_calls`` calls served at once, or RESOURCE_EXHAUSTED now.
+
+        Each call holds gRPC buffers outside the byte budget (an ingest stream about one
+        chunk and one receive window); counting them here bounds that memory too. gRPC's
+        own limit (maximum_concurrent_rpcs) only queues the calls past it, buffers and all.
+        """
+        if self._calls >= self._max_calls:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the archive is serving as many calls as it may at once ({self._max_calls}, "
+                "max_concurrent_calls); try again shortly",
+            )
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._calls -= 1
 
     async def Ingest(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.IngestChunk], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IngestResult]:
-        results: asyncio.Queue[pb.IngestResult | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(request_iterator, results))
-        try:
-            while (result := await results.get()) is not None:
-                yield result
-            await reader
-        finally:
-            # A client that cancels (or whose call ends) frees what it started: its partial
-            # file's budget, and its files' waits (work already handed to a worker batch
-            # shared with other clients still finishes; a resend is answered DUPLICATE).
-            if not reader.done():
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+        async with self._slot(context):
+            results: asyncio.Queue[pb.IngestResult | None] = asyncio.Queue()
+            reader = asyncio.create_task(self._read(request_iterator, results))
+            try:
+                while (result := await results.get()) is not None:
+                    yield result
+                await reader
+            finally:
+                # A client that cancels (or whose call ends) frees what it started: its
+                # partial file's budget, and its files' waits (work already handed to a
+                # worker batch shared with other clients still finishes; a resend is
+                # answered DUPLICATE).
+                if not reader.done():
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
 
     async def _read(
         self,
@@ -196,7 +229,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                         )
                     current = None
                 if current is None:
-                    current = _Assembly(chunk.file_id, self._generation)
+                    current = _Assembly(chunk.file_id)
                     if chunk.file_id in unanswered:
                         await self._reject(current, results, owner, Reason.BAD_REQUEST, _REUSED_ID)
                 if not current.rejected:
@@ -248,14 +281,17 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                 f"the file exceeds the configured limit of {self._max_file_bytes} bytes "
                 "(max_file_bytes)",
             )
+        elif current.parts and current.generation != self._dispatcher.generation:
+            # Ray was restarted while this file arrived: its first parts are gone.
+            await self._reject(current, results, owner, Reason.STORAGE_FAILED, _PARTS_LOST)
         else:
             # Waiting here is the backpressure: the stream is not read until room frees.
             await self._budget.acquire(len(data), owner, current)
             current.reserved += len(data)
             try:
-                current.add(data)
-            except Exception as error:  # noqa: BLE001 - Ray is down: this file cannot go on
-                log.error("a part of a file could not be handed to Ray: %s", type(error).__name__)
+                current.add(data, self._dispatcher.generation)
+            except Exception as error:  # noqa: BLE001 - Ray is down or its store is full
+                log.error("a part of a file could not be handed to Ray: %s", cause_of(error))
                 await self._reject(
                     current, results, owner, Reason.UNAVAILABLE, self.unavailable or _PART_FAILED
                 )
@@ -281,6 +317,11 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             )
         )
 
+    def _release_soon(self, current: _Assembly, owner: object) -> None:
+        release = asyncio.ensure_future(self._release(current, owner))
+        self._background.add(release)
+        release.add_done_callback(self._background.discard)
+
     async def _release(self, current: _Assembly, owner: object) -> None:
         await self._budget.close_file(current)
         if current.reserved:
@@ -296,7 +337,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
     ) -> None:
         sha256 = current.hasher.hexdigest()
         try:
-            result = await self._store_once(current, sha256)
+            result = await self._store_once(current, sha256, owner)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -310,19 +351,16 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             )
         finally:
             current.drop()
-            await self._release(current, owner)
+            if not current.submitted:  # else the dispatcher says when (see _store_once)
+                await self._release(current, owner)
             unanswered.discard(current.file_id)
         results.put_nowait(_to_proto(result, current.size, sha256))
 
-    async def _store_once(self, current: _Assembly, sha256: str) -> FileResult:
+    async def _store_once(self, current: _Assembly, sha256: str, owner: object) -> FileResult:
         file_id = current.file_id
         if self.unavailable is not None:
             return FileResult(
                 file_id, "rejected", reason=Reason.UNAVAILABLE.value, message=self.unavailable
-            )
-        if current.parts and current.generation != self._generation:
-            return FileResult(
-                file_id, "rejected", reason=Reason.STORAGE_FAILED.value, message=_PARTS_LOST
             )
         while (earlier := self._inflight.get(sha256)) is not None:
             try:
@@ -341,7 +379,14 @@ class ArchiveService(pb_grpc.ArchiveServicer):
             if known is not None:
                 result = FileResult(file_id, "duplicate", record=known)
             else:
-                result = await self._dispatcher.submit(current.take(file_id, sha256))
+                # The budget stays held until Ray has let go of the bytes too, even if
+                # this client goes away before its answer.
+                current.submitted = True
+                result = await self._dispatcher.submit(
+                    current.take(file_id, sha256),
+                    current.generation,
+                    on_released=lambda: self._release_soon(current, owner),
+                )
             future.set_result(result)
             return result
         except BaseException:
@@ -365,6 +410,12 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         return known
 
     async def Retrieve(  # type: ignore[override]  # noqa: N802 - gRPC method name
+        self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async with self._slot(context):
+            await self._retrieve(request, context)
+
+    async def _retrieve(
         self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> None:
         # Written with context.write rather than yielded, so that a client that stops
@@ -407,6 +458,13 @@ class ArchiveService(pb_grpc.ArchiveServicer):
     async def RetrieveFrames(  # noqa: N802 - gRPC method name
         self, request: pb.RetrieveFramesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Frame]:
+        async with self._slot(context):
+            for frame in await self._frames(request, context):
+                yield frame
+
+    async def _frames(
+        self, request: pb.RetrieveFramesRequest, context: grpc.aio.ServicerContext
+    ) -> list[pb.Frame]:
         if not request.frames:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no frame numbers given")
         await self._check_available(context)
@@ -415,13 +473,15 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         task = _frames_task.remote(ref, list(request.frames), self._settings_ref, request.decoded)
         frames = await self._reading(task, record, context)  # cancelled there if late
         self._record_access(record)
-        for frame in frames:
-            yield pb.Frame(
+        return [
+            pb.Frame(
                 number=frame.number,
                 data=frame.data,
                 transfer_syntax=frame.transfer_syntax,
                 bytes_read=frame.bytes_read,
             )
+            for frame in frames
+        ]
 
     async def _check_available(self, context: grpc.aio.ServicerContext) -> None:
         if self.unavailable is not None:
@@ -683,7 +743,8 @@ _REUSED_ID = (
     "of a stream its own file_id"
 )
 _PART_FAILED = (
-    "the archive's workers are restarting; nothing was stored for this file, send it again shortly"
+    "the archive could not take this file in (its workers' object store refused it); "
+    "nothing was stored for it, send it again shortly"
 )
 _PARTS_LOST = (
     "the archive restarted a component while this file arrived; nothing was stored for it, "

@@ -37,7 +37,6 @@ async def start_server(
     catalog: CatalogService,
     host: str,
     port: int,
-    max_concurrent_calls: int = 100,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start serving on ``host:port`` (0 picks a free port).
 
@@ -46,7 +45,6 @@ async def start_server(
     """
     give_large_blocks_back()
     server = grpc.aio.server(
-        maximum_concurrent_rpcs=max_concurrent_calls,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_SENT_MESSAGE),

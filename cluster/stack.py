@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2
 
 from cluster.admission import ByteBudget
 from cluster.catalog import CatalogWriter
-from cluster.config import CODECS, Config
+from cluster.config import CODECS, Config, ConfigError
 from cluster.dispatch import Dispatcher, within
 from cluster.frontend import ArchiveService, CatalogService, Deadlines
 from cluster.minio_server import MinioServer, ensure_minio_binary
@@ -127,9 +127,9 @@ class Stack:
                 host=config.ray_node_ip,
             )
             self._started_ray = True
-        worker_cpus = config.worker_cpus or int(
-            ray.cluster_resources().get("CPU", os.cpu_count())  # type: ignore[no-untyped-call]
-        )
+        resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        worker_cpus = config.worker_cpus or int(resources.get("CPU", os.cpu_count()))
+        _check_object_store(config.max_inflight_bytes, resources.get("object_store_memory"))
 
         self._catalog = self._new_catalog_writer()
         await self._catalog.ready.remote()  # wait until the tables are open
@@ -155,6 +155,7 @@ class Stack:
                 read_s=config.read_deadline_s,
                 lookup_s=min(10, config.read_deadline_s),
             ),
+            max_calls=config.max_concurrent_calls,
         )
         if holder is not None:
             holder.close()  # the server binds it next
@@ -163,7 +164,6 @@ class Stack:
             CatalogService(settings, config.catalog_bucket),
             config.host,
             config.port,
-            config.max_concurrent_calls,
         )
         if self.embedded:
             _write_node_file(config.data_dir, self.address, self.store_settings)
@@ -250,6 +250,7 @@ class Stack:
         config = self.config
         # The old runtime's handles are useless: drop them, start a new runtime, and hand
         # the new writer to the dispatcher (which answers batches that were lost with it).
+        self._dispatcher.runtime_lost()
         if ray.is_initialized():
             ray.shutdown()
         init_local_ray(
@@ -351,6 +352,19 @@ def _dead_ray_processes() -> list[str]:
     if node is None:
         return []
     return sorted({str(kind) for kind, _ in node.dead_processes()})
+
+
+def _check_object_store(budget: int, store_bytes: float | None) -> None:
+    """Refuse a byte budget that Ray's object store cannot hold with room to spare.
+
+    Files in flight are in the object store; past its size Ray spills them to local disk,
+    unencrypted, and a full store makes the front end wait on Ray.
+    """
+    if store_bytes and budget > store_bytes / 2:
+        raise ConfigError(
+            f"max_inflight_bytes ({budget} bytes) must be at most half of Ray's object store "
+            f"({int(store_bytes)} bytes); lower it, or give Ray more memory"
+        )
 
 
 def _hold_port(host: str, port: int) -> socket.socket | None:

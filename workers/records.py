@@ -53,10 +53,12 @@ class IngestItem:
         return (_item, (self.file_id, data, self.sha256, self.parts, self.parts_bytes))
 
 
-def _item(file_id: str, data: Any, sha256: str, parts: tuple[Any, ...], size: int) -> IngestItem:
+def _item(
+    file_id: str, data: Any, sha256: str, parts: tuple[Any, ...], parts_bytes: int
+) -> IngestItem:
     # Out of band, ``data`` is a read-only view of Ray's object store, valid only while
     # the task's arguments are pinned: the worker takes its own copy.
-    return IngestItem(file_id, bytes(data), sha256, parts, size)
+    return IngestItem(file_id, bytes(data), sha256, parts, parts_bytes)
 
 
 @dataclass(frozen=True)

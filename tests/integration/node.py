@@ -88,7 +88,7 @@ class Node:
                 if taken in self.log_path.read_bytes()[logged_before:]:
                     raise _PortTakenError
                 raise RuntimeError(f"strata serve exited early:\n{self.log_tail()}")
-            if self._healthy():
+            if self.healthy():
                 return
             time.sleep(0.5)
         self.stop()
@@ -101,7 +101,7 @@ class Node:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _healthy(self) -> bool:
+    def healthy(self) -> bool:
         try:
             with grpc.insecure_channel(self.address) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)

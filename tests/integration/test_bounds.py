@@ -38,6 +38,7 @@ MiB = 1024 * 1024
 BUDGET = 100 * MiB
 MAX_FILE = 96 * MiB
 IDLE_S = 3
+CALLS = 4
 # What the front end may hold beyond its budget (see README, "Bounded memory").
 PER_STREAM = 4 * MiB
 RUNTIME = 16 * MiB
@@ -51,6 +52,7 @@ def small_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         max_file_bytes=str(MAX_FILE),
         idle_timeout_s=str(IDLE_S),
         read_deadline_s="30",
+        max_concurrent_calls=str(CALLS),
     ) as node:
         yield node
 
@@ -161,6 +163,43 @@ def test_a_stalled_sender_is_cut_off_and_others_are_served(small_node: Node) -> 
     assert stalled_answers[0].status == pb.INGEST_STATUS_REJECTED
     assert stalled_answers[0].reason == "idle_timeout"
     assert f"nothing arrived for {IDLE_S} s" in stalled_answers[0].message
+
+
+def test_calls_past_the_limit_are_refused_while_health_still_answers(small_node: Node) -> None:
+    release = threading.Event()
+    answered: list[str] = []
+
+    def one_file_then_wait() -> Iterator[pb.IngestChunk]:
+        (name, data) = ct_instances(1, "held")[0]
+        yield pb.IngestChunk(file_id=name, data=data, last=True)
+        release.wait(60)  # the stream stays open between files: not timed out
+
+    def hold() -> None:
+        with StrataClient(small_node.address) as client:
+            answered.extend(r.status for r in client.archive.Ingest(one_file_then_wait()))
+
+    threads = [threading.Thread(target=hold) for _ in range(CALLS)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(answered) < CALLS and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answered == [pb.INGEST_STATUS_STORED] * CALLS
+        with StrataClient(small_node.address) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.retrieve("1.2.3.4.5")
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_concurrent_calls" in (refused.value.details() or "")
+        assert small_node.healthy()  # health checks are not counted
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    with StrataClient(small_node.address) as client:  # the slots are free again
+        with pytest.raises(grpc.RpcError) as missing:
+            client.retrieve("1.2.3.4.5")
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_deflate_bomb_is_refused_before_it_is_inflated(small_node: Node) -> None:
