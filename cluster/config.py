@@ -84,6 +84,10 @@ class Config:
     batch_wait_ms: int = 20
     commit_max_rows: int = 64
     commit_wait_ms: int = 50
+    # The catalog writer compacts, checkpoints and vacuums its tables every this many
+    # group commits; versions younger than the retention window stay readable (time travel).
+    catalog_maintain_every_commits: int = 200
+    catalog_retention_hours: int = 168
     # Deadlines (seconds). A sender silent this long in the middle of a file is cut off and
     # its budget given back; every remote call and read step has its own deadline.
     idle_timeout_s: int = 30
@@ -145,9 +149,14 @@ class Config:
             "commit_deadline_s",
             "watch_interval_s",
             "reconcile_interval_s",
+            "catalog_maintain_every_commits",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.catalog_retention_hours < 0:
+            raise ConfigError(
+                f"catalog_retention_hours must not be negative, not {self.catalog_retention_hours}"
+            )
         if self.orphan_grace_s < 0:
             raise ConfigError(f"orphan_grace_s must not be negative, not {self.orphan_grace_s}")
         if self.worker_cpus < 0:

@@ -490,19 +490,15 @@ class ArchiveService(pb_grpc.ArchiveServicer):
     async def _find(
         self, sop_instance_uid: str, version: int, context: grpc.aio.ServicerContext
     ) -> InstanceRecord:
+        # A keyed lookup in the catalog writer's index: never a scan of the archive.
         try:
-            record = await asyncio.wait_for(
-                asyncio.to_thread(
-                    catalog.latest_instance,
-                    self._settings.store,
-                    sop_instance_uid,
-                    version or None,
-                    bucket=self._catalog_bucket,
-                ),
-                self._deadlines.read_s,
+            record: InstanceRecord | None = await within(
+                self._catalog.latest.remote(sop_instance_uid, version or None),
+                self._deadlines.lookup_s,
+                "the catalog writer",
             )
         except Exception as error:
-            log.error("catalog lookup for a retrieval failed: %s: %s", type(error).__name__, error)
+            log.error("catalog lookup for a retrieval failed: %s", cause_of(error))
             await context.abort(grpc.StatusCode.UNAVAILABLE, _CATALOG_DOWN)
             raise
         if record is None:

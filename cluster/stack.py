@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2
 
 from cluster.admission import ByteBudget
 from cluster.catalog import CatalogWriter
+from cluster.catalog.maintenance import MaintenancePolicy
 from cluster.config import CODECS, Config, ConfigError
 from cluster.dispatch import Dispatcher, within
 from cluster.frontend import ArchiveService, CatalogService, Deadlines
@@ -192,6 +193,15 @@ class Stack:
                 bucket=self.config.catalog_bucket,
                 max_batch=self.config.commit_max_rows,
                 max_wait_s=self.config.commit_wait_ms / 1000,
+                # The keyed index lives beside the node's data; a writer restarted on this
+                # machine opens it and catches up instead of rebuilding it.
+                maintenance=MaintenancePolicy(
+                    every_commits=self.config.catalog_maintain_every_commits,
+                    retention_hours=self.config.catalog_retention_hours,
+                ),
+                index_path=str(
+                    self.config.data_dir / "catalog-index" / f"{self.config.catalog_bucket}.sqlite"
+                ),
             )
         )
 

@@ -6,9 +6,11 @@ Every test under tests/integration is marked ``integration`` here, so
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from pydicom.uid import generate_uid
 from cluster.minio_server import MinioServer
 from cluster.ray_runtime import init_local_ray
 from tests.integration.node import Node
+from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored
 
 _HERE = Path(__file__).parent
 MiB = 1024 * 1024
@@ -102,3 +105,54 @@ def ct_instances(count: int, tag: str, *, frames: int = 0) -> list[tuple[str, by
         dataset.save_as(buffer, enforce_file_format=True)
         out.append((f"{tag}-{number:03}", buffer.getvalue()))
     return out
+
+
+STUDY_A = "1.2.826.0.1.3680043.8.498.1"
+STUDY_B = "1.2.826.0.1.3680043.8.498.2"
+
+
+def make_record(
+    sop_uid: str,
+    *,
+    content: str = "",
+    study_uid: str = STUDY_A,
+    series_uid: str | None = None,
+    modality: str = "CT",
+    study_date: date | None = date(2024, 3, 1),
+    bytes_in: int = 1000,
+    ingest_time: datetime | None = None,
+) -> InstanceRecord:
+    """A record carrying pseudonyms only, as the pipeline builds it."""
+    return InstanceRecord(
+        sop_instance_uid=sop_uid,
+        series_instance_uid=series_uid or f"{study_uid}.1",
+        study_instance_uid=study_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        modality=modality,
+        body_part="CHEST",
+        study_date=study_date,
+        patient_pseudonym="pp-" + hashlib.sha256(study_uid.encode()).hexdigest()[:16],
+        accession_pseudonym="ap-" + hashlib.sha256(study_uid.encode()).hexdigest()[16:32],
+        transfer_syntax_in="1.2.840.10008.1.2.1",
+        transfer_syntax_stored=HTJ2K_LOSSLESS,
+        storage_action="transcoded",
+        storage_note="",
+        frames=1,
+        rows=512,
+        columns=512,
+        bits_allocated=16,
+        bits_stored=12,
+        samples_per_pixel=1,
+        photometric_interpretation="MONOCHROME2",
+        bytes_in=bytes_in,
+        bytes_stored=bytes_in // 2,
+        sha256=hashlib.sha256(f"{sop_uid}/{content}".encode()).hexdigest(),
+        object_key=f"objects/{sop_uid}/{content or 'v'}",
+        tier="hot",
+        key_id="kek-1",
+        ingest_time=ingest_time or datetime.now(UTC),
+    )
+
+
+def stored(record: InstanceRecord, file_id: str | None = None) -> Stored:
+    return Stored(file_id or f"file-{record.sha256[:8]}", record)

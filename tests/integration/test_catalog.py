@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -17,58 +16,11 @@ from deltalake import DeltaTable, write_deltalake
 
 from cluster import catalog
 from cluster.catalog import CatalogWriter, Committed
+from cluster.catalog.maintenance import MaintenancePolicy
 from cluster.minio_server import MinioServer
-from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored, StoreSettings
-
-STUDY_A = "1.2.826.0.1.3680043.8.498.1"
-STUDY_B = "1.2.826.0.1.3680043.8.498.2"
-
-
-def make_record(
-    sop_uid: str,
-    *,
-    content: str = "",
-    study_uid: str = STUDY_A,
-    series_uid: str | None = None,
-    modality: str = "CT",
-    study_date: date | None = date(2024, 3, 1),
-    bytes_in: int = 1000,
-    ingest_time: datetime | None = None,
-) -> InstanceRecord:
-    """A record carrying pseudonyms only, as the pipeline builds it."""
-    return InstanceRecord(
-        sop_instance_uid=sop_uid,
-        series_instance_uid=series_uid or f"{study_uid}.1",
-        study_instance_uid=study_uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        modality=modality,
-        body_part="CHEST",
-        study_date=study_date,
-        patient_pseudonym="pp-" + hashlib.sha256(study_uid.encode()).hexdigest()[:16],
-        accession_pseudonym="ap-" + hashlib.sha256(study_uid.encode()).hexdigest()[16:32],
-        transfer_syntax_in="1.2.840.10008.1.2.1",
-        transfer_syntax_stored=HTJ2K_LOSSLESS,
-        storage_action="transcoded",
-        storage_note="",
-        frames=1,
-        rows=512,
-        columns=512,
-        bits_allocated=16,
-        bits_stored=12,
-        samples_per_pixel=1,
-        photometric_interpretation="MONOCHROME2",
-        bytes_in=bytes_in,
-        bytes_stored=bytes_in // 2,
-        sha256=hashlib.sha256(f"{sop_uid}/{content}".encode()).hexdigest(),
-        object_key=f"objects/{sop_uid}/{content or 'v'}",
-        tier="hot",
-        key_id="kek-1",
-        ingest_time=ingest_time or datetime.now(UTC),
-    )
-
-
-def stored(record: InstanceRecord, file_id: str | None = None) -> Stored:
-    return Stored(file_id or f"file-{record.sha256[:8]}", record)
+from tests.integration.conftest import STUDY_A, STUDY_B, make_record, stored
+from workers import store
+from workers.records import StoreSettings
 
 
 def start_writer(settings: StoreSettings, bucket: str, **options: Any) -> Any:
@@ -146,9 +98,9 @@ def test_duplicates_versions_and_restart(
     )
     assert (dup.status, dup.version, dup.record) == ("duplicate", 2, b.record)
     assert (fourth.status, fourth.version) == ("stored", 4)
-    assert catalog.latest_instance(settings, "1.2.9.1", bucket=bucket_name) == fourth.record
-    assert catalog.latest_instance(settings, "1.2.9.1", 2, bucket=bucket_name) == b.record
-    assert catalog.latest_instance(settings, "9.9.9", bucket=bucket_name) is None
+    assert ray.get(restarted.latest.remote("1.2.9.1")) == fourth.record
+    assert ray.get(restarted.latest.remote("1.2.9.1", 2)) == b.record
+    assert ray.get(restarted.latest.remote("9.9.9")) is None
     [study] = catalog.find_studies(settings, bucket=bucket_name)
     # Four versions of one SOP Instance count once; every stored object's bytes count.
     assert (study.instance_count, study.bytes_in) == (2, 5 * 1000)
@@ -323,4 +275,39 @@ def test_a_failed_group_commit_fails_every_caller_and_writes_nothing(
     broken = dataclasses.replace(make_record("4.1.4"), frames=None)  # type: ignore[arg-type]
     with pytest.raises(ray.exceptions.RayTaskError):
         ray.get(writer.commit.remote([stored(broken)]))
+    ray.kill(writer)
+
+
+def test_maintenance_compacts_and_vacuums_without_losing_a_row(
+    ray_local: None, minio: MinioServer, bucket_name: str
+) -> None:
+    settings = minio.settings
+    policy = MaintenancePolicy(every_commits=10_000, retention_hours=0)
+    writer = start_writer(settings, bucket_name, max_wait_s=0.0, maintenance=policy)
+    records = [make_record(f"5.1.{n}") for n in range(12)]
+    for record in records:  # one group commit, one small file, per record
+        ray.get(writer.commit.remote([stored(record)]))
+    ray.get(writer.record_access.remote([STUDY_A]))
+    options = catalog.storage_options(settings)
+    instances = DeltaTable(catalog.table_uri(bucket_name, "instances"), storage_options=options)
+    assert len(instances.file_uris()) == 12
+    ray.get(writer.maintain_now.remote())
+    instances.update_incremental()
+    assert len(instances.file_uris()) == 1  # one day's partition, compacted
+    rows = {r.sop_instance_uid for r in catalog.find_instances(settings, bucket=bucket_name)}
+    assert rows == {r.sop_instance_uid for r in records}
+    [study] = catalog.find_studies(settings, bucket=bucket_name)
+    assert study.instance_count == 12 and study.last_access_time is not None
+    # With no retention window, no file of an older version is left in the bucket.
+    listed = store.client(settings).list_objects(bucket_name, prefix="instances/", recursive=True)
+    data = [o.object_name for o in listed if "_delta_log" not in o.object_name]
+    assert len(data) == 1
+    assert ray.get(writer.stats.remote())["maintenance_passes"] == 1
+    # The writer goes on committing after it, and its index still answers.
+    later = make_record("5.1.99")
+    [done] = ray.get(writer.commit.remote([stored(later)]))
+    assert done.status == "stored"
+    assert ray.get(writer.lookup_sha256.remote(records[0].sha256)) == dataclasses.replace(
+        records[0], version=1
+    )
     ray.kill(writer)

@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from deltalake import DeltaTable, write_deltalake
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,8 +16,7 @@ from cluster.catalog import (
     INSTANCES_SCHEMA,
     STUDIES_SCHEMA,
     IndexEntry,
-    StudyRow,
-    fold_studies,
+    derive_study,
     plan_group,
     sql_string_literal,
     storage_options,
@@ -119,20 +119,18 @@ def test_plan_never_reuses_a_version(files: list[tuple[str, str]]) -> None:
         )
 
 
-def test_fold_counts_instances_series_and_bytes() -> None:
+def test_a_study_row_counts_instances_series_and_bytes() -> None:
     first = record("1.1", "a", version=1, series_uid="s1", ingest_time=T0)
-    updated, new_series = fold_studies({}, {}, [first])
-    study = updated["1.9"]
+    study = derive_study([first], None)
     assert (study.instance_count, study.series_count, study.modalities) == (1, 1, ("CT",))
-    assert new_series == {"1.9": {"s1"}}
 
     later = [
         record("1.1", "b", version=2, series_uid="s1", ingest_time=T0 + timedelta(hours=1)),
         record("1.2", "c", version=1, series_uid="s2", modality="MR", study_date=None),
         record("1.3", "d", version=1, series_uid="s2", modality="", ingest_time=T0 - timedelta(1)),
     ]
-    updated, new_series = fold_studies({"1.9": study}, {"1.9": {"s1"}}, later)
-    study = updated["1.9"]
+    seen = T0 + timedelta(days=3)
+    study = derive_study([first, *later], seen)
     assert study.instance_count == 3  # the second version of 1.1 counts once
     assert study.series_count == 2
     assert study.modalities == ("CT", "MR")
@@ -140,15 +138,12 @@ def test_fold_counts_instances_series_and_bytes() -> None:
     assert study.first_ingest_time == T0 - timedelta(1)
     assert study.last_ingest_time == T0 + timedelta(hours=1)
     assert study.study_date == date(2024, 1, 1)
-    assert new_series == {"1.9": {"s2"}}
+    assert study.last_access_time == seen
 
 
-def test_fold_does_not_modify_its_inputs() -> None:
-    study = StudyRow("1.9", "pp", "ap", None, ("CT",), 1, 1, 1, 1, "hot", T0, T0, None)
-    series = {"1.9": {"s1"}}
-    fold_studies({"1.9": study}, series, [record("1.2", "z", version=1, series_uid="s2")])
-    assert series == {"1.9": {"s1"}}
-    assert study.instance_count == 1
+def test_a_study_row_needs_an_instance() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        derive_study([], None)
 
 
 def test_storage_options_for_minio() -> None:

@@ -1,0 +1,85 @@
+"""Keeping the catalog's tables cheap to open and to read as they grow.
+
+Each group commit adds a small file to ``instances`` and rewrites a few rows of
+``studies``; left alone, a table grows by a file and a log entry per commit, and every
+reader and writer pays for all of them. The writer therefore maintains its tables itself,
+every ``every_commits`` group commits, in the background:
+
+- compaction rewrites small files into files of about ``target_file_bytes`` (a commit
+  that changes no data, so readers and the append-only property are unaffected);
+- a checkpoint summarises the log, so opening a table reads one Parquet file and the few
+  log entries after it instead of every entry since the table was created;
+- vacuum deletes the files that no version younger than ``retention_hours`` uses (the
+  time-travel window), and expired log entries go with them.
+
+Every step is one atomic Delta operation: a writer killed in the middle of one leaves the
+table at the version before or after it, and files a killed compaction wrote but never
+committed are deleted by a later vacuum.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cluster.catalog.schema import INSTANCES, STUDIES, open_table
+from workers.records import StoreSettings
+
+log = logging.getLogger("strata.catalog")
+
+MiB = 1024 * 1024
+_LOG_RETENTION = "delta.logRetentionDuration"
+
+
+@dataclass(frozen=True)
+class MaintenancePolicy:
+    """How often and how far the writer maintains its tables."""
+
+    every_commits: int = 200
+    retention_hours: int = 168  # a week of time travel
+    target_file_bytes: int = 128 * MiB
+
+
+@dataclass
+class MaintenanceReport:
+    """What one maintenance pass did, per table."""
+
+    files_removed_by_compaction: dict[str, int] = field(default_factory=dict)
+    files_added_by_compaction: dict[str, int] = field(default_factory=dict)
+    files_vacuumed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def maintain(settings: StoreSettings, bucket: str, policy: MaintenancePolicy) -> MaintenanceReport:
+    """Compact, checkpoint and vacuum both catalog tables; blocking (run it in a thread)."""
+    started = time.monotonic()
+    report = MaintenanceReport()
+    window = f"interval {policy.retention_hours} hours"
+    for name in (INSTANCES, STUDIES):
+        table = open_table(settings, bucket, name)
+        if table.metadata().configuration.get(_LOG_RETENTION) != window:
+            # Log entries older than the window go at checkpoints, like the files.
+            table.alter.set_table_properties({_LOG_RETENTION: window})
+        metrics = table.optimize.compact(target_size=policy.target_file_bytes)
+        report.files_removed_by_compaction[name] = int(metrics.get("numFilesRemoved", 0))
+        report.files_added_by_compaction[name] = int(metrics.get("numFilesAdded", 0))
+        table.update_incremental()
+        table.create_checkpoint()
+        removed = table.vacuum(
+            retention_hours=policy.retention_hours,
+            dry_run=False,
+            # The window is the operator's choice (configuration), not delta-rs's default.
+            enforce_retention_duration=False,
+        )
+        report.files_vacuumed[name] = len(removed)
+        table.cleanup_metadata()
+    report.seconds = time.monotonic() - started
+    log.info(
+        "catalog maintained in %.1f s: compacted %s files into %s, vacuumed %s",
+        report.seconds,
+        report.files_removed_by_compaction,
+        report.files_added_by_compaction,
+        report.files_vacuumed,
+    )
+    return report
