@@ -287,7 +287,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     # is lost is caught up from the table, whose version is recorded with the rows.
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-    connection.execute("PRAGMA quick_check").fetchone()
     return connection
 
 
