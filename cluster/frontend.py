@@ -130,7 +130,6 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         settings: PipelineSettings,
         budget: ByteBudget,
         max_file_bytes: int,
-        catalog_bucket: str,
         deadlines: Deadlines | None = None,
         max_calls: int = 100,
     ) -> None:
@@ -142,7 +141,6 @@ class ArchiveService(pb_grpc.ArchiveServicer):
         self._settings_ref = ray.put(settings)
         self._budget = budget
         self._max_file_bytes = max_file_bytes
-        self._catalog_bucket = catalog_bucket
         self._deadlines = deadlines or Deadlines()
         # Identical files in flight at once (even on different streams) are stored once.
         self._inflight: dict[str, asyncio.Future[FileResult]] = {}

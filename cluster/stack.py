@@ -150,7 +150,6 @@ class Stack:
             settings,
             self.budget,
             config.max_file_bytes,
-            config.catalog_bucket,
             Deadlines(
                 idle_s=config.idle_timeout_s,
                 read_s=config.read_deadline_s,

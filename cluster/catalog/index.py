@@ -193,9 +193,7 @@ class CatalogIndex:
 
     def by_sha256s(self, sha256s: Sequence[str]) -> dict[str, InstanceRecord]:
         found: dict[str, InstanceRecord] = {}
-        for start in range(0, len(sha256s), 500):
-            chunk = sha256s[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
+        for chunk, marks in _in_lists(sha256s):
             for row in self._db.execute(_SELECT + f" WHERE sha256 IN ({marks})", chunk):
                 record = _record(row)
                 found[record.sha256] = record
@@ -214,12 +212,12 @@ class CatalogIndex:
     def max_versions(self, sop_instance_uids: Iterable[str]) -> dict[str, int]:
         """The highest version of each of these SOP Instance UIDs that has one."""
         found: dict[str, int] = {}
-        for uid in set(sop_instance_uids):
-            row = self._db.execute(
-                "SELECT max(version) FROM instances WHERE sop_instance_uid = ?", (uid,)
-            ).fetchone()
-            if row[0] is not None:
-                found[uid] = int(row[0])
+        for chunk, marks in _in_lists(list(set(sop_instance_uids))):
+            sql = (
+                "SELECT sop_instance_uid, max(version) FROM instances "
+                f"WHERE sop_instance_uid IN ({marks}) GROUP BY sop_instance_uid"
+            )
+            found.update((uid, int(version)) for uid, version in self._db.execute(sql, chunk))
         return found
 
     def study(self, study_instance_uid: str) -> StudyRow | None:
@@ -396,6 +394,13 @@ def _relative(table: DeltaTable, uris: set[str]) -> set[str]:
     """File URIs as paths relative to the table's root (as its PyArrow fragments name them)."""
     root = table.table_uri.rstrip("/") + "/"
     return {uri.removeprefix(root) for uri in uris}
+
+
+def _in_lists(values: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """``values`` in runs short enough for one SQL ``IN (?, …)``, each with its marks."""
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        yield chunk, ", ".join("?" * len(chunk))
 
 
 def _batched(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:

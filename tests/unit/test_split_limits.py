@@ -11,7 +11,6 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -20,61 +19,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    SecondaryCaptureImageStorage,
 )
 
+from tests.unit.conftest import PHI, make_file
 from workers.errors import Reason, RejectError
 from workers.split import SplitFile, split_file
 
 MiB = 1 << 20
-PHI = ("Doe^Jane", "PID-12345", "ACC-777")
 BOMB_INFLATED = 200 * MiB
 BOMB_LIMIT = 8 * MiB
-
-
-def _file(
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    *,
-    rows: int = 4,
-    columns: int = 4,
-    pixel_data: bytes | None = None,
-    **attributes: Any,
-) -> bytes:
-    """A small 16-bit Secondary Capture file; Pixel Data last, right-sized unless given."""
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    dataset.file_meta.TransferSyntaxUID = transfer_syntax
-    dataset.SOPClassUID = SecondaryCaptureImageStorage
-    dataset.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    dataset.AccessionNumber = PHI[2]
-    dataset.Modality = "OT"
-    dataset.PatientName = PHI[0]
-    dataset.PatientID = PHI[1]
-    dataset.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.2"
-    dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.3"
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.Rows = rows
-    dataset.Columns = columns
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = 16
-    dataset.HighBit = 15
-    dataset.PixelRepresentation = 0
-    for keyword, value in attributes.items():
-        setattr(dataset, keyword, value)
-    dataset.PixelData = bytes(rows * columns * 2) if pixel_data is None else pixel_data
-    dataset["PixelData"].VR = "OB" if transfer_syntax == JPEG2000Lossless else "OW"
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _deflated_parts(pixel_length: int) -> tuple[bytes, bytes]:
@@ -83,8 +40,12 @@ def _deflated_parts(pixel_length: int) -> tuple[bytes, bytes]:
     assert pixel_length % 2 == 0
     # one 16-bit pixel per frame; the value itself is left for the caller to deflate
     frames = max(pixel_length // 2, 1)
-    data = _file(
-        DeflatedExplicitVRLittleEndian, rows=1, columns=1, pixel_data=b"", NumberOfFrames=frames
+    data = make_file(
+        transfer_syntax=DeflatedExplicitVRLittleEndian,
+        rows=1,
+        columns=1,
+        pixel_data=b"",
+        NumberOfFrames=frames,
     )
     meta_end = 144 + int.from_bytes(data[140:144], "little")
     dataset = zlib.decompress(data[meta_end:], -zlib.MAX_WBITS)
@@ -264,7 +225,7 @@ def test_deflated_corpus_files_split_the_same_with_their_exact_size_as_limit() -
 
 
 def test_a_plain_data_set_over_the_limit_is_too_large() -> None:
-    data = _file(rows=16, columns=16)
+    data = make_file(rows=16, columns=16)
     split = split_file(data)
     dataset_length = len(data) - 144 - int.from_bytes(data[140:144], "little")
     assert split_file(data, max_dataset_bytes=dataset_length) == split
@@ -278,7 +239,7 @@ def test_a_plain_data_set_over_the_limit_is_too_large() -> None:
 
 def test_a_negative_limit_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="max_dataset_bytes"):
-        split_file(_file(), max_dataset_bytes=-1)
+        split_file(make_file(), max_dataset_bytes=-1)
 
 
 # --- declared sizes: never allocated before they are checked -----------------------------
@@ -296,7 +257,7 @@ def _assert_refused_cheaply(data: bytes, reason: Reason) -> RejectError:
 
 def test_a_giant_declared_native_image_is_refused_without_allocating_it() -> None:
     # 65535 × 65535 × 3 samples × 16 bits × 2^31 - 1 frames: about 5.6e19 bytes declared
-    data = _file(
+    data = make_file(
         rows=65535,
         columns=65535,
         pixel_data=bytes(16),
@@ -317,14 +278,18 @@ def _with_declared_length(data: bytes, header: bytes, length: int) -> bytes:
 
 
 def test_a_declared_element_length_past_the_end_is_truncated_without_allocating_it() -> None:
-    data = _with_declared_length(_file(), b"\xe0\x7f\x10\x00OW\0\0", 0xFFFFFFF0)
+    data = _with_declared_length(make_file(), b"\xe0\x7f\x10\x00OW\0\0", 0xFFFFFFF0)
     error = _assert_refused_cheaply(data, Reason.TRUNCATED)
     assert "(7FE0,0010) Pixel Data" in error.message
 
 
 def test_a_declared_fragment_length_past_the_end_is_truncated_without_allocating_it() -> None:
     frame = b"\xff\x4f\xff\x51" + bytes(60)
-    data = _file(JPEG2000Lossless, pixel_data=encapsulate([frame], has_bot=False))
+    data = make_file(
+        transfer_syntax=JPEG2000Lossless,
+        pixel_data=encapsulate([frame], has_bot=False),
+        pixel_vr="OB",
+    )
     # Pixel Data header, an empty Basic Offset Table item, then the fragment's item
     pixel_data = b"\xe0\x7f\x10\x00OB\0\0\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\0\0\0\0"
     fragment = pixel_data + b"\xfe\xff\x00\xe0"
@@ -347,7 +312,7 @@ def test_a_deflated_data_set_declaring_a_huge_value_is_truncated_cheaply() -> No
     ids=["superscript-two", "two-signs", "5000-digits", "13-digits", "letter"],
 )
 def test_a_number_of_frames_that_is_not_a_small_integer_is_refused(value: bytes) -> None:
-    data = _file(NumberOfFrames=1)
+    data = make_file(NumberOfFrames=1)
     element = b"\x28\x00\x08\x00IS\x02\x001 "
     assert data.count(element) == 1
     value += b" " * (len(value) % 2)
@@ -358,7 +323,7 @@ def test_a_number_of_frames_that_is_not_a_small_integer_is_refused(value: bytes)
 
 
 def test_a_number_of_frames_with_leading_zeros_and_sign_is_read() -> None:
-    data = _file(NumberOfFrames=1)
+    data = make_file(NumberOfFrames=1)
     element = b"\x28\x00\x08\x00IS\x02\x001 "
     data = data.replace(element, element[:6] + b"\x0c\x00" + b"+00000000001")
     split: SplitFile = split_file(data)
