@@ -1,23 +1,32 @@
 """Catalog costs as the archive grows: does anything cost what the archive holds?
 
-    .venv/bin/python bench/catalog.py [--rows 100000] [--group 64] [--seed 1]
+    .venv/bin/python bench/catalog.py [--rows 1000000] [--synthetic 1000,10000000]
 
-Drives the real ``CatalogWriter`` (in this process, over a real 4-drive MinIO) through
-group commits of ``--group`` synthetic instance rows (about 30 instances per study, a
-few studies per patient, five modalities), up to ``--rows``. At each size from 10³ by
-powers of ten it prints, measured in the same run:
+Two parts, over one real 4-drive MinIO started for the run; every figure is measured in
+the same run and compared with the smallest size.
 
-- the median group-commit latency of the last commits (and its ratio to that at 10³);
-- the median of 200 duplicate checks (by SHA-256) and 200 retrieval lookups (by SOP
-  Instance UID), and their ratio to those at 10³;
-- a study search by patient pseudonym and study date range (``find_studies``);
-- ``SELECT modality, count(*) FROM instances GROUP BY 1`` through ``strata query``'s path;
-- a writer restart (index kept: open and catch up) and a rebuild (index lost);
-- the catalog's bytes in MinIO against the bytes of its live files;
-- the process's peak memory so far.
+**The writer** (``--rows``): the real ``CatalogWriter`` (in this process) is filled
+through group commits of ``--fill-group`` synthetic instance rows (about 30 instances
+per study, three studies per patient, five modalities), with its background folds and
+maintenance passes running as in production. At each size from 10³ by powers of ten it
+measures:
 
-What the issue asks for beyond this first cut (10⁷ and 10⁸ rows on synthetic tables) is
-not here yet; see README, "Limits known today".
+- the median latency of group commits of ``--group`` rows (the front end's size);
+- the median of 200 duplicate checks (by SHA-256) and 200 retrieval lookups (latest
+  version of a SOP Instance UID, with where it lives), through the writer;
+- two study searches of the kind C-FIND and QIDO make, through the writer's index
+  (patient pseudonym and study date range; study date range and modality);
+- ``SELECT modality, count(*) FROM instances GROUP BY 1`` through ``strata query``'s
+  DuckDB path over the Delta table;
+- a restart to serving (a new process opens the writer with its index kept and answers
+  a lookup) and a rebuild (a new process with the index lost), each with its peak RSS;
+- the catalog's bytes in MinIO against the bytes of the files its tables' current
+  versions hold, after a maintenance pass (retention window ``--retention-hours``).
+
+**Synthetic tables** (``--synthetic``): for each size, an ``instances`` table written
+directly (10 instances per study, so 10⁷ rows hold 10⁶ studies), then the same reads:
+index rebuild and restart (new processes, with peak RSS), lookups, study searches and
+the GROUP BY.
 """
 
 from __future__ import annotations
@@ -25,13 +34,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import random
-import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -39,7 +50,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deltalake import DeltaTable
+import numpy as np
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
 from rich.console import Console
 from rich.table import Table
 
@@ -49,40 +62,47 @@ from cluster.minio_server import MinioServer, ensure_minio_binary
 from workers import store
 from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored, StoreSettings
 
-console = Console(width=180)
-BUCKET = "bench-catalog"
+console = Console(width=200)
 MODALITIES = ("CT", "MR", "CR", "US", "DX")
+ROOT = "1.2.826.0.1.3680043.9.7"
+START = datetime(2026, 1, 1, tzinfo=UTC)
+DAY0 = date(2015, 1, 1)
 
 
 @dataclass
 class Row:
+    part: str
     rows: int
-    commit_ms: float
+    commit_ms: float | None
     sha_ms: float
     sop_ms: float
-    search_ms: float
+    patient_search_ms: float
+    modality_search_ms: float
     group_by_ms: float
     restart_s: float
+    restart_mib: float
     rebuild_s: float
-    bytes_on_disk: int
-    bytes_live: int
-    peak_mib: float
+    rebuild_mib: float
+    disk_over_live: float | None
+    live_mib: float
 
 
-def synthetic(n: int, rng: random.Random, start: datetime) -> InstanceRecord:
-    """Instance ``n`` of a synthetic archive: 30 per study, 3 studies per patient."""
-    study = n // 30
-    patient = study // 3
-    sop = f"1.2.826.0.1.3680043.9.7.{study}.{n}"
+# -- synthetic rows ---------------------------------------------------------------------
+
+
+def synthetic(n: int, per_study: int = 30) -> InstanceRecord:
+    """Instance ``n`` of a synthetic archive: ``per_study`` per study, 3 studies per patient."""
+    study = n // per_study
+    sop = f"{ROOT}.{study}.{n}"
     return InstanceRecord(
         sop_instance_uid=sop,
-        series_instance_uid=f"1.2.826.0.1.3680043.9.7.{study}.s{n % 3}",
-        study_instance_uid=f"1.2.826.0.1.3680043.9.7.{study}",
+        series_instance_uid=f"{ROOT}.{study}.s{n % 3}",
+        study_instance_uid=f"{ROOT}.{study}",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         modality=MODALITIES[study % len(MODALITIES)],
         body_part="CHEST",
-        study_date=date(2015, 1, 1) + timedelta(days=study % 3650),
-        patient_pseudonym=f"pp-{patient:012d}",
+        study_date=DAY0 + timedelta(days=study % 3650),
+        patient_pseudonym=f"pp-{study // 3:012d}",
         accession_pseudonym=f"ap-{study:012d}",
         transfer_syntax_in="1.2.840.10008.1.2.1",
         transfer_syntax_stored=HTJ2K_LOSSLESS,
@@ -95,191 +115,380 @@ def synthetic(n: int, rng: random.Random, start: datetime) -> InstanceRecord:
         bits_stored=12,
         samples_per_pixel=1,
         photometric_interpretation="MONOCHROME2",
-        bytes_in=525_000 + rng.randrange(1000),
-        bytes_stored=180_000 + rng.randrange(1000),
+        bytes_in=525_000 + n % 1000,
+        bytes_stored=180_000 + n % 997,
         sha256=hashlib.sha256(sop.encode()).hexdigest(),
         object_key=f"v1/{n}",
         tier="hot",
         key_id="kek-1",
-        ingest_time=start + timedelta(milliseconds=n),
+        ingest_time=START + timedelta(milliseconds=250 * n),
     )
 
 
-async def lookups_ms(
-    writer: catalog.CatalogWriter, keys: list[InstanceRecord]
-) -> tuple[float, float]:
-    """Median ms of a duplicate check (by SHA-256) and a retrieval lookup (by SOP UID)."""
-    by_sha, by_sop = [], []
-    for record in keys:
-        started = time.perf_counter()
-        await writer.lookup_sha256(record.sha256)
-        by_sha.append((time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        await writer.latest(record.sop_instance_uid)
-        by_sop.append((time.perf_counter() - started) * 1000)
-    return statistics.median(by_sha), statistics.median(by_sop)
+def synthetic_columns(first: int, count: int, per_study: int) -> pa.Table:
+    """Rows ``first`` to ``first + count`` of ``synthetic`` as one Arrow table, built by
+    column (the same values as ``synthetic(n, per_study)``)."""
+    n = np.arange(first, first + count, dtype=np.int64)
+    study = n // per_study
+    studies = study.tolist()
+    sops = [f"{ROOT}.{s}.{i}" for s, i in zip(studies, n.tolist(), strict=True)]
+    times = np.datetime64(START.replace(tzinfo=None), "us") + (n * 250_000).astype(
+        "timedelta64[us]"
+    )
+    strings = {
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "body_part": "CHEST",
+        "transfer_syntax_in": "1.2.840.10008.1.2.1",
+        "transfer_syntax_stored": HTJ2K_LOSSLESS,
+        "storage_action": "transcoded",
+        "storage_note": "pixel data re-encoded losslessly; verified bit for bit",
+        "photometric_interpretation": "MONOCHROME2",
+        "tier": "hot",
+        "key_id": "kek-1",
+    }
+    ints = {"frames": 1, "rows": 512, "columns": 512, "bits_allocated": 16}
+    ints |= {"bits_stored": 12, "samples_per_pixel": 1, "version": 1}
+    columns: dict[str, Any] = {
+        "sop_instance_uid": sops,
+        "series_instance_uid": [
+            f"{ROOT}.{s}.s{i % 3}" for s, i in zip(studies, n.tolist(), strict=True)
+        ],
+        "study_instance_uid": [f"{ROOT}.{s}" for s in studies],
+        "modality": np.array(MODALITIES)[study % len(MODALITIES)],
+        "study_date": np.datetime64(DAY0, "D") + (study % 3650).astype("timedelta64[D]"),
+        "patient_pseudonym": [f"pp-{s // 3:012d}" for s in studies],
+        "accession_pseudonym": [f"ap-{s:012d}" for s in studies],
+        "bytes_in": 525_000 + n % 1000,
+        "bytes_stored": 180_000 + n % 997,
+        "sha256": [hashlib.sha256(s.encode()).hexdigest() for s in sops],
+        "object_key": [f"v1/{i}" for i in n.tolist()],
+        "ingest_time": times,
+        "ingest_date": times.astype("datetime64[D]"),
+    }
+    arrays = []
+    for field in catalog.INSTANCES_SCHEMA:
+        if field.name in strings:
+            value: Any = pa.array([strings[field.name]] * count, pa.string())
+        elif field.name in ints:
+            value = pa.array(np.full(count, ints[field.name]), field.type)
+        elif field.name == "ingest_time":
+            value = pa.array(columns[field.name], pa.timestamp("us")).cast(field.type)
+        else:
+            value = pa.array(columns[field.name]).cast(field.type)
+        arrays.append(value)
+    return pa.Table.from_arrays(arrays, schema=catalog.INSTANCES_SCHEMA)
 
 
-def timed_ms(call: Callable[[], Any], times: int = 5) -> float:
+# -- measuring --------------------------------------------------------------------------
+
+
+async def median_ms(call: Callable[[], Awaitable[Any]], times: int) -> float:
     samples = []
     for _ in range(times):
         started = time.perf_counter()
-        call()
+        await call()
         samples.append((time.perf_counter() - started) * 1000)
     return statistics.median(samples)
 
 
-def bytes_in_bucket(settings: StoreSettings) -> int:
-    listed = store.client(settings).list_objects(BUCKET, recursive=True)
+async def reads(
+    writer: catalog.CatalogWriter,
+    settings: StoreSettings,
+    bucket: str,
+    rows: int,
+    per_study: int,
+    rng: random.Random,
+) -> dict[str, float]:
+    """Lookups, searches and the GROUP BY, as medians in ms."""
+    keys = [synthetic(rng.randrange(rows), per_study) for _ in range(200)]
+    sha = iter(keys)
+    sop = iter(keys)
+    found = {
+        "sha_ms": await median_ms(lambda: writer.lookup_sha256(next(sha).sha256), 200),
+        "sop_ms": await median_ms(lambda: writer.latest(next(sop).sop_instance_uid), 200),
+    }
+    for record in keys[:3]:
+        assert await writer.lookup_sha256(record.sha256) is not None, "a lookup missed a row"
+    patients = max(1, rows // per_study // 3)
+
+    def by_patient() -> catalog.StudyFilters:
+        return catalog.StudyFilters(
+            patient_pseudonym=f"pp-{rng.randrange(patients):012d}",
+            date_from=DAY0,
+            date_to=DAY0 + timedelta(days=3650),
+        )
+
+    def by_modality() -> catalog.StudyFilters:
+        day = DAY0 + timedelta(days=rng.randrange(3650))
+        return catalog.StudyFilters(
+            modality=rng.choice(MODALITIES), date_from=day, date_to=day + timedelta(days=7)
+        )
+
+    found["patient_search_ms"] = await median_ms(lambda: writer.find_studies(by_patient(), 100), 50)
+    found["modality_search_ms"] = await median_ms(
+        lambda: writer.find_studies(by_modality(), 100), 50
+    )
+
+    async def group_by() -> None:
+        def run() -> None:
+            connection = catalog.connect(settings, bucket, tables=(catalog.INSTANCES,))
+            sql = "SELECT modality, count(*) FROM instances GROUP BY 1"
+            counts = dict(connection.execute(sql).fetchall())
+            connection.close()
+            assert sum(counts.values()) == rows, (counts, rows)
+
+        await asyncio.to_thread(run)
+
+    found["group_by_ms"] = await median_ms(group_by, 3)
+    return found
+
+
+def child(kind: str, settings: StoreSettings, bucket: str, index: Path, sha: str) -> dict:
+    """Open a writer in a new process (a restart, or a rebuild when ``index`` is absent)
+    until it answers a lookup; its seconds and peak RSS."""
+    config = json.dumps(
+        {"settings": settings.__dict__, "bucket": bucket, "index": str(index), "sha": sha}
+    )
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", config],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+async def child_main(config: dict) -> None:
+    started = time.perf_counter()
+    writer = catalog.CatalogWriter(
+        StoreSettings(**config["settings"]), config["bucket"], index_path=config["index"]
+    )
+    found = await writer.lookup_sha256(config["sha"])
+    seconds = time.perf_counter() - started
+    assert found is not None, "the reopened writer does not know a catalogued row"
+    fold_started = time.perf_counter()
+    await writer.close()  # folds what a rebuild found unwritten
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "fold_s": time.perf_counter() - fold_started,
+                "peak_mib": peak_rss_mib(),
+            }
+        )
+    )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, not inherited
+    from the parent across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def bucket_bytes(settings: StoreSettings, bucket: str) -> int:
+    listed = store.client(settings).list_objects(bucket, recursive=True)
     return sum(item.size or 0 for item in listed)
 
 
-def live_bytes(settings: StoreSettings) -> int:
+def live_bytes(settings: StoreSettings, bucket: str) -> int:
     total = 0
-    for name in (catalog.INSTANCES, catalog.STUDIES):
+    for name in catalog.TABLES:
         table = DeltaTable(
-            catalog.table_uri(BUCKET, name), storage_options=catalog.storage_options(settings)
+            catalog.table_uri(bucket, name), storage_options=catalog.storage_options(settings)
         )
-        sizes = table.get_add_actions(flatten=True).column("size_bytes").to_pylist()
-        total += sum(sizes)
+        total += sum(table.get_add_actions(flatten=True).column("size_bytes").to_pylist())
     return total
 
 
-async def run(rows: int, group: int, seed: int, work: Path) -> list[Row]:
-    ensure_minio_binary()
-    minio = MinioServer(work / "minio", drives=4).start()
-    try:
-        settings = minio.settings
-        index_path = work / "index.sqlite"
-        policy = MaintenancePolicy(every_commits=200, retention_hours=0)
+async def restart_and_rebuild(
+    settings: StoreSettings, bucket: str, work: Path, index: Path, sha: str
+) -> dict[str, float]:
+    restart = await asyncio.to_thread(child, "restart", settings, bucket, index, sha)
+    lost = work / "lost" / "index.sqlite"
+    shutil.rmtree(lost.parent, ignore_errors=True)
+    rebuild = await asyncio.to_thread(child, "rebuild", settings, bucket, lost, sha)
+    shutil.rmtree(lost.parent, ignore_errors=True)
+    return {
+        "restart_s": restart["seconds"],
+        "restart_mib": restart["peak_mib"],
+        "rebuild_s": rebuild["seconds"],
+        "rebuild_mib": rebuild["peak_mib"],
+    }
 
-        def new_writer(path: Path) -> catalog.CatalogWriter:
-            return catalog.CatalogWriter(
-                settings,
-                BUCKET,
-                max_batch=group,
-                max_wait_s=0.0,
-                index_path=str(path),
-                maintenance=policy,
+
+# -- the two parts ----------------------------------------------------------------------
+
+
+async def writer_part(
+    settings: StoreSettings, rows: int, fill: int, group: int, retention: int, work: Path
+) -> list[Row]:
+    bucket = "bench-writer"
+    index = work / "writer" / "index.sqlite"
+    policy = MaintenancePolicy(every_commits=200, retention_hours=retention)
+    writer = catalog.CatalogWriter(
+        settings,
+        bucket,
+        max_batch=max(fill, group),
+        max_wait_s=0.0,
+        index_path=str(index),
+        maintenance=policy,
+    )
+    await writer.ready()
+    rng = random.Random(1)
+    results: list[Row] = []
+    written = 0
+    size = 1000
+    while size <= rows:
+        measured = min(20, size // group)
+        while written < size - measured * group:
+            count = min(fill, size - measured * group - written)
+            await writer.commit(
+                [Stored(f"f{n}", synthetic(n)) for n in range(written, written + count)]
             )
-
-        writer = new_writer(index_path)
-        await writer.ready()
-        rng = random.Random(seed)
-        start = datetime(2026, 1, 1, tzinfo=UTC)
-        results: list[Row] = []
-        written = 0
-        checkpoint = 1000
-        latencies: list[float] = []
-        while written < rows:
-            batch = [
-                Stored(f"f{n}", synthetic(n, rng, start))
-                for n in range(written, min(written + group, rows))
-            ]
+            written += count
+        latencies = []
+        for _ in range(measured):
+            batch = [Stored(f"f{n}", synthetic(n)) for n in range(written, written + group)]
             started = time.perf_counter()
             await writer.commit(batch)
             latencies.append((time.perf_counter() - started) * 1000)
-            written += len(batch)
-            if written < checkpoint and written < rows:
-                continue
-            await writer.close()  # lets a maintenance pass in flight finish
-            keys = [synthetic(rng.randrange(written), rng, start) for _ in range(200)]
-            sha_ms, sop_ms = await lookups_ms(writer, keys)
-            patient = f"pp-{rng.randrange(max(1, written // 90)):012d}"
-            search_ms = timed_ms(
-                lambda patient=patient: catalog.find_studies(
-                    settings,
-                    bucket=BUCKET,
-                    patient_pseudonym=patient,
-                    date_from=date(2015, 1, 1),
-                    date_to=date(2030, 1, 1),
-                )
-            )
-
-            def group_by() -> None:
-                connection = catalog.connect(settings, BUCKET, tables=(catalog.INSTANCES,))
-                connection.execute("SELECT modality, count(*) FROM instances GROUP BY 1")
-                connection.close()
-
-            group_by_ms = timed_ms(group_by, 3)
-            started = time.perf_counter()
-            writer = new_writer(index_path)  # a restart: the index is kept
-            await writer.ready()
-            restart_s = time.perf_counter() - started
-            started = time.perf_counter()
-            rebuilt = new_writer(work / f"rebuilt-{written}.sqlite")  # the index lost
-            await rebuilt.ready()
-            rebuild_s = time.perf_counter() - started
-            recent = latencies[-max(1, 1000 // group) :]
-            results.append(
-                Row(
-                    rows=written,
-                    commit_ms=statistics.median(recent),
-                    sha_ms=sha_ms,
-                    sop_ms=sop_ms,
-                    search_ms=search_ms,
-                    group_by_ms=group_by_ms,
-                    restart_s=restart_s,
-                    rebuild_s=rebuild_s,
-                    bytes_on_disk=bytes_in_bucket(settings),
-                    bytes_live=live_bytes(settings),
-                    peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                )
-            )
-            console.print(f"{written} rows done")
-            checkpoint *= 10
+            written += group
+        found = await reads(writer, settings, bucket, written, 30, rng)
+        await writer.maintain_now()
         await writer.close()
+        live = live_bytes(settings, bucket)
+        disk = bucket_bytes(settings, bucket)
+        timings = await restart_and_rebuild(
+            settings, bucket, work, index, synthetic(written - 1).sha256
+        )
+        results.append(
+            Row(
+                part="writer",
+                rows=written,
+                commit_ms=statistics.median(latencies),
+                disk_over_live=disk / live,
+                live_mib=live / 2**20,
+                **found,
+                **timings,
+            )
+        )
+        console.print(f"writer: {written:,} rows measured")
+        size *= 10
+    await writer.close()
+    return results
+
+
+async def synthetic_part(settings: StoreSettings, sizes: list[int], work: Path) -> list[Row]:
+    results = []
+    for size in sizes:
+        bucket = f"bench-synthetic-{size}"
+        catalog.create_tables(settings, bucket)
+        uri = catalog.table_uri(bucket, catalog.INSTANCES)
+        options = catalog.storage_options(settings)
+        started = time.perf_counter()
+        for first in range(0, size, 1_000_000):
+            table = synthetic_columns(first, min(1_000_000, size - first), 10)
+            write_deltalake(uri, table, mode="append", storage_options=options)
+        console.print(f"synthetic: {size:,} rows written in {time.perf_counter() - started:.0f} s")
+        index = work / bucket / "index.sqlite"
+        sha = synthetic(size - 1, 10).sha256
+        # The first open builds the index (and folds the studies): the rebuild.
+        rebuild = await asyncio.to_thread(child, "rebuild", settings, bucket, index, sha)
+        restart = await asyncio.to_thread(child, "restart", settings, bucket, index, sha)
+        writer = catalog.CatalogWriter(settings, bucket, index_path=str(index))
+        found = await reads(writer, settings, bucket, size, 10, random.Random(2))
+        await writer.close()
+        results.append(
+            Row(
+                part="synthetic",
+                rows=size,
+                commit_ms=None,
+                disk_over_live=None,
+                live_mib=live_bytes(settings, bucket) / 2**20,
+                restart_s=restart["seconds"],
+                restart_mib=restart["peak_mib"],
+                rebuild_s=rebuild["seconds"],
+                rebuild_mib=rebuild["peak_mib"],
+                **found,
+            )
+        )
+        console.print(
+            f"synthetic: {size:,} rows measured (studies folded in {rebuild['fold_s']:.0f} s)"
+        )
+    return results
+
+
+def report(results: list[Row]) -> None:
+    table = Table(title="catalog costs by size (medians; × against the smallest size of the part)")
+    columns = (
+        "part", "rows", "commit ms", "×", "SHA lookup ms", "×", "SOP lookup ms", "×",
+        "patient search ms", "modality search ms", "GROUP BY ms", "restart s", "MiB",
+        "rebuild s", "MiB", "disk/live", "live MiB",
+    )  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    first: dict[str, Row] = {}
+    for row in results:
+        base = first.setdefault(row.part, row)
+        table.add_row(
+            row.part,
+            f"{row.rows:,}",
+            f"{row.commit_ms:.1f}" if row.commit_ms is not None else "",
+            f"{row.commit_ms / base.commit_ms:.2f}" if row.commit_ms and base.commit_ms else "",
+            f"{row.sha_ms:.3f}",
+            f"{row.sha_ms / base.sha_ms:.2f}",
+            f"{row.sop_ms:.3f}",
+            f"{row.sop_ms / base.sop_ms:.2f}",
+            f"{row.patient_search_ms:.2f}",
+            f"{row.modality_search_ms:.2f}",
+            f"{row.group_by_ms:.0f}",
+            f"{row.restart_s:.2f}",
+            f"{row.restart_mib:.0f}",
+            f"{row.rebuild_s:.1f}",
+            f"{row.rebuild_mib:.0f}",
+            f"{row.disk_over_live:.2f}" if row.disk_over_live is not None else "",
+            f"{row.live_mib:.1f}",
+        )
+    console.print(table)
+
+
+async def run(args: argparse.Namespace, work: Path) -> list[Row]:
+    ensure_minio_binary()
+    minio = MinioServer(work / "minio", drives=4).start()
+    try:
+        results: list[Row] = []
+        if args.rows:
+            results += await writer_part(
+                minio.settings, args.rows, args.fill_group, args.group, args.retention_hours, work
+            )
+        sizes = [int(size) for size in args.synthetic.split(",") if size]
+        if sizes:
+            results += await synthetic_part(minio.settings, sizes, work)
         return results
     finally:
         minio.stop()
 
 
-def report(results: list[Row]) -> None:
-    first = results[0]
-    table = Table(title="catalog costs by size (medians; ratios against the first size)")
-    for column in (
-        "rows",
-        "commit ms",
-        "×",
-        "SHA-256 lookup ms",
-        "×",
-        "SOP lookup ms",
-        "×",
-        "study search ms",
-        "GROUP BY ms",
-        "restart s",
-        "rebuild s",
-        "disk / live",
-        "peak MiB",
-    ):
-        table.add_column(column, justify="right")
-    for row in results:
-        table.add_row(
-            f"{row.rows:,}",
-            f"{row.commit_ms:.1f}",
-            f"{row.commit_ms / first.commit_ms:.2f}",
-            f"{row.sha_ms:.3f}",
-            f"{row.sha_ms / first.sha_ms:.2f}",
-            f"{row.sop_ms:.3f}",
-            f"{row.sop_ms / first.sop_ms:.2f}",
-            f"{row.search_ms:.0f}",
-            f"{row.group_by_ms:.0f}",
-            f"{row.restart_s:.2f}",
-            f"{row.rebuild_s:.2f}",
-            f"{row.bytes_on_disk / max(1, row.bytes_live):.2f}",
-            f"{row.peak_mib:.0f}",
-        )
-    console.print(table)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--group", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=100_000, help="writer part: up to (0: skip)")
+    parser.add_argument("--fill-group", type=int, default=1024, help="rows per filling commit")
+    parser.add_argument("--group", type=int, default=64, help="rows per measured commit")
+    parser.add_argument("--retention-hours", type=int, default=0)
+    parser.add_argument(
+        "--synthetic", default="1000,100000", help="synthetic table sizes, comma-separated"
+    )
+    parser.add_argument("--work", help="working directory (default: a temporary one)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="strata-bench-catalog-") as work:
-        results = asyncio.run(run(args.rows, args.group, args.seed, Path(work)))
+    if args.child:
+        asyncio.run(child_main(json.loads(args.child)))
+        return
+    with tempfile.TemporaryDirectory(prefix="strata-bench-catalog-", dir=args.work) as work:
+        results = asyncio.run(run(args, Path(work)))
     report(results)
 
 

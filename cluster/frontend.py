@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 import ray
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cluster import catalog
 from cluster.admission import ByteBudget
+from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.config import CHUNK_LIMIT
 from cluster.dispatch import (
     DeadlineExceededError,
@@ -573,19 +574,22 @@ async def _next(stream: Any) -> Any:
 
 
 class CatalogService(pb_grpc.CatalogServicer):
-    """Find studies and instances (reads the Delta tables)."""
+    """Find studies and instances (the catalog writer's keyed index: current rows)."""
 
-    def __init__(self, settings: PipelineSettings, catalog_bucket: str) -> None:
-        self._settings = settings
-        self._bucket = catalog_bucket
+    def __init__(self, catalog_actor: Callable[[], Any]) -> None:
+        self._catalog = catalog_actor  # the current writer (it changes when Ray restarts)
 
     async def FindStudies(  # noqa: N802 - gRPC method name
         self, request: pb.FindRequest, context: grpc.aio.ServicerContext
     ) -> pb.FindStudiesResponse:
-        filters = await _filters(request, context)
-        rows = await _searching(
-            context, catalog.find_studies, self._settings.store, bucket=self._bucket, **filters
+        filters, limit = await _filters(request, context)
+        search = StudyFilters(
+            study_uid=filters.study_uid,
+            modality=filters.modality,
+            date_from=filters.date_from,
+            date_to=filters.date_to,
         )
+        rows = await _searching(context, self._catalog().find_studies.remote(search, limit))
         response = pb.FindStudiesResponse()
         for row in rows:
             study = response.studies.add(
@@ -608,51 +612,48 @@ class CatalogService(pb_grpc.CatalogServicer):
     async def FindInstances(  # noqa: N802 - gRPC method name
         self, request: pb.FindRequest, context: grpc.aio.ServicerContext
     ) -> pb.FindInstancesResponse:
-        filters = await _filters(request, context)
-        rows = await _searching(
-            context,
-            catalog.find_instances,
-            self._settings.store,
-            bucket=self._bucket,
+        filters, limit = await _filters(request, context)
+        search = dataclasses.replace(
+            filters,
             series_uid=request.series_instance_uid or None,
             sop_uid=request.sop_instance_uid or None,
-            **filters,
         )
+        rows = await _searching(context, self._catalog().find_instances.remote(search, limit))
         return pb.FindInstancesResponse(instances=[_instance(row) for row in rows])
 
 
 FIND_DEADLINE_S = 60.0
 
 
-async def _searching(
-    context: grpc.aio.ServicerContext, search: Callable[..., list[Any]], *args: Any, **kwargs: Any
-) -> list[Any]:
-    """Run a catalog search in a thread within its deadline; map a failure to a status."""
+async def _searching(context: grpc.aio.ServicerContext, call: Any) -> list[Any]:
+    """Await a catalog search within its deadline; map a failure to a status."""
     try:
-        return await asyncio.wait_for(asyncio.to_thread(search, *args, **kwargs), FIND_DEADLINE_S)
+        return cast(list[Any], await asyncio.wait_for(call, FIND_DEADLINE_S))
     except TimeoutError:
         log.error("a catalog search did not finish within %g s", FIND_DEADLINE_S)
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _SEARCH_TIMEOUT)
     except Exception as error:  # noqa: BLE001 - mapped to a status; detail in the log
-        log.error("a catalog search failed: %s: %s", type(error).__name__, error)
+        log.error("a catalog search failed: %s", type(error).__name__)
         await context.abort(grpc.StatusCode.UNAVAILABLE, _CATALOG_DOWN)
     raise AssertionError("unreachable: abort() raises")
 
 
-async def _filters(request: pb.FindRequest, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+async def _filters(
+    request: pb.FindRequest, context: grpc.aio.ServicerContext
+) -> tuple[InstanceFilters, int]:
     try:
         date_from = _parse_date(request.study_date_from, "study_date_from")
         date_to = _parse_date(request.study_date_to, "study_date_to")
     except ValueError as error:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         raise
-    return {
-        "study_uid": request.study_instance_uid or None,
-        "modality": request.modality or None,
-        "date_from": date_from,
-        "date_to": date_to,
-        "limit": request.limit or 1000,
-    }
+    filters = InstanceFilters(
+        study_uid=request.study_instance_uid or None,
+        modality=request.modality or None,
+        date_from=date_from,
+        date_to=date_to,
+    )
+    return filters, request.limit or 1000
 
 
 def _parse_date(text: str, name: str) -> date | None:

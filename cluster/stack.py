@@ -161,7 +161,7 @@ class Stack:
             holder.close()  # the server binds it next
         self._server, self.port, self._health = await start_server(
             self._archive,
-            CatalogService(settings, config.catalog_bucket),
+            CatalogService(lambda: self._catalog),
             config.host,
             config.port,
         )

@@ -1,20 +1,34 @@
 """The catalog: Delta Lake tables on MinIO, written by one actor, read with SQL.
 
 - ``schema``: the tables, their columns and where they live (documented there);
-- ``writer``: the one writer (group commit, versions, duplicates, study rows);
-- ``queries``: DuckDB over the tables, and the searches the doors make.
+- ``writer``: the one writer (group commit, versions, duplicates, folds, placements);
+- ``index``: the keyed SQLite index the writer answers lookups and searches from;
+- ``queries``: the doors' search filters, and DuckDB over the Delta tables;
+- ``maintenance``: compaction, checkpoints, vacuum.
+
+Every table and column is documented in docs/catalog.md.
 """
 
-from cluster.catalog.queries import connect, find_instances, find_studies
+from cluster.catalog.queries import (
+    InstanceFilters,
+    StudyFilters,
+    connect,
+    find_instances,
+    find_studies,
+)
 from cluster.catalog.schema import (
+    ACCESS,
     DEFAULT_BUCKET,
     INSTANCES,
     INSTANCES_SCHEMA,
+    PLACEMENTS,
     STUDIES,
     STUDIES_SCHEMA,
+    TABLES,
     CatalogCommitFailedError,
     Committed,
     IndexEntry,
+    Placement,
     StudyRow,
     create_tables,
     derive_study,
@@ -26,15 +40,21 @@ from cluster.catalog.schema import (
 from cluster.catalog.writer import CatalogWriter, plan_group
 
 __all__ = [
+    "ACCESS",
     "DEFAULT_BUCKET",
     "INSTANCES",
     "INSTANCES_SCHEMA",
+    "PLACEMENTS",
     "STUDIES",
     "STUDIES_SCHEMA",
+    "TABLES",
     "CatalogCommitFailedError",
     "CatalogWriter",
     "Committed",
     "IndexEntry",
+    "InstanceFilters",
+    "Placement",
+    "StudyFilters",
     "StudyRow",
     "connect",
     "create_tables",

@@ -1,42 +1,59 @@
-"""The catalog's keyed lookups: by SHA-256 (the duplicate check) and by SOP Instance UID
-(retrieval), and each study's row, from a SQLite file on the catalog writer's disk.
+"""The catalog's keyed lookups: by SHA-256 (the duplicate check), by SOP Instance UID
+(retrieval), each study's current row, and the searches the doors make, from a SQLite
+file on the catalog writer's disk.
 
-A study's row is derived from its instances in the index whenever rows of it are added,
-in the same transaction, and is marked dirty (a counter, so that a change made while an
-older one is being written is not lost) until the writer has written it to the Delta
-``studies`` table; a crash between the two loses nothing, the dirty mark survives it.
+It holds, per instance, its row of ``instances`` with its current placement applied (the
+latest row of ``placements`` for its SHA-256, if any), and per study its row derived from
+its instances plus its last access (the latest row of ``access``). A study's row is
+derived again whenever rows of it are added or moved, in the same transaction, and is
+marked dirty (a counter, so that a change made while an older one is being written is not
+lost) until the writer has folded it into the Delta ``studies`` table; a crash between
+the two loses nothing, the dirty mark survives it. Reads change only ``last_access_time``,
+which the Delta ``studies`` table does not hold, so they never make a row dirty.
 
-The Delta tables stay the truth; this index is derived from them and can always be rebuilt.
-It records the version of ``instances`` it has seen, in the same transaction as the rows:
-when the writer starts, it reads only the files added to the table since then (the rows
-of a commit whose index update was cut off by a crash, or of another writer), and when the
-file is lost, damaged, or belongs to another table, it is rebuilt from the whole table.
+The Delta tables stay the truth; this index is derived from them and can always be
+rebuilt. For each of ``instances``, ``placements`` and ``access`` it records the version
+it has seen, in the same transaction as the rows: when the writer starts, it reads only
+the files added to each table since then (the rows of a commit whose index update was cut
+off by a crash, or of another writer), and when the file is lost, damaged, of another
+format, or built from other tables, it is rebuilt from the whole tables.
 
 Why SQLite: B-tree lookups by key in microseconds on the request path, durable, in the
 standard library, and its memory is its page cache (``CACHE_KIB``), not the archive: the
 writer no longer holds a dictionary of every instance (measured ~470 bytes each). On disk
-it costs about the size of a row of ``instances`` per instance.
+it costs a little more than a row of ``instances`` per instance (see docs/catalog.md).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow.dataset as pa_dataset
+import pyarrow as pa
 from deltalake import DeltaTable
 
 from cluster.catalog.schema import (
+    ACCESS,
+    INSTANCES,
+    PLACEMENTS,
     RECORD_FIELDS,
+    Placement,
     StudyRow,
-    derive_study,
+    instances_table,
+    placements_table,
     record_from_row,
+    s3_filesystem,
+    study_date_partition,
     study_from_row,
+    table_dataset,
+    table_root,
     utc,
 )
 from workers.records import InstanceRecord
@@ -44,17 +61,11 @@ from workers.records import InstanceRecord
 log = logging.getLogger("strata.catalog")
 
 # The index's own schema; a file with another one is rebuilt.
-FORMAT = 1
+FORMAT = 4
 CACHE_KIB = 64 * 1024  # SQLite's page cache: the index's whole memory
 _BATCH = 50_000
 
 _COLUMNS = (*RECORD_FIELDS, "ingest_date")
-
-
-def _sql_type(name: str) -> str:
-    return "INTEGER" if name in _INTEGERS else "TEXT"
-
-
 _INTEGERS = {
     "frames",
     "rows",
@@ -65,11 +76,111 @@ _INTEGERS = {
     "bytes_in",
     "bytes_stored",
     "version",
+    "byte_offset",
+    "byte_length",
 }
+_PLACEMENT_COLUMNS = tuple(Placement.__dataclass_fields__)
+# What a placement overrides in an instance's record.
+_PLACED = ("tier", "object_key", "key_id")
+_STUDY_COLUMNS = tuple(StudyRow.__dataclass_fields__)
+
+
+def _sql_type(name: str) -> str:
+    if name in _INTEGERS or name.endswith(("_count", "_time")):  # times: microseconds
+        return "INTEGER"
+    return "TEXT"
+
+
+def _create(name: str, columns: Sequence[str], extra: str = "") -> str:
+    body = ", ".join(f"{column} {_sql_type(column)}" for column in columns)
+    return f"CREATE TABLE IF NOT EXISTS {name} ({body}{extra});\n"
+
+
+_TABLES = (
+    _create("instances", _COLUMNS)
+    + _create("placements", _PLACEMENT_COLUMNS, ", PRIMARY KEY (sha256)")
+    + _create(
+        "studies",
+        _STUDY_COLUMNS,
+        ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, PRIMARY KEY (study_instance_uid)",
+    )
+    + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
+    + "CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, PRIMARY KEY (source, path));\n"
+)
+# Created after a rebuild's bulk insert (faster than keeping them up to date row by row).
+_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS instances_sha256 ON instances (sha256);\n"
+    "CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid, version);\n"
+    "CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid, ingest_time);\n"
+    "CREATE INDEX IF NOT EXISTS instances_series ON instances (series_instance_uid);\n"
+    "CREATE INDEX IF NOT EXISTS studies_dirty ON studies (dirty) WHERE dirty > 0;\n"
+    "CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_pseudonym);\n"
+    "CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession_pseudonym);\n"
+    "CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date);\n"
+)
+
+_INSERT = (
+    f"INSERT OR IGNORE INTO instances ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+# An instance's record with its current placement applied.
+_SELECT = "SELECT " + ", ".join(
+    f"coalesce(p.{name}, i.{name})" if name in _PLACED else f"i.{name}" for name in _COLUMNS
+)
+_SELECT += " FROM instances i LEFT JOIN placements p ON p.sha256 = i.sha256"
+_PLACE = (
+    f"INSERT INTO placements ({', '.join(_PLACEMENT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_PLACEMENT_COLUMNS))}) "
+    "ON CONFLICT (sha256) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in _PLACEMENT_COLUMNS[1:])
+    + " WHERE excluded.placed_time >= placements.placed_time"
+)
+# A study's row from its instances (current placements applied), in SQL for speed: the
+# definition is ``schema.derive_study``, and a test holds the two to the same rows.
+# Pseudonyms come from the first stored instance, the tier from the latest; modalities
+# are sorted when read (``_study``).
+_DERIVE = (
+    f"INSERT INTO studies ({', '.join(_STUDY_COLUMNS)}, dirty) "
+    "SELECT s.study_instance_uid, "
+    "(SELECT patient_pseudonym FROM instances f WHERE f.study_instance_uid = s.study_instance_uid"
+    " ORDER BY f.ingest_time, f.rowid LIMIT 1), "
+    "(SELECT accession_pseudonym FROM instances f WHERE f.study_instance_uid = s.study_instance_uid"
+    " ORDER BY f.ingest_time, f.rowid LIMIT 1), "
+    "s.study_date, "
+    "(SELECT group_concat(modality, '\\') FROM (SELECT DISTINCT modality FROM instances m"
+    " WHERE m.study_instance_uid = s.study_instance_uid AND m.modality != '')), "
+    "s.instance_count, s.series_count, s.bytes_in, s.bytes_stored, "
+    "(SELECT coalesce(p.tier, l.tier) FROM instances l"
+    " LEFT JOIN placements p ON p.sha256 = l.sha256"
+    " WHERE l.study_instance_uid = s.study_instance_uid ORDER BY l.ingest_time DESC, l.rowid DESC"
+    " LIMIT 1), "
+    "s.first_ingest_time, s.last_ingest_time, NULL, 1 "
+    "FROM (SELECT study_instance_uid, min(study_date) AS study_date, "
+    "sum(version = 1) AS instance_count, count(DISTINCT series_instance_uid) AS series_count, "
+    "sum(bytes_in) AS bytes_in, sum(bytes_stored) AS bytes_stored, "
+    "min(ingest_time) AS first_ingest_time, max(ingest_time) AS last_ingest_time "
+    "FROM instances WHERE {where} GROUP BY study_instance_uid) s WHERE 1 "
+    "ON CONFLICT (study_instance_uid) DO UPDATE SET "
+    + ", ".join(
+        f"{name} = excluded.{name}" for name in _STUDY_COLUMNS[1:] if name != "last_access_time"
+    )
+    + ", dirty = studies.dirty + 1"
+)
+# The last access is the latest one seen, whatever order the rows arrive in.
+_ACCESSED = (
+    "UPDATE studies SET last_access_time = ? WHERE study_instance_uid = ? "
+    "AND (last_access_time IS NULL OR last_access_time < ?)"
+)
+# A row folded into Delta: where it now is there (whatever changed since), and clean if
+# nothing did.
+_WRITTEN = "UPDATE studies SET delta_date = ? WHERE study_instance_uid = ?"
+_CLEAN = "UPDATE studies SET dirty = 0 WHERE study_instance_uid = ? AND dirty = ?"
+_SELECT_STUDY = f"SELECT {', '.join(_STUDY_COLUMNS)} FROM studies"
 
 
 class CatalogIndex:
-    """Instances by SHA-256 and by SOP Instance UID, and the Delta version they reflect."""
+    """Instances by SHA-256 and by SOP Instance UID, studies, and the Delta versions they
+    reflect."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
@@ -80,27 +191,26 @@ class CatalogIndex:
     def open(
         cls,
         path: Path,
-        table: DeltaTable,
+        tables: Mapping[str, DeltaTable],
         options: dict[str, str],
         studies: Callable[[], Iterable[StudyRow]] = tuple,
     ) -> CatalogIndex:
-        """The index at ``path``, brought up to date with ``table`` (rebuilt if needed).
+        """The index at ``path``, brought up to date with ``tables`` (``instances``,
+        ``placements``, ``access``), or rebuilt from them if it cannot be.
 
-        ``studies`` reads the Delta ``studies`` table, for a rebuild: what the instances
-        cannot tell (last access) is taken from it, and only rows that differ from it
-        are marked dirty."""
+        ``studies`` reads the Delta ``studies`` table, for a rebuild: only rows that
+        differ from it are marked dirty."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         started = time.monotonic()
         try:
             index = cls(_connect(path))
-            how = index.catch_up(table, options, studies)
+            how = index.catch_up(tables, options, studies)
         except (sqlite3.DatabaseError, _StaleError) as error:
-            log.warning("catalog index %s is rebuilt from the table: %s", path.name, error)
-            for leftover in (path, path.with_name(path.name + "-wal")):
-                leftover.unlink(missing_ok=True)
-            path.with_name(path.name + "-shm").unlink(missing_ok=True)
+            log.warning("catalog index %s is rebuilt from the tables: %s", path.name, error)
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
             index = cls(_connect(path))
-            how = index._rebuild(table, studies)
+            how = index._rebuild(tables, options, studies)
         log.info(
             "catalog index ready in %.1f s (%s; %d instances)",
             time.monotonic() - started,
@@ -114,87 +224,119 @@ class CatalogIndex:
 
     def catch_up(
         self,
-        table: DeltaTable,
+        tables: Mapping[str, DeltaTable],
         options: dict[str, str],
         studies: Callable[[], Iterable[StudyRow]] = tuple,
     ) -> str:
-        """Read the rows of files added to ``table`` since the version the index reflects
+        """Read the rows of files added to each table since the version the index reflects
         (rebuilding it when it has none); says what it did. Raises _StaleError when the
         index cannot be caught up (see ``open``)."""
         meta = self._meta()
         if not meta:
-            return self._rebuild(table, studies)
+            return self._rebuild(tables, options, studies)
         if meta.get("format") != str(FORMAT):
             raise _StaleError(f"it has format {meta.get('format')}, not {FORMAT}")
-        if meta.get("table_id") != _table_id(table):
-            raise _StaleError("it was built from another table")
-        seen = int(meta["version"])
-        current = table.version()
-        if seen == current:
-            return "up to date"
-        if seen > current:
-            raise _StaleError(f"it has seen version {seen}, the table is at {current}")
-        try:
-            before = DeltaTable(table.table_uri, version=seen, storage_options=options)
-        except Exception as error:  # noqa: BLE001 - the old version's log is gone: rebuild
-            raise _StaleError(f"version {seen} can no longer be read: {error}") from None
-        added = _relative(table, set(table.file_uris()) - set(before.file_uris()))
-        rows = self._insert(_rows_of_files(table, added), table.version(), _table_id(table))
-        return f"caught up from version {seen} to {current}: {len(added)} files, {rows} rows"
+        done = []
+        for name in _SOURCES:
+            table = tables[name]
+            if meta.get(f"{name}.table_id") != _table_id(table):
+                raise _StaleError(f"it was built from another {name} table")
+            seen, current = int(meta[f"{name}.version"]), table.version()
+            if seen == current:
+                continue
+            if seen > current:
+                raise _StaleError(f"it has seen {name} version {seen}, the table is at {current}")
+            known = self._files(name)
+            unseen = _unseen_files(table, options, seen, known)
+            rows = self._apply(name, _batches(table, options, unseen, _SOURCES[name]), table)
+            done.append(f"{name} {seen}→{current}: {len(unseen)} files, {rows} rows")
+        return "caught up (" + "; ".join(done) + ")" if done else "up to date"
 
-    def _rebuild(self, table: DeltaTable, studies: Callable[[], Iterable[StudyRow]]) -> str:
-        self._db.executescript(_SCHEMA)
-        known = {row.study_instance_uid: row for row in studies()}
-        accessed = {uid: row.last_access_time for uid, row in known.items()}
-        rows = self._insert(
-            _rows_of_files(table, None), table.version(), _table_id(table), accessed
-        )
-        with self._db:  # rows equal to the table's need not be written again
-            for uid, gen in self._db.execute("SELECT study_instance_uid, dirty FROM studies"):
-                if self.study(uid) == known.get(uid):
-                    self._db.execute(_CLEAN, (uid, gen))
-        return f"rebuilt from version {table.version()}: {rows} rows"
-
-    def _insert(
+    def _rebuild(
         self,
-        rows: Iterable[Sequence[Any]],
-        version: int,
-        table_id: str,
-        accessed: Mapping[str, datetime | None] | None = None,
-    ) -> int:
+        tables: Mapping[str, DeltaTable],
+        options: Mapping[str, str],
+        studies: Callable[[], Iterable[StudyRow]],
+    ) -> str:
+        # From nothing: a rebuild cut off by a crash left no meta, so it starts over; for
+        # the same reason it need not wait for the disk until it is done.
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.executescript(
+            "".join(f"DROP TABLE IF EXISTS {name};\n" for name in _OWN_TABLES) + _TABLES
+        )
+        with self._db:  # bulk insert first, then the B-trees in one pass each
+            rows = 0
+            for batch in _batches(tables[INSTANCES], options, None, _COLUMNS):
+                self._db.executemany(_INSERT, _instance_rows(batch))
+                rows += batch.num_rows
+        self._db.executescript(_INDEXES)
+        with self._db:
+            for batch in _batches(tables[PLACEMENTS], options, None, _PLACEMENT_COLUMNS):
+                self._db.executemany(_PLACE, _placement_rows(batch))
+            self._derive_all_studies()
+            for batch in _batches(tables[ACCESS], options, None, _ACCESS_COLUMNS):
+                self._db.executemany(_ACCESSED, _access_rows(batch))
+            known = {row.study_instance_uid: row for row in studies()}
+            # Rows Delta has are rewritten when they differ (never appended twice), and
+            # not at all when they are equal.
+            self._db.executemany(
+                _WRITTEN,
+                [(study_date_partition(row).isoformat(), uid) for uid, row in known.items()],
+            )
+            self._db.executemany(
+                _CLEAN,
+                [
+                    (uid, self._dirty(uid))
+                    for uid, written in known.items()
+                    if _same_in_delta(self.study(uid), written)
+                ],
+            )
+            for name in _SOURCES:
+                self._set_meta(name, tables[name])
+                self._set_files(name, tables[name])
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        return f"rebuilt from instances version {tables[INSTANCES].version()}: {rows} rows"
+
+    def _derive_all_studies(self) -> None:
+        """Every study's row, from one pass over the instances in study order."""
+        self._db.execute(_DERIVE.format(where="1"))
+
+    def _apply(self, name: str, batches: Iterable[pa.RecordBatch], table: DeltaTable) -> int:
+        """Rows of table ``name``, and the version they bring the index to, in one
+        transaction; study rows they change are derived again."""
         count = 0
         touched: set[str] = set()
-        with self._db:  # one transaction: the rows, their studies, the version they make
-            for batch in _batched(rows, _BATCH):
-                self._db.executemany(_INSERT, batch)
-                touched.update(row[_STUDY] for row in batch)
-                count += len(batch)
-            self._refresh_studies(touched, accessed or {})
-            self._set_meta(version, table_id)
+        with self._db:
+            for batch in batches:
+                count += batch.num_rows
+                if name == INSTANCES:
+                    self._db.executemany(_INSERT, _instance_rows(batch))
+                elif name == PLACEMENTS:
+                    self._db.executemany(_PLACE, _placement_rows(batch))
+                else:
+                    self._db.executemany(_ACCESSED, _access_rows(batch))
+                if name != ACCESS:
+                    touched.update(batch.column("study_instance_uid").to_pylist())
+            self._refresh_studies(touched)
+            self._set_meta(name, table)
+            self._set_files(name, table)
         return count
 
-    def _refresh_studies(
-        self, study_uids: Iterable[str], accessed: Mapping[str, datetime | None]
-    ) -> None:
-        for uid in study_uids:
-            records = [
-                _record(row)
-                for row in self._db.execute(_SELECT + " WHERE study_instance_uid = ?", (uid,))
-            ]
-            current = self.study(uid)
-            last_access = current.last_access_time if current else accessed.get(uid)
-            self._db.execute(_UPSERT_STUDY, _study_values(derive_study(records, last_access)))
+    def _refresh_studies(self, study_uids: Iterable[str]) -> None:
+        """Derive these studies' rows again (their last access is kept)."""
+        for chunk, marks in _in_lists(list(study_uids)):
+            self._db.execute(_DERIVE.format(where=f"study_instance_uid IN ({marks})"), chunk)
 
     # -- reading ----------------------------------------------------------------------
 
     def by_sha256(self, sha256: str) -> InstanceRecord | None:
-        row = self._db.execute(_SELECT + " WHERE sha256 = ?", (sha256,)).fetchone()
+        row = self._db.execute(_SELECT + " WHERE i.sha256 = ?", (sha256,)).fetchone()
         return _record(row) if row is not None else None
 
     def by_sha256s(self, sha256s: Sequence[str]) -> dict[str, InstanceRecord]:
         found: dict[str, InstanceRecord] = {}
         for chunk, marks in _in_lists(sha256s):
-            for row in self._db.execute(_SELECT + f" WHERE sha256 IN ({marks})", chunk):
+            for row in self._db.execute(_SELECT + f" WHERE i.sha256 IN ({marks})", chunk):
                 record = _record(row)
                 found[record.sha256] = record
         return found
@@ -202,10 +344,10 @@ class CatalogIndex:
     def by_sop(self, sop_instance_uid: str, version: int | None = None) -> InstanceRecord | None:
         """The newest version of a SOP Instance (or the given ``version``)."""
         if version is None:
-            sql = _SELECT + " WHERE sop_instance_uid = ? ORDER BY version DESC LIMIT 1"
+            sql = _SELECT + " WHERE i.sop_instance_uid = ? ORDER BY i.version DESC LIMIT 1"
             row = self._db.execute(sql, (sop_instance_uid,)).fetchone()
         else:
-            sql = _SELECT + " WHERE sop_instance_uid = ? AND version = ?"
+            sql = _SELECT + " WHERE i.sop_instance_uid = ? AND i.version = ?"
             row = self._db.execute(sql, (sop_instance_uid, version)).fetchone()
         return _record(row) if row is not None else None
 
@@ -226,38 +368,92 @@ class CatalogIndex:
         ).fetchone()
         return _study(row) if row is not None else None
 
-    def dirty_studies(self, limit: int) -> list[tuple[StudyRow, int]]:
-        """Up to ``limit`` study rows changed since last written to Delta, each with its
-        change counter (give both to ``mark_written``)."""
-        sql = f"SELECT {', '.join(_STUDY_COLUMNS)}, dirty FROM studies WHERE dirty > 0 LIMIT ?"
-        return [(_study(row[:-1]), int(row[-1])) for row in self._db.execute(sql, (limit,))]
+    def find_studies(
+        self, conditions: Sequence[tuple[str, object]], limit: int, offset: int = 0
+    ) -> list[StudyRow]:
+        """Study rows matching every ``(column op ?, value)`` (see ``queries``)."""
+        where, values = _where(conditions)
+        sql = f"{_SELECT_STUDY} WHERE {where} ORDER BY study_instance_uid LIMIT ? OFFSET ?"
+        return [_study(row) for row in self._db.execute(sql, (*values, limit, offset))]
 
-    def mark_written(self, written: Iterable[tuple[str, int]]) -> None:
-        """These study rows are in the Delta table as of these change counters."""
-        with self._db:
-            self._db.executemany(_CLEAN, list(written))
+    def find_instances(
+        self, conditions: Sequence[tuple[str, object]], limit: int, offset: int = 0
+    ) -> list[InstanceRecord]:
+        """Instance records (current placement applied) matching every condition."""
+        where, values = _where(conditions, prefix="i.")
+        sql = (
+            f"{_SELECT} WHERE {where} ORDER BY i.study_instance_uid, i.series_instance_uid, "
+            "i.sop_instance_uid, i.version LIMIT ? OFFSET ?"
+        )
+        return [_record(row) for row in self._db.execute(sql, (*values, limit, offset))]
 
-    def record_access(self, study_uids: Sequence[str], when: datetime) -> None:
-        """Set these studies' last access (unknown UIDs are ignored)."""
+    def dirty_studies(self, limit: int) -> list[tuple[StudyRow, int, date | None]]:
+        """Up to ``limit`` study rows changed since last folded into Delta, each with its
+        change counter (for ``mark_written``) and the partition Delta holds it in (None
+        if Delta has no row of it yet)."""
+        sql = (
+            f"SELECT {', '.join(_STUDY_COLUMNS)}, dirty, delta_date FROM studies "
+            "WHERE dirty > 0 LIMIT ?"
+        )
+        return [
+            (_study(row[:-2]), int(row[-2]), date.fromisoformat(row[-1]) if row[-1] else None)
+            for row in self._db.execute(sql, (limit,))
+        ]
+
+    def _dirty(self, study_instance_uid: str) -> int:
+        sql = "SELECT dirty FROM studies WHERE study_instance_uid = ?"
+        row = self._db.execute(sql, (study_instance_uid,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def dirty_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM studies WHERE dirty > 0").fetchone()[0])
+
+    def mark_written(self, written: Iterable[tuple[StudyRow, int]]) -> None:
+        """These study rows (each read with this change counter) are in the Delta table."""
+        rows = list(written)
         with self._db:
             self._db.executemany(
-                "UPDATE studies SET last_access_time = ?, dirty = dirty + 1 "
-                "WHERE study_instance_uid = ?",
-                [(utc(when).isoformat(), uid) for uid in study_uids],
+                _WRITTEN,
+                [(study_date_partition(r).isoformat(), r.study_instance_uid) for r, _ in rows],
             )
+            self._db.executemany(_CLEAN, [(r.study_instance_uid, gen) for r, gen in rows])
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM instances").fetchone()[0])
+        """Instances in the index (rows are never deleted, so the last rowid is the count:
+        no scan, which at 10⁷ rows would fill the page cache)."""
+        return int(self._db.execute("SELECT coalesce(max(rowid), 0) FROM instances").fetchone()[0])
 
-    def version(self) -> int:
-        """The version of ``instances`` the index reflects."""
-        return int(self._meta()["version"])
+    def version(self, table: str = INSTANCES) -> int:
+        """The version of ``table`` the index reflects."""
+        return int(self._meta()[f"{table}.version"])
 
     # -- writing ----------------------------------------------------------------------
 
-    def add(self, records: Sequence[InstanceRecord], version: int, table_id: str) -> None:
-        """Record rows just committed to ``instances`` as ``version``."""
-        self._insert((_values(record) for record in records), version, table_id)
+    def add(self, records: Sequence[InstanceRecord], table: DeltaTable) -> None:
+        """Record rows just committed to ``instances`` (``table``, at that commit)."""
+        self._apply(INSTANCES, [_record_batch(records)], table)
+
+    def add_placements(self, placements: Sequence[Placement], table: DeltaTable) -> None:
+        """Record placements just committed to ``placements`` (``table``, at that commit)."""
+        self._apply(PLACEMENTS, placements_table(placements).to_batches(), table)
+
+    def add_access(self, batch: pa.Table, table: DeltaTable) -> None:
+        """Record accesses just committed to ``access`` (``table``, at that commit)."""
+        self._apply(ACCESS, batch.to_batches(), table)
+
+    def _files(self, name: str) -> set[str]:
+        """The files of table ``name`` whose rows are all in the index."""
+        rows = self._db.execute("SELECT path FROM files WHERE source = ?", (name,))
+        return {path for (path,) in rows}
+
+    def _set_files(self, name: str, table: DeltaTable) -> None:
+        """The files of ``table``'s version are now all in the index (a few hundred rows:
+        compaction keeps a table's files few)."""
+        self._db.execute("DELETE FROM files WHERE source = ?", (name,))
+        self._db.executemany(
+            "INSERT INTO files (source, path) VALUES (?, ?)",
+            [(name, path) for path in _paths(table)],
+        )
 
     def _meta(self) -> dict[str, str]:
         try:
@@ -265,10 +461,14 @@ class CatalogIndex:
         except sqlite3.OperationalError:  # no such table: a new file
             return {}
 
-    def _set_meta(self, version: int, table_id: str) -> None:
+    def _set_meta(self, name: str, table: DeltaTable) -> None:
         self._db.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            [("format", str(FORMAT)), ("version", str(version)), ("table_id", table_id)],
+            [
+                ("format", str(FORMAT)),
+                (f"{name}.version", str(table.version())),
+                (f"{name}.table_id", _table_id(table)),
+            ],
         )
 
 
@@ -282,83 +482,97 @@ def _connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     # NORMAL: a power cut may lose the last transactions, never corrupt the file; what
-    # is lost is caught up from the table, whose version is recorded with the rows.
+    # is lost is caught up from the tables, whose versions are recorded with the rows.
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     return connection
 
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS instances ("
-    + ", ".join(f"{name} {_sql_type(name)}" for name in _COLUMNS)
-    + ");\n"
-    "CREATE UNIQUE INDEX IF NOT EXISTS instances_sha256 ON instances (sha256);\n"
-    "CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid, version);\n"
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
-)
-_STUDY = _COLUMNS.index("study_instance_uid")
-_STUDY_COLUMNS = tuple(StudyRow.__dataclass_fields__)
-_SCHEMA += (
-    "CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);\n"
-    "CREATE TABLE IF NOT EXISTS studies ("
-    + ", ".join(
-        f"{name} {'INTEGER' if name.endswith(('_count', 'bytes_in', 'bytes_stored')) else 'TEXT'}"
-        for name in _STUDY_COLUMNS
-    )
-    + ", dirty INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (study_instance_uid));\n"
-    "CREATE INDEX IF NOT EXISTS studies_dirty ON studies (dirty) WHERE dirty > 0;\n"
-)
-_UPSERT_STUDY = (
-    f"INSERT INTO studies ({', '.join(_STUDY_COLUMNS)}, dirty) "
-    f"VALUES ({', '.join('?' * len(_STUDY_COLUMNS))}, 1) "
-    "ON CONFLICT (study_instance_uid) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _STUDY_COLUMNS[1:])
-    + ", dirty = studies.dirty + 1"
-)
-_CLEAN = "UPDATE studies SET dirty = 0 WHERE study_instance_uid = ? AND dirty = ?"
-_SELECT_STUDY = f"SELECT {', '.join(_STUDY_COLUMNS)} FROM studies"
-_INSERT = (
-    f"INSERT OR IGNORE INTO instances ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
-)
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM instances"
+_OWN_TABLES = ("instances", "placements", "studies", "meta", "files")
+_ACCESS_COLUMNS = ("study_instance_uid", "access_time")
+# The columns the index reads from each source table.
+_SOURCES: dict[str, Sequence[str]] = {
+    INSTANCES: _COLUMNS,
+    PLACEMENTS: _PLACEMENT_COLUMNS,
+    ACCESS: _ACCESS_COLUMNS,
+}
 
 
-def _values(record: InstanceRecord) -> tuple[Any, ...]:
-    row = {name: getattr(record, name) for name in RECORD_FIELDS}
-    row["ingest_date"] = utc(record.ingest_time).date()
-    return tuple(_to_sql(row[name]) for name in _COLUMNS)
+# Timestamps are integer microseconds since the epoch (UTC) in the index, dates ISO text:
+# both compare and sort as they should, and Arrow converts whole columns to them at once.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _to_sql(value: Any) -> Any:
-    if isinstance(value, date):  # datetime too
+    if isinstance(value, datetime):
+        return (utc(value) - _EPOCH) // timedelta(microseconds=1)
+    if isinstance(value, date):
         return value.isoformat()
     return value
+
+
+def _from_micros(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def _sql_rows(batch: pa.RecordBatch, columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``batch`` as index values, converted by column in Arrow."""
+    lists = []
+    for name in columns:
+        column = batch.column(name)
+        if pa.types.is_timestamp(column.type):
+            column = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        elif pa.types.is_date(column.type):
+            column = column.cast(pa.string())
+        lists.append(column.to_pylist())
+    return zip(*lists, strict=True)
+
+
+def _instance_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
+    return _sql_rows(batch, _COLUMNS)
+
+
+def _placement_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
+    return _sql_rows(batch, _PLACEMENT_COLUMNS)
+
+
+def _access_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
+    for uid, moment in _sql_rows(batch, _ACCESS_COLUMNS):
+        yield moment, uid, moment
+
+
+def _record_batch(records: Sequence[InstanceRecord]) -> pa.RecordBatch:
+    return instances_table(records).combine_chunks().to_batches()[0]
 
 
 # DICOM's own value separator: no modality code contains it.
 _SEPARATOR = "\\"
 
 
-def _study_values(study: StudyRow) -> tuple[Any, ...]:
-    values = []
-    for name in _STUDY_COLUMNS:
-        value = getattr(study, name)
-        if name == "modalities":
-            value = _SEPARATOR.join(value)
-        values.append(_to_sql(value))
-    return tuple(values)
-
-
 def _study(row: Sequence[Any]) -> StudyRow:
     values: dict[str, Any] = dict(zip(_STUDY_COLUMNS, row, strict=True))
-    values["modalities"] = [m for m in values["modalities"].split(_SEPARATOR) if m]
+    values["modalities"] = sorted(m for m in (values["modalities"] or "").split(_SEPARATOR) if m)
     day = values["study_date"]
     values["study_date"] = date.fromisoformat(day) if day else None
     for name in ("first_ingest_time", "last_ingest_time", "last_access_time"):
-        if values[name] is not None:
-            values[name] = datetime.fromisoformat(values[name])
+        values[name] = _from_micros(values[name])
     return study_from_row(values)
+
+
+def _same_in_delta(row: StudyRow | None, written: StudyRow | None) -> bool:
+    """Whether the Delta row ``written`` already says what ``row`` says (Delta holds no
+    last access)."""
+    if row is None or written is None:
+        return False
+    return row.__dict__ | {"last_access_time": None} == written.__dict__ | {
+        "last_access_time": None
+    }
+
+
+def _where(conditions: Sequence[tuple[str, object]], prefix: str = "") -> tuple[str, list[Any]]:
+    clauses = [prefix + sql for sql, value in conditions if value is not None]
+    values = [_to_sql(value) for _, value in conditions if value is not None]
+    return (" AND ".join(clauses) if clauses else "1"), values
 
 
 def _table_id(table: DeltaTable) -> str:
@@ -370,30 +584,66 @@ def _record(row: Sequence[Any]) -> InstanceRecord:
     values["study_date"] = (
         date.fromisoformat(values["study_date"]) if values["study_date"] else None
     )
-    values["ingest_time"] = datetime.fromisoformat(values["ingest_time"])
+    values["ingest_time"] = _from_micros(values["ingest_time"])
     return record_from_row(values)
 
 
-def _rows_of_files(table: DeltaTable, paths: set[str] | None) -> Iterator[tuple[Any, ...]]:
-    """Rows of ``table`` (only those in the files ``paths``, relative to the table, when
-    given), as index rows."""
-    dataset = table.to_pyarrow_dataset()
-    if paths is not None:
-        if not paths:
-            return
-        fragments = [f for f in dataset.get_fragments() if f.path in paths]
-        dataset = pa_dataset.FileSystemDataset(
-            fragments, dataset.schema, dataset.format, dataset.filesystem
-        )
-    for batch in dataset.to_batches(columns=list(_COLUMNS), batch_size=_BATCH):
-        for row in batch.to_pylist():
-            yield tuple(_to_sql(row[name]) for name in _COLUMNS)
+def _batches(
+    table: DeltaTable,
+    options: Mapping[str, str],
+    paths: set[str] | None,
+    columns: Sequence[str],
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``table`` (only those in the files ``paths``, relative to the
+    table, when given)."""
+    if paths is not None and not paths:
+        return
+    dataset = table_dataset(table, options, paths)
+    # One batch decoded at a time: the readahead's defaults hold about a million rows.
+    yield from dataset.to_batches(
+        columns=list(columns), batch_size=_BATCH, batch_readahead=1, fragment_readahead=1
+    )
 
 
-def _relative(table: DeltaTable, uris: set[str]) -> set[str]:
-    """File URIs as paths relative to the table's root (as its PyArrow fragments name them)."""
-    root = table.table_uri.rstrip("/") + "/"
-    return {uri.removeprefix(root) for uri in uris}
+def _paths(table: DeltaTable) -> set[str]:
+    """The files of ``table``'s version, as its log names them (relative to the table)."""
+    paths = table.get_add_actions(flatten=True).column("path").to_pylist()
+    return {urllib.parse.unquote(path) for path in paths}
+
+
+def _unseen_files(
+    table: DeltaTable, options: Mapping[str, str], since: int, known: set[str]
+) -> set[str]:
+    """The files of ``table`` that may hold rows the index has not seen: every file it does
+    not know, except the output of a compaction of files it knew (``known``, as of table
+    version ``since``).
+
+    Without that exception, each compaction would have the index read back every row it
+    rewrote (a whole day's partition) and fold all their studies again. A compaction is a
+    commit whose adds all say ``dataChange: false``; its rows are already known when every
+    file it removed was. delta-rs's Python API gives no per-commit actions, so the commit
+    files of ``_delta_log`` after ``since`` are read here (JSON lines, one action each);
+    from a commit whose file is gone (cleaned up after a checkpoint) on, the files cannot
+    be explained and are read.
+    """
+    unknown = _paths(table) - known
+    filesystem = s3_filesystem(options)
+    log = f"{table_root(table)}/_delta_log"
+    seen = set(known)
+    rewritten: set[str] = set()
+    for version in range(since + 1, table.version() + 1):
+        try:
+            with filesystem.open_input_stream(f"{log}/{version:020d}.json") as stream:
+                actions = [json.loads(line) for line in stream.read().splitlines() if line]
+        except (OSError, ValueError):
+            break
+        adds = [action["add"] for action in actions if "add" in action]
+        removed = {urllib.parse.unquote(a["remove"]["path"]) for a in actions if "remove" in a}
+        if adds and not any(add.get("dataChange", True) for add in adds) and removed <= seen:
+            outputs = {urllib.parse.unquote(add["path"]) for add in adds}
+            rewritten |= outputs
+            seen |= outputs
+    return unknown - rewritten
 
 
 def _in_lists(values: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
@@ -401,14 +651,3 @@ def _in_lists(values: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
     for start in range(0, len(values), 500):
         chunk = values[start : start + 500]
         yield chunk, ", ".join("?" * len(chunk))
-
-
-def _batched(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

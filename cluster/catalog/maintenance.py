@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cluster.catalog.schema import INSTANCES, STUDIES, open_table
+from cluster.catalog.schema import TABLES, open_table
 from workers.records import StoreSettings
 
 log = logging.getLogger("strata.catalog")
@@ -52,11 +52,11 @@ class MaintenanceReport:
 
 
 def maintain(settings: StoreSettings, bucket: str, policy: MaintenancePolicy) -> MaintenanceReport:
-    """Compact, checkpoint and vacuum both catalog tables; blocking (run it in a thread)."""
+    """Compact, checkpoint and vacuum every catalog table; blocking (run it in a thread)."""
     started = time.monotonic()
     report = MaintenanceReport()
     window = f"interval {policy.retention_hours} hours"
-    for name in (INSTANCES, STUDIES):
+    for name in TABLES:
         table = open_table(settings, bucket, name)
         if table.metadata().configuration.get(_LOG_RETENTION) != window:
             # Log entries older than the window go at checkpoints, like the files.

@@ -1,59 +1,131 @@
-"""Reading the catalog: DuckDB over the Delta tables, and the searches the doors make."""
+"""Reading the catalog: the searches the doors make, and SQL over the Delta tables.
+
+The doors search the writer's keyed index (``CatalogWriter.find_studies`` and
+``find_instances`` with the filters below): current to the last commit, and a search
+costs what it returns. Analysts and ``strata query`` read the Delta tables themselves
+with DuckDB (``connect``), where ``studies`` is as of the last fold (seconds behind).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 import duckdb
+import pyarrow.dataset as pa_dataset
 
 from cluster.catalog.schema import (
+    ACCESS,
     DEFAULT_BUCKET,
     INSTANCES,
+    PLACEMENTS,
     STUDIES,
     StudyRow,
     open_table,
     record_from_row,
     rows_of,
+    storage_options,
     study_from_row,
+    table_dataset,
 )
 from workers.records import InstanceRecord, StoreSettings
+
+# DICOM's value separator, which the index puts between a study's modalities.
+_SEPARATOR = "\\"
+
+
+@dataclass(frozen=True)
+class StudyFilters:
+    """A study search; None matches anything (dates bound ``study_date``, inclusive)."""
+
+    study_uid: str | None = None
+    patient_pseudonym: str | None = None
+    accession_pseudonym: str | None = None
+    modality: str | None = None
+    tier: str | None = None
+    date_from: date | None = None
+    date_to: date | None = None
+
+    def conditions(self) -> list[tuple[str, object]]:
+        """``(SQL with one ?, value)`` pairs over the index's ``studies`` table."""
+        return [
+            ("study_instance_uid = ?", self.study_uid),
+            ("patient_pseudonym = ?", self.patient_pseudonym),
+            ("accession_pseudonym = ?", self.accession_pseudonym),
+            (
+                f"instr('{_SEPARATOR}' || modalities || '{_SEPARATOR}', ?) > 0",
+                f"{_SEPARATOR}{self.modality}{_SEPARATOR}" if self.modality else None,
+            ),
+            ("tier = ?", self.tier),
+            ("study_date >= ?", self.date_from),
+            ("study_date <= ?", self.date_to),
+        ]
+
+
+@dataclass(frozen=True)
+class InstanceFilters:
+    """An instance search; None matches anything (dates bound ``study_date``, inclusive)."""
+
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    modality: str | None = None
+    date_from: date | None = None
+    date_to: date | None = None
+
+    def conditions(self) -> list[tuple[str, object]]:
+        """``(SQL with one ?, value)`` pairs over the index's (and Delta's) ``instances``."""
+        return [
+            ("study_instance_uid = ?", self.study_uid),
+            ("series_instance_uid = ?", self.series_uid),
+            ("sop_instance_uid = ?", self.sop_uid),
+            ("modality = ?", self.modality),
+            ("study_date >= ?", self.date_from),
+            ("study_date <= ?", self.date_to),
+        ]
 
 
 def connect(
     settings: StoreSettings,
     bucket: str = DEFAULT_BUCKET,
-    tables: Sequence[str] = (INSTANCES, STUDIES),
+    tables: Sequence[str] = (INSTANCES, STUDIES, ACCESS, PLACEMENTS),
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the catalog tables registered as ``instances``/``studies``.
+    """A DuckDB connection with the catalog tables registered under their names.
 
-    Each table is the snapshot current when this is called (a PyArrow dataset over the
-    Delta table's files: DuckDB filters and projections are pushed down into it).
+    Each table is the snapshot current when this is called: a PyArrow dataset over the
+    files of the table's current version, so DuckDB pushes filters and projections into
+    it and reads only the columns and row groups a query needs.
     """
     connection = duckdb.connect()
     for table in tables:
-        dataset = open_table(settings, bucket, table).to_pyarrow_dataset()
-        connection.register(table, dataset)
+        connection.register(table, dataset(settings, bucket, table))
     return connection
+
+
+def dataset(settings: StoreSettings, bucket: str, table: str) -> pa_dataset.Dataset:
+    """The current files of one catalog table as a PyArrow dataset."""
+    return table_dataset(open_table(settings, bucket, table), storage_options(settings))
 
 
 def _query(
     settings: StoreSettings,
     bucket: str,
-    table: str,
+    sql: str,
+    tables: Sequence[str],
     conditions: Sequence[tuple[str, object]],
     order_by: str,
     limit: int,
 ) -> list[dict[str, Any]]:
-    """Rows of ``table`` matching every ``(sql with one ?, value)`` whose value is not None."""
-    clauses = [sql for sql, value in conditions if value is not None]
+    """Rows of ``sql`` matching every ``(sql with one ?, value)`` whose value is not None."""
+    clauses = [clause for clause, value in conditions if value is not None]
     parameters = [value for _, value in conditions if value is not None]
     where = " AND ".join(clauses) if clauses else "TRUE"
-    sql = f"SELECT * FROM {table} WHERE {where} ORDER BY {order_by} LIMIT ?"
-    connection = connect(settings, bucket, tables=(table,))
+    connection = connect(settings, bucket, tables=tables)
     try:
-        return rows_of(connection.execute(sql, [*parameters, limit]))
+        statement = f"SELECT * FROM ({sql}) WHERE {where} ORDER BY {order_by} LIMIT ?"
+        return rows_of(connection.execute(statement, [*parameters, limit]))
     finally:
         connection.close()
 
@@ -70,19 +142,15 @@ def find_instances(
     limit: int = 1000,
     bucket: str = DEFAULT_BUCKET,
 ) -> list[InstanceRecord]:
-    """Instance rows matching every given filter (dates bound ``study_date``, inclusive)."""
+    """Rows of the Delta ``instances`` table matching every given filter (the history:
+    where each object was first written; see ``placements`` for where it is now)."""
+    filters = InstanceFilters(study_uid, series_uid, sop_uid, modality, date_from, date_to)
     rows = _query(
         settings,
         bucket,
-        INSTANCES,
-        [
-            ("study_instance_uid = ?", study_uid),
-            ("series_instance_uid = ?", series_uid),
-            ("sop_instance_uid = ?", sop_uid),
-            ("modality = ?", modality),
-            ("study_date >= ?", date_from),
-            ("study_date <= ?", date_to),
-        ],
+        f"SELECT * FROM {INSTANCES}",
+        (INSTANCES,),
+        filters.conditions(),
         "study_instance_uid, series_instance_uid, sop_instance_uid, version",
         limit,
     )
@@ -102,21 +170,21 @@ def find_studies(
     limit: int = 1000,
     bucket: str = DEFAULT_BUCKET,
 ) -> list[StudyRow]:
-    """Study rows matching every given filter (``modality``: one of the study's modalities)."""
-    rows = _query(
-        settings,
-        bucket,
-        STUDIES,
-        [
-            ("study_instance_uid = ?", study_uid),
-            ("patient_pseudonym = ?", patient_pseudonym),
-            ("accession_pseudonym = ?", accession_pseudonym),
-            ("list_contains(modalities, ?)", modality),
-            ("tier = ?", tier),
-            ("study_date >= ?", date_from),
-            ("study_date <= ?", date_to),
-        ],
-        "study_instance_uid",
-        limit,
+    """Rows of the Delta ``studies`` table (as of the last fold) matching every given
+    filter, each with its last access from ``access``."""
+    conditions = [
+        ("study_instance_uid = ?", study_uid),
+        ("patient_pseudonym = ?", patient_pseudonym),
+        ("accession_pseudonym = ?", accession_pseudonym),
+        ("list_contains(modalities, ?)", modality),
+        ("tier = ?", tier),
+        ("study_date >= ?", date_from),
+        ("study_date <= ?", date_to),
+    ]
+    sql = (
+        f"SELECT s.*, a.last_access_time FROM {STUDIES} s LEFT JOIN ("
+        f"SELECT study_instance_uid, max(access_time) AS last_access_time FROM {ACCESS} "
+        "GROUP BY 1) a USING (study_instance_uid)"
     )
+    rows = _query(settings, bucket, sql, (STUDIES, ACCESS), conditions, "study_instance_uid", limit)
     return [study_from_row(row) for row in rows]

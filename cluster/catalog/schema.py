@@ -1,91 +1,33 @@
 """The catalog's tables: their schemas, where they live, and rows to and from Arrow.
 
-Tables live at ``s3://<bucket>/instances`` and ``s3://<bucket>/studies`` (bucket
-``strata-catalog`` by default). No column holds a patient name, birth date or raw
-identifier: patients and accessions appear only as keyed HMAC pseudonyms.
+Four Delta tables at ``s3://<bucket>/<table>`` (bucket ``strata-catalog`` by default):
+``instances`` (append-only history), ``placements`` (append-only: where objects live
+now), ``access`` (append-only: study reads) and ``studies`` (one row per study, folded
+in periodically, partitioned by the date of its first ingest). Every column, its type,
+partitioning and meaning, and how analysts read the tables, are in docs/catalog.md.
+No column holds a patient name, birth date or raw identifier: patients and accessions appear only as
+keyed HMAC pseudonyms.
 
-``instances`` — one row per stored object; append-only (``delta.appendOnly``),
-partitioned by ``ingest_date``. The columns are the fields of
-``workers.records.InstanceRecord``:
-
-| column | type | meaning |
-| --- | --- | --- |
-| sop_instance_uid | string | SOP Instance UID (0008,0018) |
-| series_instance_uid | string | Series Instance UID (0020,000E) |
-| study_instance_uid | string | Study Instance UID (0020,000D) |
-| sop_class_uid | string | SOP Class UID (0008,0016) |
-| modality | string | Modality (0008,0060) |
-| body_part | string | Body Part Examined (0018,0015), "" when absent |
-| study_date | date, nullable | Study Date (0008,0020) |
-| patient_pseudonym | string | keyed HMAC of the Patient ID |
-| accession_pseudonym | string | keyed HMAC of the Accession Number |
-| transfer_syntax_in | string | transfer syntax UID as received |
-| transfer_syntax_stored | string | transfer syntax UID of the stored pixel data |
-| storage_action | string | "transcoded" or "as_received" |
-| storage_note | string | why, in a sentence |
-| frames, rows, columns | int32 | image geometry |
-| bits_allocated, bits_stored, samples_per_pixel | int32 | pixel layout |
-| photometric_interpretation | string | e.g. "MONOCHROME2" |
-| bytes_in | int64 | size of the file as received |
-| bytes_stored | int64 | size of the encrypted object |
-| sha256 | string | hex SHA-256 of the file as received |
-| object_key | string | key of the object in its tier's bucket |
-| tier | string | tier the object was written to |
-| key_id | string | key-encryption key that wraps the object's data key |
-| ingest_time | timestamp[us, UTC] | when the pipeline stored the object (naive = UTC) |
-| version | int32 | 1 for a SOP Instance UID's first file, n + 1 for each later different one |
-| ingest_date | date | UTC date of ingest_time; the partition column |
-
-``studies`` — one row per study, rewritten in place on every commit that touches it:
-
-| column | type | meaning |
-| --- | --- | --- |
-| study_instance_uid | string | Study Instance UID |
-| patient_pseudonym | string | from the study's first stored instance |
-| accession_pseudonym | string | from the study's first stored instance |
-| study_date | date, nullable | earliest non-null Study Date of its instances |
-| modalities | list<string> | distinct non-empty modalities, sorted (see below) |
-| instance_count | int64 | distinct SOP Instance UIDs (versions of one instance count once) |
-| series_count | int64 | distinct Series Instance UIDs |
-| bytes_in | int64 | sum over every stored object, all versions |
-| bytes_stored | int64 | sum over every stored object, all versions |
-| tier | string | tier of the most recently stored instance |
-| first_ingest_time | timestamp[us, UTC] | earliest ingest_time |
-| last_ingest_time | timestamp[us, UTC] | latest ingest_time |
-| last_access_time | timestamp[us, UTC], nullable | last retrieval, null if never read |
-
-``modalities`` is a list rather than a comma-joined string so that every engine filters it
-natively (``list_contains`` in DuckDB, ``list.contains`` in Polars, ``array_contains`` in
-Spark and Trino) without string matching that "MR" would also find in "XMR".
-
-An analyst reads the catalog with plain DuckDB or Polars (``opts`` as returned by
-``storage_options(settings)``: endpoint, credentials, ``AWS_ALLOW_HTTP``)::
-
-    import duckdb, polars as pl
-    from deltalake import DeltaTable
-    uri = "s3://strata-catalog"
-    studies = pl.read_delta(f"{uri}/studies", storage_options=opts)
-    instances = DeltaTable(f"{uri}/instances", storage_options=opts).to_pyarrow_dataset()
-    duckdb.sql("SELECT modality, count(*), sum(bytes_stored) FROM instances GROUP BY 1").show()
-
-Writes go through one ``CatalogWriter`` actor per cluster, which groups concurrent
-commits into one Delta commit per table. ``studies`` is upserted with
-``write_deltalake(mode="overwrite", predicate=...)`` rather than ``merge``: delta-rs
-1.6's merge (and delete) write string columns as Arrow ``string_view``, and PyArrow
-(so DuckDB over a PyArrow dataset, and ``to_pyarrow_table(filters=...)``) cannot
-compare ``string_view`` with ``string`` (delta-rs issue #4579).
+Rows of ``studies`` are replaced with ``write_deltalake(mode="overwrite",
+predicate=...)`` rather than ``merge``: delta-rs 1.6's merge (and delete) write string
+columns as Arrow ``string_view``, and PyArrow (so DuckDB over a PyArrow dataset, and
+``to_pyarrow_table(filters=...)``) cannot compare ``string_view`` with ``string``
+(delta-rs issue #4579).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import urllib.parse
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Literal, NamedTuple
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pa_dataset
+import pyarrow.fs as pa_fs
 from deltalake import DeltaTable
 
 from workers.records import InstanceRecord, StoreSettings
@@ -94,11 +36,9 @@ from workers.store import ensure_bucket
 DEFAULT_BUCKET = "strata-catalog"
 INSTANCES = "instances"
 STUDIES = "studies"
-
-
-DEFAULT_BUCKET = "strata-catalog"
-INSTANCES = "instances"
-STUDIES = "studies"
+ACCESS = "access"
+PLACEMENTS = "placements"
+TABLES = (INSTANCES, STUDIES, ACCESS, PLACEMENTS)
 
 INSTANCES_SCHEMA = pa.schema(
     [
@@ -148,7 +88,33 @@ STUDIES_SCHEMA = pa.schema(
         pa.field("tier", pa.string(), nullable=False),
         pa.field("first_ingest_time", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("last_ingest_time", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("last_access_time", pa.timestamp("us", tz="UTC"), nullable=True),
+        pa.field("ingest_date", pa.date32(), nullable=False),
+    ]
+)
+
+ACCESS_SCHEMA = pa.schema(
+    [
+        pa.field("study_instance_uid", pa.string(), nullable=False),
+        pa.field("access_time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("access_date", pa.date32(), nullable=False),
+    ]
+)
+
+PLACEMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("sop_instance_uid", pa.string(), nullable=False),
+        pa.field("version", pa.int32(), nullable=False),
+        pa.field("study_instance_uid", pa.string(), nullable=False),
+        pa.field("tier", pa.string(), nullable=False),
+        pa.field("bucket", pa.string(), nullable=False),
+        pa.field("object_key", pa.string(), nullable=False),
+        pa.field("byte_offset", pa.int64(), nullable=False),
+        pa.field("byte_length", pa.int64(), nullable=False),
+        pa.field("key_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("placed_time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("placed_date", pa.date32(), nullable=False),
     ]
 )
 
@@ -196,6 +162,30 @@ class StudyRow:
     last_access_time: datetime | None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one stored object lives now, and which key-encryption key wraps its data key.
+
+    An instance's first placement is its row in ``instances`` (the whole object,
+    ``object_key`` in its tier's bucket); a tier move or a key rotation appends a
+    ``Placement`` to the ``placements`` table, and the latest one for a SHA-256 wins.
+    History is never rewritten.
+    """
+
+    sha256: str
+    sop_instance_uid: str
+    version: int
+    study_instance_uid: str
+    tier: str
+    bucket: str
+    object_key: str
+    byte_offset: int
+    byte_length: int
+    key_id: str
+    reason: str
+    placed_time: datetime
+
+
 class IndexEntry(NamedTuple):
     """Where the writer finds an already catalogued file (by its SHA-256)."""
 
@@ -237,6 +227,74 @@ def storage_options(settings: StoreSettings) -> dict[str, str]:
     }
 
 
+def table_dataset(
+    table: DeltaTable, options: Mapping[str, str], paths: Collection[str] | None = None
+) -> pa_dataset.Dataset:
+    """The files of ``table``'s current version (only those in ``paths``, relative to the
+    table, when given) as a PyArrow dataset, for DuckDB or PyArrow to scan.
+
+    Built from the log's add actions (path, size, partition values), over PyArrow's own S3
+    client. ``DeltaTable.to_pyarrow_dataset`` costs ~27 ms per file in delta-rs 1.6
+    (measured: 2.7 s for 100 files; this, 34 ms), and its file system answers through
+    Python callbacks; a reader of a table between two compactions would pay that for
+    every small file. File sizes come from the log, so no file is HEADed.
+    """
+    schema = pa.schema(table.schema().to_arrow())
+    partitions = table.metadata().partition_columns
+    actions = table.get_add_actions(flatten=True)
+    root = table_root(table)
+    scan = pa_dataset.ParquetFragmentScanOptions(pre_buffer=True)
+    parquet = pa_dataset.ParquetFileFormat(default_fragment_scan_options=scan)
+    filesystem = s3_filesystem(options)
+    values = {name: actions.column(f"partition.{name}").to_pylist() for name in partitions}
+    fragments = []
+    for row, (path, size) in enumerate(
+        zip(
+            actions.column("path").to_pylist(),
+            actions.column("size_bytes").to_pylist(),
+            strict=True,
+        )
+    ):
+        if paths is not None and urllib.parse.unquote(path) not in paths:
+            continue
+        where = pa_dataset.scalar(True)
+        for name in partitions:
+            value = values[name][row]
+            column = pa_dataset.field(name)
+            where &= (
+                column.is_null()
+                if value is None
+                else column == pa.scalar(value).cast(schema.field(name).type)
+            )
+        fragments.append(
+            parquet.make_fragment(
+                f"{root}/{urllib.parse.unquote(path)}",
+                filesystem=filesystem,
+                file_size=size,
+                partition_expression=where,
+            )
+        )
+    return pa_dataset.FileSystemDataset(fragments, schema, parquet, filesystem)
+
+
+def table_root(table: DeltaTable) -> str:
+    """``bucket/path`` of a table on S3 (as PyArrow's S3 file system names it)."""
+    uri = urllib.parse.urlparse(table.table_uri)
+    return f"{uri.netloc}/{uri.path.strip('/')}"
+
+
+def s3_filesystem(options: Mapping[str, str]) -> pa_fs.S3FileSystem:
+    """PyArrow's S3 client for the MinIO that ``options`` (``storage_options``) describe."""
+    endpoint = urllib.parse.urlparse(options["AWS_ENDPOINT_URL"])
+    return pa_fs.S3FileSystem(
+        access_key=options["AWS_ACCESS_KEY_ID"],
+        secret_key=options["AWS_SECRET_ACCESS_KEY"],
+        region=options["AWS_REGION"],
+        scheme=endpoint.scheme,
+        endpoint_override=endpoint.netloc,
+    )
+
+
 def table_uri(bucket: str, table: str) -> str:
     """The ``s3://`` URI of one catalog table."""
     return f"s3://{bucket}/{table}"
@@ -247,7 +305,7 @@ def open_table(settings: StoreSettings, bucket: str, table: str) -> DeltaTable:
 
 
 def create_tables(settings: StoreSettings, bucket: str = DEFAULT_BUCKET) -> None:
-    """Create the bucket and both tables if they do not exist yet."""
+    """Create the bucket and the catalog's tables if they do not exist yet."""
     ensure_bucket(settings, bucket)
     options = storage_options(settings)
     DeltaTable.create(
@@ -264,8 +322,29 @@ def create_tables(settings: StoreSettings, bucket: str = DEFAULT_BUCKET) -> None
         table_uri(bucket, STUDIES),
         STUDIES_SCHEMA,
         mode="ignore",
+        partition_by=["ingest_date"],
         name=STUDIES,
-        description="One row per study: counts, sizes, tier, last access.",
+        description="One row per study: counts, sizes, tier; folded in periodically.",
+        storage_options=options,
+    )
+    DeltaTable.create(
+        table_uri(bucket, ACCESS),
+        ACCESS_SCHEMA,
+        mode="ignore",
+        partition_by=["access_date"],
+        name=ACCESS,
+        description="One row per study read; append-only.",
+        configuration={"delta.appendOnly": "true"},
+        storage_options=options,
+    )
+    DeltaTable.create(
+        table_uri(bucket, PLACEMENTS),
+        PLACEMENTS_SCHEMA,
+        mode="ignore",
+        partition_by=["placed_date"],
+        name=PLACEMENTS,
+        description="Where objects moved to and which key wraps them; latest wins; append-only.",
+        configuration={"delta.appendOnly": "true"},
         storage_options=options,
     )
 
@@ -296,11 +375,51 @@ def instances_table(records: Sequence[InstanceRecord]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=INSTANCES_SCHEMA)
 
 
+def study_date_partition(row: StudyRow) -> date:
+    """The ``studies`` partition of a study row: the UTC date of its first ingest."""
+    return utc(row.first_ingest_time).date()
+
+
 def studies_table(rows: Iterable[StudyRow]) -> pa.Table:
+    """Study rows for the Delta table (which holds no last access: see ``access``)."""
     return pa.Table.from_pylist(
-        [dataclasses.asdict(row) | {"modalities": list(row.modalities)} for row in rows],
+        [
+            dataclasses.asdict(row)
+            | {
+                "modalities": list(row.modalities),
+                "ingest_date": study_date_partition(row),
+            }
+            for row in rows
+        ],
         schema=STUDIES_SCHEMA,
     )
+
+
+def access_table(study_uids: Sequence[str], when: datetime) -> pa.Table:
+    moment = utc(when)
+    return pa.Table.from_pylist(
+        [
+            {"study_instance_uid": uid, "access_time": moment, "access_date": moment.date()}
+            for uid in study_uids
+        ],
+        schema=ACCESS_SCHEMA,
+    )
+
+
+def placements_table(placements: Iterable[Placement]) -> pa.Table:
+    rows = []
+    for placement in placements:
+        row = dataclasses.asdict(placement)
+        row["placed_time"] = utc(placement.placed_time)
+        row["placed_date"] = row["placed_time"].date()
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=PLACEMENTS_SCHEMA)
+
+
+def placement_from_row(row: Mapping[str, Any]) -> Placement:
+    values = {name: row[name] for name in Placement.__dataclass_fields__}
+    values["placed_time"] = utc(values["placed_time"])
+    return Placement(**values)
 
 
 def record_from_row(row: Mapping[str, Any]) -> InstanceRecord:
@@ -310,7 +429,7 @@ def record_from_row(row: Mapping[str, Any]) -> InstanceRecord:
 
 
 def study_from_row(row: Mapping[str, Any]) -> StudyRow:
-    last_access = row["last_access_time"]
+    last_access = row.get("last_access_time")
     return StudyRow(
         study_instance_uid=row["study_instance_uid"],
         patient_pseudonym=row["patient_pseudonym"],

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,22 +20,29 @@ from deltalake import DeltaTable, write_deltalake
 
 from cluster.catalog.index import CatalogIndex
 from cluster.catalog.maintenance import MaintenancePolicy, maintain
+from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
+    ACCESS,
     DEFAULT_BUCKET,
     INSTANCES,
+    PLACEMENTS,
     STUDIES,
     CatalogCommitFailedError,
     Committed,
     Decision,
     IndexEntry,
+    Placement,
     StudyRow,
+    access_table,
     create_tables,
     instances_table,
     open_table,
+    placements_table,
     record_from_row,
     sql_string_literal,
     storage_options,
     studies_table,
+    study_date_partition,
     study_from_row,
     table_uri,
     utc,
@@ -44,8 +51,9 @@ from workers.records import InstanceRecord, Stored, StoreSettings
 
 log = logging.getLogger("strata.catalog")
 
-# The most study rows written to Delta with one group (the rest with the next ones).
-STUDIES_PER_COMMIT = 1000
+# The most changed study rows rewritten by one Delta commit of a fold (new rows are
+# appended, any number at once).
+STUDIES_PER_UPSERT = 1000
 
 
 def plan_group(
@@ -89,6 +97,7 @@ def plan_group(
 class _Waiter:
     stored: list[Stored]
     accessed: list[str]
+    placed: list[Placement]
     future: asyncio.Future[list[Committed]]
 
 
@@ -96,19 +105,19 @@ class CatalogWriter:
     """The one writer of the catalog; wrap it with ``ray.remote`` as an async actor.
 
     Concurrent ``commit`` calls are queued and written together: one append to
-    ``instances`` and one upsert of the touched rows of ``studies`` per group, flushed
-    when ``max_batch`` rows are pending or the oldest has waited ``max_wait_s``. Each
-    call returns only after the group holding its rows is committed, and raises if that
-    commit failed. If the ``studies`` upsert fails after the ``instances`` append
-    succeeded, the callers are answered all the same (their rows are durable): the study
-    rows stay dirty in the index and are written with the next group, or by the next
-    writer when it starts.
+    ``instances`` per group, flushed when ``max_batch`` rows are pending or the oldest has
+    waited ``max_wait_s``; accesses and placements queued meanwhile are appended to
+    ``access`` and ``placements`` with the same group. Each call returns only after the
+    group holding its rows is committed, and raises if that commit failed.
 
-    Duplicates, versions, lookups and study rows come from the keyed index
+    Duplicates, versions, lookups, searches and study rows come from the keyed index
     (``cluster.catalog.index``) in the SQLite file ``index_path`` on the writer's disk
-    (a new temporary file, built from the table, when not given); nothing held in memory
-    grows with the archive. Every ``maintenance.every_commits`` commits the tables are
-    compacted, checkpointed and vacuumed in the background (``cluster.catalog.maintenance``).
+    (a new temporary file, built from the tables, when not given); nothing held in memory
+    grows with the archive. Study rows changed by commits are folded into the Delta
+    ``studies`` table in the background every ``fold_interval_s`` (new studies appended,
+    changed ones rewritten in their hash partition), never on the commit path; every
+    ``maintenance.every_commits`` commits the tables are compacted, checkpointed and
+    vacuumed, also in the background (``cluster.catalog.maintenance``).
     """
 
     def __init__(
@@ -119,23 +128,30 @@ class CatalogWriter:
         max_wait_s: float = 0.05,
         index_path: str | None = None,
         maintenance: MaintenancePolicy | None = None,
+        fold_interval_s: float = 10.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must not be negative, got {max_wait_s}")
+        if fold_interval_s <= 0:
+            raise ValueError(f"fold_interval_s must be positive, got {fold_interval_s}")
         self._settings = settings
         self._bucket = bucket
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
+        self._fold_interval_s = fold_interval_s
         self._index_path = Path(index_path or Path(tempfile.mkdtemp()) / "index.sqlite")
         self._maintenance = maintenance or MaintenancePolicy()
         self._commits_since_maintenance = 0
         self._maintaining: asyncio.Task[None] | None = None
+        self._folder: asyncio.Task[None] | None = None
+        # A fold and a maintenance pass both rewrite `studies`: one at a time.
+        self._studies_lock = asyncio.Lock()
         # The tables are opened on first use, not here: an actor whose constructor raises
         # (the store briefly down when Ray restarts it) would stay dead for good.
-        self._instances: DeltaTable | None = None
-        self._studies_table: DeltaTable | None = None
+        self._tables: dict[str, DeltaTable] = {}
+        self._reopen = False  # the index must catch up with the tables after this group
         self._opening = asyncio.Lock()
         self._committing: Counter[str] = Counter()
 
@@ -156,6 +172,7 @@ class CatalogWriter:
             "flush_ms_total": 0,
             "flush_ms_max": 0,
             "studies_failures": 0,
+            "folds": 0,
             "maintenance_passes": 0,
         }
 
@@ -165,37 +182,33 @@ class CatalogWriter:
         """Open the tables and load the index, once; raises (and is retried by the next
         call) while the store cannot be read."""
         async with self._opening:
-            if self._instances is None:
-                fresh = await asyncio.to_thread(self._open_and_load)
+            if not self._tables:
+                tables, index = await asyncio.to_thread(self._open_and_load)
                 # Swapped in on the event loop, all at once: nothing ever reads a half-built
                 # index (the load runs in a thread).
-                self._studies_table = fresh._studies_table
                 if self._index is not None:
                     self._index.close()
-                self._index = fresh._index
-                self._instances = fresh._instances
+                self._index = index
+                self._tables = tables
+            if self._folder is None or self._folder.done():
+                self._folder = asyncio.get_running_loop().create_task(self._fold_forever())
 
-    def _open_and_load(self) -> CatalogWriter:
-        """A writer's state loaded from the tables, built apart from this one's."""
+    def _open_and_load(self) -> tuple[dict[str, DeltaTable], CatalogIndex]:
+        """The tables, and the index brought up to date with them (or rebuilt)."""
         create_tables(self._settings, self._bucket)
-        fresh = CatalogWriter.__new__(CatalogWriter)
-        fresh._settings, fresh._bucket = self._settings, self._bucket
-        fresh._studies_table = open_table(self._settings, self._bucket, STUDIES)
-        instances = open_table(self._settings, self._bucket, INSTANCES)
-        studies = fresh._studies_table
+        tables = {
+            name: open_table(self._settings, self._bucket, name)
+            for name in (INSTANCES, STUDIES, ACCESS, PLACEMENTS)
+        }
+        studies = tables[STUDIES]
 
         def written_studies() -> list[StudyRow]:  # read only when the index is rebuilt
             return [study_from_row(row) for row in studies.to_pyarrow_table().to_pylist()]
 
-        fresh._index = CatalogIndex.open(
-            self._index_path, instances, storage_options(self._settings), written_studies
+        index = CatalogIndex.open(
+            self._index_path, tables, storage_options(self._settings), written_studies
         )
-        # Study rows a crash left unwritten (or a rebuild found different) are written now.
-        while dirty := fresh._index.dirty_studies(STUDIES_PER_COMMIT):
-            fresh._upsert_studies([row for row, _ in dirty])
-            fresh._index.mark_written((row.study_instance_uid, gen) for row, gen in dirty)
-        fresh._instances = instances
-        return fresh
+        return tables, index
 
     async def commit(self, stored: list[Stored]) -> list[Committed]:
         """Catalog ``stored`` files; returns one ``Committed`` per file, in order."""
@@ -213,7 +226,7 @@ class CatalogWriter:
         # their objects for orphans, even if the caller has stopped waiting.
         self._committing.update(shas)
         try:
-            return await self._enqueue(list(stored), [])
+            return await self._enqueue(list(stored), [], [])
         finally:
             self._committing.subtract(shas)
             self._committing += Counter()  # drop the zeros
@@ -227,30 +240,72 @@ class CatalogWriter:
     async def latest(
         self, sop_instance_uid: str, version: int | None = None
     ) -> InstanceRecord | None:
-        """The newest version of a SOP Instance (or the given ``version``), None if absent."""
+        """The newest version of a SOP Instance (or the given ``version``), None if absent;
+        its ``tier``, ``object_key`` and ``key_id`` are where it lives now."""
         await self.ready()
         assert self._index is not None
         return self._index.by_sop(sop_instance_uid, version)
 
-    async def record_access(self, study_uids: list[str]) -> None:
-        """Set ``last_access_time`` of these studies to now, with the next group commit.
+    async def study(self, study_instance_uid: str) -> StudyRow | None:
+        """A study's current row (with its last access), None if unknown."""
+        await self.ready()
+        assert self._index is not None
+        return self._index.study(study_instance_uid)
 
-        Unknown study UIDs are ignored. Returns once the update is committed; a caller
-        that does not need to know may fire and forget.
-        """
+    async def find_studies(
+        self, filters: StudyFilters, limit: int = 1000, offset: int = 0
+    ) -> list[StudyRow]:
+        """Current study rows matching ``filters``, from the index (what the doors search)."""
+        await self.ready()
+        assert self._index is not None
+        return self._index.find_studies(filters.conditions(), limit, offset)
+
+    async def find_instances(
+        self, filters: InstanceFilters, limit: int = 1000, offset: int = 0
+    ) -> list[InstanceRecord]:
+        """Instance records matching ``filters``, from the index (what the doors search)."""
+        await self.ready()
+        assert self._index is not None
+        return self._index.find_instances(filters.conditions(), limit, offset)
+
+    async def record_access(self, study_uids: list[str]) -> None:
+        """Record that these studies were read now, with the next group commit (appended
+        to ``access``; the index's last access follows). Unknown study UIDs are recorded
+        but change no study. Returns once committed; a caller may fire and forget."""
         if study_uids:
             await self.ready()
-            await self._enqueue([], list(study_uids))
+            await self._enqueue([], list(study_uids), [])
+
+    async def place(self, placements: list[Placement]) -> None:
+        """Record where objects live now (a tier move, a key rotation), with the next group
+        commit; retrieval follows the new placement as soon as this returns. Raises
+        ``ValueError`` naming the first SHA-256 the catalog does not hold."""
+        if not placements:
+            return
+        await self.ready()
+        assert self._index is not None
+        known = self._index.by_sha256s([p.sha256 for p in placements])
+        for placement in placements:
+            record = known.get(placement.sha256)
+            if record is None or record.sop_instance_uid != placement.sop_instance_uid:
+                raise ValueError(f"no catalogued object has SHA-256 {placement.sha256}")
+        await self._enqueue([], [], list(placements))
 
     async def close(self) -> None:
-        """Commit everything queued so far, then stop the background flush task."""
-        if self._flusher is None or self._flusher.done():
-            return
-        await self._enqueue([], [], flush_now=True)
-        self._flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._flusher
-        self._flusher = None
+        """Commit everything queued so far, fold the study rows, stop the background tasks."""
+        if self._flusher is not None and not self._flusher.done():
+            await self._enqueue([], [], [], flush_now=True)
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        if self._folder is not None:
+            self._folder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folder
+            self._folder = None
+        if self._index is not None:
+            await self.fold_now()
 
     async def stats(self) -> dict[str, int]:
         """Counters: Delta commits to each table, rows written, largest group, timings."""
@@ -260,7 +315,12 @@ class CatalogWriter:
     # -- group commit -------------------------------------------------------------------
 
     async def _enqueue(
-        self, stored: list[Stored], accessed: list[str], *, flush_now: bool = False
+        self,
+        stored: list[Stored],
+        accessed: list[str],
+        placed: list[Placement],
+        *,
+        flush_now: bool = False,
     ) -> list[Committed]:
         loop = asyncio.get_running_loop()
         if self._flusher is None or self._flusher.done():
@@ -268,11 +328,11 @@ class CatalogWriter:
             self._batch_full = asyncio.Event()
             self._flusher = loop.create_task(self._flush_forever())
         assert self._has_pending is not None and self._batch_full is not None
-        waiter = _Waiter(stored, accessed, loop.create_future())
+        waiter = _Waiter(stored, accessed, placed, loop.create_future())
         if not self._pending:
             self._oldest_pending = loop.time()
         self._pending.append(waiter)
-        self._pending_rows += max(len(stored), len(accessed))
+        self._pending_rows += max(len(stored), len(accessed), len(placed))
         self._has_pending.set()
         if flush_now or self._pending_rows >= self._max_batch:
             self._batch_full.set()
@@ -297,19 +357,21 @@ class CatalogWriter:
                 await self.ready()  # rebuilds the index after a failed commit
                 results = await self._flush(group)
             except Exception as error:  # noqa: BLE001 - every waiter of the group learns of it
-                # The index may be behind the table (a commit whose answer was lost can
-                # still have landed), so it catches up with the table before any further
+                # The index may be behind the tables (a commit whose answer was lost can
+                # still have landed), so it catches up with them before any further
                 # decision: a retry must never append a row twice.
-                self._instances = None
+                self._tables = {}
                 for waiter in group:
                     if not waiter.future.done():
                         waiter.future.set_exception(error)
                 continue
             for waiter, result in zip(group, results, strict=True):
-                if not waiter.future.done():
+                if isinstance(result, Exception):
+                    waiter.future.set_exception(result)
+                elif not waiter.future.done():
                     waiter.future.set_result(result)
 
-    async def _flush(self, group: list[_Waiter]) -> list[list[Committed]]:
+    async def _flush(self, group: list[_Waiter]) -> list[list[Committed] | Exception]:
         started = time.perf_counter()
         stored = [item for waiter in group for item in waiter.stored]
         assert self._index is not None
@@ -325,7 +387,7 @@ class CatalogWriter:
 
         if new_records:
             try:
-                await asyncio.to_thread(self._append_instances, new_records)
+                await asyncio.to_thread(self._append, INSTANCES, instances_table(new_records))
             except Exception as error:
                 if not await self._landed_after_failure(new_records, error):
                     raise CatalogCommitFailedError(
@@ -335,39 +397,42 @@ class CatalogWriter:
             self._stats["commits"] += 1
             self._stats["rows_written"] += len(new_records)
             self._commits_since_maintenance += 1
-            version, table_id = await asyncio.to_thread(self._committed_version)
-            assert self._index is not None
-            if version == self._index.version() + 1:
-                self._index.add(new_records, version, table_id)
-            else:
-                # Another writer committed too: ready() reopens the index, which reads
-                # every file added since the version it reflects, before the next group.
-                log.warning("the instances table moved by more than this commit")
-                self._instances = None
+            if await self._follows(INSTANCES):
+                self._index.add(new_records, self._tables[INSTANCES])
 
+        # Accesses and placements: their own callers learn of a failure, not the group's.
+        side: dict[str, Exception | None] = {ACCESS: None, PLACEMENTS: None}
         accessed = [uid for waiter in group for uid in waiter.accessed]
-        if accessed:
-            self._index.record_access(accessed, datetime.now(UTC))
-        dirty = self._index.dirty_studies(STUDIES_PER_COMMIT)
-        if dirty:
-            # Rows stay dirty in the index until written: a failed upsert is retried with
-            # the next group (or by the next writer). The callers' rows are durable in
-            # `instances`, so they are not told that their files failed.
+        placed = [p for waiter in group for p in waiter.placed]
+        for name, rows in ((ACCESS, accessed), (PLACEMENTS, placed)):
+            if not rows:
+                continue
+            batch = (
+                access_table(accessed, datetime.now(UTC))
+                if name == ACCESS
+                else placements_table(placed)
+            )
             try:
-                await asyncio.to_thread(self._upsert_studies, [row for row, _ in dirty])
-            except Exception as error:  # noqa: BLE001 - retried with the next group
-                self._stats["studies_failures"] += 1
+                await asyncio.to_thread(self._append, name, batch)
+            except Exception as error:  # noqa: BLE001 - reported to these callers
                 log.error(
-                    "updating %d rows of %s failed (%s: %s); retried with the next commit",
-                    len(dirty),
-                    table_uri(self._bucket, STUDIES),
+                    "appending %d rows to %s failed (%s: %s)",
+                    batch.num_rows,
+                    table_uri(self._bucket, name),
                     type(error).__name__,
                     error,
                 )
-            else:
-                self._index.mark_written((row.study_instance_uid, gen) for row, gen in dirty)
-                self._stats["studies_commits"] += 1
+                side[name] = error
+                self._reopen = True  # caught up before the next group
+                continue
+            if await self._follows(name):
+                if name == ACCESS:
+                    self._index.add_access(batch, self._tables[ACCESS])
+                else:
+                    self._index.add_placements(placed, self._tables[PLACEMENTS])
 
+        if self._reopen:
+            self._tables, self._reopen = {}, False
         self._maintain_when_due()
         elapsed_ms = round((time.perf_counter() - started) * 1000)
         self._stats["flush_ms_total"] += elapsed_ms
@@ -376,12 +441,89 @@ class CatalogWriter:
         self._stats["duplicates"] += sum(1 for d in decisions if d.status == "duplicate")
 
         committed = [Committed(d.file_id, d.status, d.version, by_sha[d.sha256]) for d in decisions]
-        results: list[list[Committed]] = []
+        results: list[list[Committed] | Exception] = []
         start = 0
         for waiter in group:
-            results.append(committed[start : start + len(waiter.stored)])
+            failed = (side[ACCESS] if waiter.accessed else None) or (
+                side[PLACEMENTS] if waiter.placed else None
+            )
+            results.append(failed or committed[start : start + len(waiter.stored)])
             start += len(waiter.stored)
         return results
+
+    async def _follows(self, name: str) -> bool:
+        """After our append to table ``name``: whether it is exactly one version past what
+        the index has seen (else another writer committed too, and the index must catch up
+        from the table: ``ready()`` reopens it before the next group)."""
+        assert self._index is not None
+        version = await asyncio.to_thread(self._refreshed_version, name)
+        if version == self._index.version(name) + 1:
+            return True
+        log.warning("the %s table moved by more than this commit", name)
+        self._reopen = True
+        return False
+
+    # -- studies: folded into Delta in the background ----------------------------------
+
+    async def _fold_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._fold_interval_s)
+            assert self._index is not None
+            if self._index.dirty_count():
+                await self.fold_now()
+
+    async def fold_now(self) -> None:
+        """Write every study row changed since the last fold to the Delta ``studies``
+        table, and wait for it. Rows that fail stay dirty and are tried again later."""
+        async with self._studies_lock:
+            try:
+                await self.ready()
+                assert self._index is not None
+                while dirty := self._index.dirty_studies(50_000):
+                    await asyncio.to_thread(
+                        self._write_studies,
+                        [row for row, _, where in dirty if where is None],
+                        [(row, where) for row, _, where in dirty if where is not None],
+                    )
+                    self._index.mark_written((row, gen) for row, gen, _ in dirty)
+                    self._stats["folds"] += 1
+            except Exception as error:  # noqa: BLE001 - retried by the next fold
+                self._stats["studies_failures"] += 1
+                log.error(
+                    "folding study rows into %s failed (%s: %s); tried again later",
+                    table_uri(self._bucket, STUDIES),
+                    type(error).__name__,
+                    error,
+                )
+
+    def _write_studies(
+        self, new: Sequence[StudyRow], changed: Sequence[tuple[StudyRow, date]]
+    ) -> None:
+        """New rows appended in one commit; changed rows rewritten, a thousand per commit,
+        each commit touching only the partitions (days of first ingest) of its rows."""
+        table = self._tables[STUDIES]
+        table.update_incremental()
+        if new:
+            write_deltalake(table, studies_table(new), mode="append")
+            self._stats["studies_commits"] += 1
+        for start in range(0, len(changed), STUDIES_PER_UPSERT):
+            chunk = changed[start : start + STUDIES_PER_UPSERT]
+            rows = [row for row, _ in chunk]
+            # Where Delta holds each row, and where it goes (the same day unless an
+            # earlier instance of the study arrived late).
+            days = {where for _, where in chunk} | {study_date_partition(r) for r in rows}
+            listed = ", ".join(f"DATE '{day.isoformat()}'" for day in sorted(days))
+            uids = ", ".join(sql_string_literal(r.study_instance_uid) for r in rows)
+            table.update_incremental()
+            write_deltalake(
+                table,
+                studies_table(rows),
+                mode="overwrite",
+                predicate=f"ingest_date IN ({listed}) AND study_instance_uid IN ({uids})",
+            )
+            self._stats["studies_commits"] += 1
+
+    # -- maintenance --------------------------------------------------------------------
 
     def _maintain_when_due(self) -> None:
         """Start a maintenance pass in the background every ``every_commits`` commits; group
@@ -394,24 +536,29 @@ class CatalogWriter:
         self._maintaining = asyncio.get_running_loop().create_task(self._maintain())
 
     async def _maintain(self) -> None:
-        try:
-            await asyncio.to_thread(maintain, self._settings, self._bucket, self._maintenance)
-            self._stats["maintenance_passes"] += 1
-        except Exception as error:  # noqa: BLE001 - tried again after the next commits
-            log.error(
-                "catalog maintenance failed (%s: %s); it runs again later",
-                type(error).__name__,
-                error,
-            )
+        async with self._studies_lock:
+            try:
+                await asyncio.to_thread(maintain, self._settings, self._bucket, self._maintenance)
+                self._stats["maintenance_passes"] += 1
+            except Exception as error:  # noqa: BLE001 - tried again after the next commits
+                log.error(
+                    "catalog maintenance failed (%s: %s); it runs again later",
+                    type(error).__name__,
+                    error,
+                )
 
     async def maintain_now(self) -> None:
-        """Run a maintenance pass now and wait for it (for operators and tests)."""
+        """Fold the study rows, then run a maintenance pass now and wait for it (for
+        operators and tests)."""
         await self.ready()
         if self._maintaining is not None and not self._maintaining.done():
             await self._maintaining
+        await self.fold_now()
         self._commits_since_maintenance = 0
         self._maintaining = asyncio.get_running_loop().create_task(self._maintain())
         await self._maintaining
+
+    # -- failures -----------------------------------------------------------------------
 
     async def _landed_after_failure(
         self, records: Sequence[InstanceRecord], error: Exception
@@ -456,27 +603,16 @@ class CatalogWriter:
     # by someone else (a constraint added or dropped, a property) would fail every later
     # commit, or enforce a dropped constraint. The refresh costs one LIST of _delta_log.
 
-    def _committed_version(self) -> tuple[int, str]:
-        """The table's version and id just after our append."""
-        assert self._instances is not None
-        self._instances.update_incremental()
-        return self._instances.version(), str(self._instances.metadata().id)
+    def _refreshed_version(self, name: str) -> int:
+        """Table ``name``'s version just after our append."""
+        table = self._tables[name]
+        table.update_incremental()
+        return table.version()
 
-    def _append_instances(self, records: Sequence[InstanceRecord]) -> None:
-        assert self._instances is not None  # ready() ran
-        self._instances.update_incremental()
-        write_deltalake(self._instances, instances_table(records), mode="append")
-
-    def _upsert_studies(self, rows: Sequence[StudyRow]) -> None:
-        uids = ", ".join(sql_string_literal(row.study_instance_uid) for row in rows)
-        assert self._studies_table is not None  # ready() ran
-        self._studies_table.update_incremental()
-        write_deltalake(
-            self._studies_table,
-            studies_table(rows),
-            mode="overwrite",
-            predicate=f"study_instance_uid IN ({uids})",
-        )
+    def _append(self, name: str, rows: pa.Table) -> None:
+        table = self._tables[name]  # ready() ran
+        table.update_incremental()
+        write_deltalake(table, rows, mode="append")
 
     def _fetch_records(self, entries: Mapping[str, IndexEntry]) -> dict[str, InstanceRecord]:
         # A fresh table object: the writer's own may be mid-commit in another thread.

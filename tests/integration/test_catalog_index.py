@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from cluster import catalog
 from cluster.catalog.index import CatalogIndex
 from cluster.catalog.schema import instances_table
 from cluster.minio_server import MinioServer
-from tests.integration.conftest import STUDY_B, make_record
+from tests.integration.conftest import STUDY_A, STUDY_B, make_record
 from workers.records import InstanceRecord
 
 
@@ -33,7 +34,14 @@ def _append(table: DeltaTable, records: list[InstanceRecord]) -> None:
 
 
 def _open(path: Path, table: DeltaTable, minio: MinioServer) -> CatalogIndex:
-    return CatalogIndex.open(path, table, catalog.storage_options(minio.settings))
+    """The index over ``table`` (``instances``) and its sibling tables."""
+    options = catalog.storage_options(minio.settings)
+    root = table.table_uri.rstrip("/").rsplit("/", 1)[0]
+    tables = {
+        name: DeltaTable(f"{root}/{name}", storage_options=options)
+        for name in (catalog.PLACEMENTS, catalog.ACCESS)
+    }
+    return CatalogIndex.open(path, {catalog.INSTANCES: table, **tables}, options)
 
 
 def test_lookups_by_sha256_and_by_sop_instance_uid(
@@ -81,7 +89,7 @@ def test_commits_missed_while_closed_are_caught_up(
     caplog.set_level(logging.INFO, "strata.catalog")
     index = _open(path, table, minio)
     try:
-        assert "caught up from version 1 to 3: 2 files, 4 rows" in caplog.text
+        assert "instances 1→3: 2 files, 4 rows" in caplog.text
         assert index.count() == 5
         assert all(index.by_sha256(r.sha256) == r for r in [early, *late])
         assert index.version() == table.version()
@@ -113,3 +121,78 @@ def test_a_lost_damaged_or_foreign_index_is_rebuilt(
     index = _open(path, table, minio)
     assert index.count() == 3
     index.close()
+
+
+def test_study_rows_in_sql_match_their_definition(
+    minio: MinioServer, bucket_name: str, tmp_path: Path
+) -> None:
+    """The index derives study rows in SQL; ``derive_study`` is their definition."""
+    table = _table(minio, bucket_name)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    records = [
+        dataclasses.replace(
+            make_record(
+                f"1.2.7.{n % 4}",
+                content=str(n),
+                series_uid=f"1.2.7.s{n % 3}",
+                modality=("MR", "CT", "", "SR")[n % 4],
+                study_date=None if n % 2 else date(2024, 1, 1 + n),
+                bytes_in=1000 + n,
+                ingest_time=start + timedelta(seconds=7 - n),  # the last written is the first
+            ),
+            version=n // 4 + 1,
+        )
+        for n in range(8)
+    ]
+    _append(table, records[:5])
+    path = tmp_path / "index.sqlite"
+    _open(path, table, minio).close()
+    _append(table, records[5:])  # caught up on the next open, by the other path
+    index = _open(path, table, minio)
+    try:
+        expected = catalog.derive_study(records, None)
+        assert index.study(STUDY_A) == expected
+        assert expected.modalities == ("CT", "MR", "SR")
+        assert expected.patient_pseudonym == records[-1].patient_pseudonym
+    finally:
+        index.close()
+    path.unlink()
+    rebuilt = _open(path, table, minio)
+    try:
+        assert rebuilt.study(STUDY_A) == catalog.derive_study(records, None)
+    finally:
+        rebuilt.close()
+
+
+def test_a_compaction_of_rows_seen_is_not_read_again(
+    minio: MinioServer, bucket_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = _table(minio, bucket_name)
+    path = tmp_path / "index.sqlite"
+    for n in range(3):
+        _append(table, [make_record(f"1.2.8.{n}")])
+    _open(path, table, minio).close()
+    table.optimize.compact()  # rewrites the three rows the index has seen
+    late = make_record("1.2.8.9")
+    _append(table, [late])
+    table.update_incremental()
+    caplog.set_level(logging.INFO, "strata.catalog")
+    index = _open(path, table, minio)
+    try:
+        assert "instances 3→5: 1 files, 1 rows" in caplog.text
+        assert index.count() == 4 and index.by_sha256(late.sha256) == late
+    finally:
+        index.close()
+
+    # A compaction that took in a file the index had not seen is read whole.
+    unseen = make_record("1.2.8.10")
+    _append(table, [unseen])
+    table.optimize.compact()
+    table.update_incremental()
+    caplog.clear()
+    index = _open(path, table, minio)
+    try:
+        assert "instances 5→7: 1 files, 5 rows" in caplog.text
+        assert index.count() == 5 and index.by_sha256(unseen.sha256) == unseen
+    finally:
+        index.close()
