@@ -1,14 +1,19 @@
-"""The ``strata`` command: serve, ingest, get, query, demo."""
+"""The ``strata`` command: serve, ingest, get, query, catalog rebuild, demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import signal
+import socket
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from rich.console import Console
@@ -25,6 +30,9 @@ from rich.table import Table
 
 from cluster import config as config_module
 from cluster.config import CODECS, Config, ConfigError
+
+if TYPE_CHECKING:
+    from workers.records import StoreSettings
 
 console = Console(stderr=True, soft_wrap=True)  # one failure, one line
 # Retrieval-only targets (never chosen at ingest), beside the codecs of cluster.config.
@@ -134,6 +142,20 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help='e.g. "SELECT modality, count(*) FROM instances GROUP BY 1"')
     query.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
     query.set_defaults(run=_query)
+
+    catalog = commands.add_parser("catalog", help="catalog maintenance")
+    actions = catalog.add_subparsers(required=True, metavar="ACTION", dest="action")
+    rebuild = actions.add_parser(
+        "rebuild",
+        help="rebuild a lost catalog from the objects in the store (with the node stopped)",
+    )
+    rebuild.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
+    rebuild.add_argument(
+        "--force",
+        action="store_true",
+        help="if the catalog's tables hold rows (or cannot be read), delete them first",
+    )
+    rebuild.set_defaults(run=_catalog_rebuild)
 
     demo = commands.add_parser("demo", help="ingest sample studies end to end and report")
     demo.add_argument("--work-dir", type=Path, help="keep the demo's files here")
@@ -284,10 +306,124 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _catalog_rebuild(args: argparse.Namespace) -> int:
+    from cluster.catalog.rebuild import CatalogNotEmptyError, RebuildProgress, rebuild_catalog
+    from cluster.config import TIERS
+    from cluster.stack import catalog_index_path
+    from workers.keys import KeyFileError, load_key_file
+    from workers.store import StoreError
+
+    config = _load(args, data_dir=args.data_dir)
+    try:
+        keys = load_key_file(config.key_file)
+    except KeyFileError as error:
+        raise CommandError(f"{error}; without it no object can be read") from None
+    with _store_of_stopped_node(config) as settings, _counting() as progress:
+        read = progress.add_task("read", total=None)
+        written = progress.add_task("written", total=None)
+
+        def show(counts: RebuildProgress) -> None:
+            progress.update(read, completed=counts.read, total=counts.listed)
+            progress.update(written, completed=counts.written, total=counts.to_write or None)
+
+        try:
+            report = rebuild_catalog(
+                settings,
+                keys,
+                index_path=catalog_index_path(config),
+                tiers=TIERS,
+                bucket=config.catalog_bucket,
+                force=args.force,
+                on_progress=show,
+            )
+        except CatalogNotEmptyError as error:
+            raise CommandError(str(error)) from None
+        except StoreError as error:
+            raise CommandError(
+                f"the object store failed during the rebuild ({error}); run it again, with "
+                "--force if it had begun writing the catalog"
+            ) from None
+    for failure in report.failures:
+        console.print(
+            f"[yellow]not rebuilt[/yellow] {failure.bucket}/{failure.key}: {failure.reason}"
+        )
+    table = Table(title=f"catalog rebuild ({config.catalog_bucket})")
+    for column in ("objects read", "rows written", "studies", "failed", "legacy"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(report.objects_read),
+        str(report.rows_written),
+        str(report.studies),
+        str(len(report.failures)),
+        str(report.legacy),
+    )
+    Console().print(table)
+    if report.legacy:
+        Console().print(
+            f"  {report.legacy} objects predate manifests with ingest_time: their rows have "
+            "the object's last-modified time as ingest_time and an empty storage_note"
+        )
+    return 1 if report.failures else 0
+
+
+@contextlib.contextmanager
+def _store_of_stopped_node(config: Config) -> Iterator[StoreSettings]:
+    """The object store to rebuild from: ``minio_endpoint``, or else the embedded MinIO
+    under ``data_dir``, started for the rebuild; refused while that node runs."""
+    from cluster.minio_server import MinioServer, MinioServerError
+    from cluster.stack import NODE_FILE
+    from workers.records import StoreSettings
+
+    if config.minio_endpoint:
+        yield StoreSettings(config.minio_endpoint, config.minio_access_key, config.minio_secret_key)
+        return
+    node_file = config.data_dir / NODE_FILE
+    if node_file.exists() and _answers(json.loads(node_file.read_text())["grpc"]):
+        raise CommandError(
+            f"a node is running under {config.data_dir}; stop it before rebuilding its catalog "
+            "(its catalog writer and orphan reconciler must not run meanwhile)"
+        )
+    drives = config.data_dir / "minio"
+    if not drives.is_dir():
+        raise CommandError(
+            f"there is no embedded object store under {config.data_dir}; name the node's "
+            "--data-dir, or set minio_endpoint"
+        )
+    server = MinioServer(drives, drives=config.minio_drives)
+    try:
+        server.start()
+    except MinioServerError as error:
+        raise CommandError(f"the embedded object store did not start: {error}") from None
+    try:
+        yield server.settings
+    finally:
+        server.stop()
+
+
+def _answers(address: str) -> bool:
+    """Whether something accepts connections at ``HOST:PORT``."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
     return run_demo(_load(args), work_dir=args.work_dir)
+
+
+def _counting() -> Progress:
+    return Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 def _progress() -> Progress:

@@ -192,15 +192,11 @@ class Stack:
                 bucket=self.config.catalog_bucket,
                 max_batch=self.config.commit_max_rows,
                 max_wait_s=self.config.commit_wait_ms / 1000,
-                # The keyed index lives beside the node's data; a writer restarted on this
-                # machine opens it and catches up instead of rebuilding it.
                 maintenance=MaintenancePolicy(
                     every_commits=self.config.catalog_maintain_every_commits,
                     retention_hours=self.config.catalog_retention_hours,
                 ),
-                index_path=str(
-                    self.config.data_dir / "catalog-index" / f"{self.config.catalog_bucket}.sqlite"
-                ),
+                index_path=str(catalog_index_path(self.config)),
             )
         )
 
@@ -325,6 +321,12 @@ class Stack:
     async def catalog_stats(self) -> dict[str, int]:
         result: dict[str, int] = await self._catalog.stats.remote()
         return result
+
+
+def catalog_index_path(config: Config) -> Path:
+    """The catalog writer's keyed index file. It lives beside the node's data: a writer
+    restarted on this machine opens it and catches up instead of rebuilding it."""
+    return config.data_dir / "catalog-index" / f"{config.catalog_bucket}.sqlite"
 
 
 def node_store_settings(config: Config) -> StoreSettings:

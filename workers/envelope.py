@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from workers.keys import KeyProvider
@@ -163,6 +164,24 @@ class Opener:
             start, length = header.segment_range(index)
             out.append(self.segment(index, view[start : start + length]))
         return out
+
+
+def unverified_segment(
+    header: EnvelopeHeader, index: int, ciphertext: bytes | memoryview, keys: KeyProvider
+) -> bytes:
+    """Segment ``index`` decrypted WITHOUT authenticating it: only for learning which
+    instance an object claims to hold, which ``Opener`` then proves or refutes.
+
+    Every segment's associated data binds the SOP Instance UID, which a reader without a
+    catalog does not know yet; the UID is inside the object (manifest, or DICOM header).
+    GCM encrypts with AES-CTR starting at counter block ``nonce || 2`` (block 1 masks the
+    tag), so CTR mode gives the plaintext the authenticated decryption would. Nothing
+    read this way may be used before ``Opener`` has authenticated the segment.
+    """
+    data_key = keys.unwrap(header.key_id, header.wrapped_key)
+    counter = header.nonce_prefix + struct.pack(">II", index, 2)
+    decryptor = Cipher(algorithms.AES(data_key), modes.CTR(counter)).decryptor()
+    return decryptor.update(bytes(ciphertext[:-TAG_BYTES])) + decryptor.finalize()
 
 
 def open_object(

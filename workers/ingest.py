@@ -27,7 +27,7 @@ from workers.codec import (
 from workers.envelope import seal
 from workers.errors import Reason, RejectError
 from workers.fanout import FrameFanout
-from workers.keys import cached_key_file
+from workers.keys import Pseudonymizer, cached_key_file
 from workers.payload import Manifest
 from workers.records import (
     HTJ2K_LOSSLESS,
@@ -39,7 +39,14 @@ from workers.records import (
     StoreSettings,
     syntax_name,
 )
-from workers.split import SplitFile, sample_bytes, split_file, swap_pairs
+from workers.split import (
+    InstanceHeader,
+    PixelLayout,
+    SplitFile,
+    sample_bytes,
+    split_file,
+    swap_pairs,
+)
 
 log = logging.getLogger("strata.workers.ingest")
 
@@ -164,15 +171,51 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
 
     keys = cached_key_file(settings.key_file)
     object_key = object_key_for(header.study_instance_uid, header.sop_instance_uid, item.sha256)
+    manifest = replace(
+        manifest,
+        sop_instance_uid=header.sop_instance_uid,
+        ingest_time=datetime.now(UTC),
+        storage_note=note,
+    )
     blob = seal(
         [manifest.to_bytes(), *segments],
         object_key=object_key,
         sop_instance_uid=header.sop_instance_uid,
         keys=keys,
     )
-    pseudonyms = keys.pseudonymizer()
-    layout = split.layout
-    record = InstanceRecord(
+    record = instance_record(
+        header,
+        split.layout,
+        manifest,
+        pseudonyms=keys.pseudonymizer(),
+        object_key=object_key,
+        bytes_stored=len(blob),
+        tier=settings.tier,
+        key_id=keys.active_key_id,
+    )
+    return blob, record
+
+
+def instance_record(
+    header: InstanceHeader,
+    layout: PixelLayout | None,
+    manifest: Manifest,
+    *,
+    pseudonyms: Pseudonymizer,
+    object_key: str,
+    bytes_stored: int,
+    tier: str,
+    key_id: str,
+) -> InstanceRecord:
+    """The catalog row of a stored object (``version`` still 0), from the file's header and
+    pixel layout, the object's manifest, and where and how the object is stored.
+
+    Ingest and the catalog rebuild (``workers.recover``) both build rows here, so that a
+    rebuilt row is computed the way the lost one was.
+    """
+    if manifest.ingest_time is None:
+        raise ValueError("the manifest has no ingest_time; a catalog row needs one")
+    return InstanceRecord(
         sop_instance_uid=header.sop_instance_uid,
         series_instance_uid=header.series_instance_uid,
         study_instance_uid=header.study_instance_uid,
@@ -185,7 +228,7 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
         transfer_syntax_in=header.transfer_syntax,
         transfer_syntax_stored=manifest.transfer_syntax_stored,
         storage_action=manifest.storage_action,
-        storage_note=note,
+        storage_note=manifest.storage_note,
         frames=layout.frames if layout else 0,
         rows=layout.rows if layout else 0,
         columns=layout.columns if layout else 0,
@@ -193,15 +236,14 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
         bits_stored=layout.bits_stored if layout else 0,
         samples_per_pixel=layout.samples_per_pixel if layout else 0,
         photometric_interpretation=layout.photometric_interpretation if layout else "",
-        bytes_in=len(data),
-        bytes_stored=len(blob),
-        sha256=item.sha256,
+        bytes_in=manifest.original_length,
+        bytes_stored=bytes_stored,
+        sha256=manifest.sha256,
         object_key=object_key,
-        tier=settings.tier,
-        key_id=keys.active_key_id,
-        ingest_time=datetime.now(UTC),
+        tier=tier,
+        key_id=key_id,
+        ingest_time=manifest.ingest_time,
     )
-    return blob, record
 
 
 def _encode(

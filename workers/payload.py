@@ -9,7 +9,10 @@ Two shapes:
   ``compression`` is ``"zstd"`` (native pixels no codec can hold), else as received.
 
 The manifest makes every object self-describing, so that the archive can be rebuilt from
-the object store alone if the catalog is lost.
+the object store alone if the catalog is lost: with the stored file's header it gives every
+column of the object's catalog row (``cluster/catalog/rebuild.py``). ``sop_instance_uid``,
+``ingest_time`` and ``storage_note`` were added later; a manifest without them reads as empty
+values, and readers that do not know them ignore them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 from workers.split import PixelLayout
 
@@ -38,6 +42,11 @@ class Manifest:
     compression: str = ""  # "zstd" or "" (only for kind "whole")
     # 8-bit OW big endian: the file holds the decoded value with every byte pair swapped.
     pairs_swapped: bool = False
+    # What the catalog row holds that the stored file cannot tell. The UID is the one bound
+    # into every segment's associated data: a reader without a catalog learns it here.
+    sop_instance_uid: str = ""
+    ingest_time: datetime | None = None  # UTC, to the microsecond, as in the catalog
+    storage_note: str = ""
 
     @property
     def storage_action(self) -> str:
@@ -59,6 +68,13 @@ class Manifest:
             "frame_count": self.frame_count,
             "compression": self.compression,
             "pairs_swapped": self.pairs_swapped,
+            "sop_instance_uid": self.sop_instance_uid,
+            "ingest_time": (
+                self.ingest_time.astimezone(UTC).isoformat(timespec="microseconds")
+                if self.ingest_time
+                else None
+            ),
+            "storage_note": self.storage_note,
         }
         return json.dumps(document, separators=(",", ":")).encode()
 
@@ -68,6 +84,7 @@ class Manifest:
         if document.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"manifest format {document.get('format')!r} is not supported")
         layout = document["layout"]
+        moment = document.get("ingest_time")
         return cls(
             kind=document["kind"],
             sha256=document["sha256"],
@@ -79,6 +96,9 @@ class Manifest:
             frame_count=document["frame_count"],
             compression=document.get("compression", ""),
             pairs_swapped=document.get("pairs_swapped", False),
+            sop_instance_uid=document.get("sop_instance_uid", ""),
+            ingest_time=datetime.fromisoformat(moment) if moment else None,
+            storage_note=document.get("storage_note", ""),
         )
 
     def frame_segment(self, frame: int) -> int:

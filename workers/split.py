@@ -252,6 +252,21 @@ def split_file(data: bytes, *, max_dataset_bytes: int | None = None) -> SplitFil
     )
 
 
+def prefix_header(prefix: bytes) -> InstanceHeader:
+    """The header of a stored file from its prefix (``data[:pixel_start]`` of a file whose
+    native Pixel Data was split off), read as ``split_file`` reads the whole file.
+
+    The prefix ends with the Pixel Data element's 4-byte value length (in explicit and
+    implicit VR alike): declared empty, the prefix is a complete data set. Nothing is
+    checked but what the header needs; the file was checked when it was stored.
+    """
+    if len(prefix) < _PREAMBLE_AND_PREFIX + 4:
+        raise RejectError(Reason.TRUNCATED, "the prefix is too short to hold a DICOM header")
+    data = prefix[:-4] + bytes(4)
+    structure = _walk_file(data, None)
+    return _header(_Attributes(data, structure), structure.transfer_syntax)
+
+
 # --- structure --------------------------------------------------------------------------
 
 

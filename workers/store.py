@@ -338,6 +338,15 @@ def ensure_bucket(settings: StoreSettings, bucket: str) -> None:
         raise _failure("ensure_bucket", settings, bucket, "", error, started) from error
 
 
+def bucket_exists(settings: StoreSettings, bucket: str) -> bool:
+    """Whether ``bucket`` exists."""
+    started = time.monotonic()
+    try:
+        return bool(client(settings).bucket_exists(bucket))
+    except _STORE_ERRORS as error:
+        raise _failure("bucket_exists", settings, bucket, "", error, started) from error
+
+
 def put(settings: StoreSettings, bucket: str, key: str, data: bytes) -> None:
     """Write one object; returns only once MinIO has acknowledged it (quorum written)."""
     started = time.monotonic()

@@ -15,6 +15,7 @@ from workers.envelope import (
     open_object,
     read_header,
     seal,
+    unverified_segment,
 )
 from workers.keys import FileKeyProvider, create_key_file, load_key_file
 
@@ -100,3 +101,15 @@ def test_other_key_file_cannot_open(keys: FileKeyProvider, tmp_path: Path) -> No
     other = load_key_file(tmp_path / "other.json")
     with pytest.raises(Exception, match="key id"):
         open_object(blob, object_key="k", sop_instance_uid="1", keys=other)
+
+
+@settings(max_examples=30, deadline=None)
+@given(segments=st.lists(st.binary(max_size=3000), min_size=1, max_size=5))
+def test_an_unverified_segment_is_the_plaintext_authentication_gives(
+    segments: list[bytes], keys: FileKeyProvider
+) -> None:
+    blob = seal(segments, object_key="k", sop_instance_uid="1.2.3", keys=keys)
+    header = read_header(blob)
+    for index, segment in enumerate(segments):
+        start, length = header.segment_range(index)
+        assert unverified_segment(header, index, blob[start : start + length], keys) == segment

@@ -1,0 +1,354 @@
+"""Rebuilding a lost catalog from the objects in the store alone.
+
+``rebuild_catalog`` lists every tier bucket, reads each object back into its row of
+``instances`` (``workers.recover``: header, manifest and prefix by ranged GETs), numbers
+the versions, appends the rows to the ``instances`` table in batches, and then opens the
+catalog writer on it, whose index derives and writes the ``studies`` rows as it does
+whenever it is rebuilt. An object that cannot be read is reported by its key and left
+out; the others are rebuilt. The store being unavailable stops the rebuild before
+anything is written.
+
+Run it with the node stopped: a running catalog writer would keep working from the index
+of the lost catalog, and the orphan reconciler removes objects that no catalog row names.
+
+What the objects cannot say, and what the rebuild assumes instead:
+
+- ``version``: the writer numbered a SOP Instance's files in the order it committed them;
+  the rebuild numbers them in the order of their ``ingest_time`` (when the pipeline stored
+  each; ties broken by SHA-256). The orders agree unless two different files of one SOP
+  Instance were in the pipeline at the same time and committed in the other order.
+- ``studies.last_access_time`` is kept only in the catalog: null after a rebuild.
+- ``tier`` is the tier of the bucket the object is in now and ``key_id`` the key that wraps
+  it now: the values of ingest until tiering moves an object or a rotation re-wraps it.
+- An object written before manifests carried ``ingest_time`` and ``storage_note`` (counted
+  as ``legacy``) gets the object's last-modified time (the PUT's end, milliseconds after
+  the true one) and an empty ``storage_note``.
+- A file re-sent while the writer could not answer the duplicate check was stored again
+  under the same key, with a later ``ingest_time`` than its row kept; that row comes back
+  with the later time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from deltalake import write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from cluster.catalog.schema import (
+    DEFAULT_BUCKET,
+    INSTANCES,
+    STUDIES,
+    create_tables,
+    instances_table,
+    open_table,
+    utc,
+)
+from cluster.catalog.writer import CatalogWriter
+from workers import store
+from workers.envelope import EnvelopeError
+from workers.errors import RejectError
+from workers.keys import FileKeyProvider, KeyFileError
+from workers.records import InstanceRecord, StoreSettings
+from workers.recover import RecoveredRow, UnreadableObjectError, read_row
+
+# Objects read at once. The work is mostly waiting on ranged GETs (AES-GCM and zstd
+# release the GIL), so threads in this process suffice and need no Ray: the node, and
+# with it its Ray runtime, is stopped during a rebuild. Past what one machine's network
+# reads in acceptable time, the same read_row would run in Ray tasks, one per first-level
+# key prefix (v1/<2 hex>/).
+READERS = 16
+_IN_FLIGHT = 4 * READERS  # submitted but not collected: bounds memory while listing
+# Rows per Delta append: few commits, a few tens of MB of rows in memory at a time.
+BATCH_ROWS = 50_000
+
+
+class CatalogNotEmptyError(Exception):
+    """The catalog to rebuild into already has rows (or cannot be read)."""
+
+
+@dataclass(frozen=True)
+class ObjectFailure:
+    """An object left out of the rebuilt catalog, and why (never patient data)."""
+
+    bucket: str
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RebuildProgress:
+    """Counts so far; ``to_write`` is known once every object is read (0 before)."""
+
+    listed: int = 0
+    read: int = 0
+    failed: int = 0
+    to_write: int = 0
+    written: int = 0
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    """What a rebuild read and wrote."""
+
+    objects_read: int  # listed and read, failures included
+    rows_written: int  # to instances
+    studies: int  # rows of studies afterwards
+    legacy: int  # rows whose ingest_time is the object's last-modified time
+    failures: tuple[ObjectFailure, ...]
+
+
+def assign_versions(files: Iterable[tuple[str, datetime, str]]) -> dict[str, int]:
+    """The version of each file, by SHA-256, from (SOP Instance UID, ingest_time, SHA-256).
+
+    Per SOP Instance UID, 1 for the file stored first, n + 1 for each later one: the
+    writer's numbering, with ingest_time standing for commit order (see the module).
+    Files stored in the same microsecond are ordered by SHA-256, so that every rebuild
+    numbers them alike.
+    """
+    by_sop: dict[str, list[tuple[datetime, str]]] = {}
+    for sop_instance_uid, ingest_time, sha256 in files:
+        by_sop.setdefault(sop_instance_uid, []).append((utc(ingest_time), sha256))
+    versions: dict[str, int] = {}
+    for stored in by_sop.values():
+        for version, (_, sha256) in enumerate(sorted(stored), start=1):
+            versions[sha256] = version
+    return versions
+
+
+def existing_rows(settings: StoreSettings, bucket: str) -> dict[str, int]:
+    """Rows of each catalog table in ``bucket`` that exists; raises CatalogNotEmptyError
+    for a table that exists but cannot be read."""
+    if not store.bucket_exists(settings, bucket):
+        return {}
+    counts = {}
+    for table in (INSTANCES, STUDIES):
+        try:
+            counts[table] = open_table(settings, bucket, table).to_pyarrow_dataset().count_rows()
+        except TableNotFoundError:
+            continue
+        except (DeltaError, OSError) as error:
+            raise CatalogNotEmptyError(
+                f"the {table} table in catalog bucket {bucket!r} cannot be read "
+                f"({type(error).__name__}); rebuild with --force to replace it"
+            ) from None
+    return counts
+
+
+def drop_tables(settings: StoreSettings, bucket: str) -> int:
+    """Delete the ``instances`` and ``studies`` tables from ``bucket``; returns the number
+    of objects (data files and log entries) deleted."""
+    deleted = 0
+    for table in (INSTANCES, STUDIES):
+        for key in list(store.list_keys(settings, bucket, f"{table}/")):
+            store.delete(settings, bucket, key)
+            deleted += 1
+    return deleted
+
+
+def rebuild_catalog(
+    settings: StoreSettings,
+    keys: FileKeyProvider,
+    *,
+    index_path: Path,
+    tiers: Sequence[str],
+    bucket: str = DEFAULT_BUCKET,
+    force: bool = False,
+    on_progress: Callable[[RebuildProgress], None] | None = None,
+) -> RebuildReport:
+    """Rebuild ``instances`` and ``studies`` in ``bucket`` from the objects of ``tiers``.
+
+    Refuses (CatalogNotEmptyError) a catalog whose tables hold rows, unless ``force``:
+    then those tables are deleted first. ``index_path`` is the catalog writer's index
+    file (the node's ``catalog-index/<bucket>.sqlite``), rebuilt here for the new tables.
+    """
+    counts = existing_rows(settings, bucket)
+    if any(counts.values()):
+        if not force:
+            held = " and ".join(f"{rows} rows in {table}" for table, rows in counts.items())
+            raise CatalogNotEmptyError(
+                f"catalog bucket {bucket!r} already holds {held}; a rebuild would add every "
+                "row again. Rebuild with --force to delete those tables first"
+            )
+        drop_tables(settings, bucket)
+    tally = _Tally(on_progress or (lambda progress: None))
+    index_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tempfile.TemporaryDirectory(dir=index_path.parent, prefix="rebuild-") as scratch:
+        staging = _Staging(Path(scratch) / "rows.sqlite")
+        try:
+            _read_objects(settings, keys, tiers, staging, tally)
+            staging.number_versions()
+            _write_instances(settings, bucket, staging, tally)
+        finally:
+            staging.close()
+    # The writer's index finds the new table, rebuilds itself from it, and writes every
+    # study row it derives (none is in the new studies table yet).
+    asyncio.run(CatalogWriter(settings, bucket, index_path=str(index_path)).ready())
+    studies = open_table(settings, bucket, STUDIES).to_pyarrow_dataset().count_rows()
+    return RebuildReport(
+        objects_read=tally.progress.read,
+        rows_written=tally.progress.written,
+        studies=studies,
+        legacy=tally.legacy,
+        failures=tuple(tally.failures),
+    )
+
+
+class _Tally:
+    """Counts and failures, kept by the rebuild's own thread only."""
+
+    def __init__(self, report: Callable[[RebuildProgress], None]) -> None:
+        self.progress = RebuildProgress()
+        self.failures: list[ObjectFailure] = []
+        self.legacy = 0
+        self._report = report
+
+    def add(self, **increments: int) -> None:
+        values = {name: getattr(self.progress, name) + n for name, n in increments.items()}
+        self.progress = replace(self.progress, **values)
+        self._report(self.progress)
+
+
+def _read_objects(
+    settings: StoreSettings,
+    keys: FileKeyProvider,
+    tiers: Sequence[str],
+    staging: _Staging,
+    tally: _Tally,
+) -> None:
+    pending: dict[Future[RecoveredRow], tuple[str, str]] = {}
+
+    def collect(done: Iterable[Future[RecoveredRow]]) -> None:
+        for future in done:
+            bucket, key = pending.pop(future)
+            error = future.exception()
+            if isinstance(error, store.StoreUnavailableError):
+                raise error  # the store's state, not this object's: stop, write nothing
+            if error is not None:
+                tally.failures.append(ObjectFailure(bucket, key, _reason(error)))
+                tally.add(read=1, failed=1)
+                continue
+            row = future.result()
+            if not staging.add(row.record):
+                reason = "another copy of this file (same SHA-256) was read from another bucket"
+                tally.failures.append(ObjectFailure(bucket, key, reason))
+                tally.add(read=1, failed=1)
+                continue
+            tally.legacy += row.legacy
+            tally.add(read=1)
+
+    with ThreadPoolExecutor(READERS, thread_name_prefix="strata-rebuild") as pool:
+        try:
+            for tier in tiers:
+                bucket = store.tier_bucket(tier)
+                if not store.bucket_exists(settings, bucket):
+                    continue
+                for listed in store.list_objects(settings, bucket):
+                    future = pool.submit(read_row, settings, bucket, listed, tier, keys)
+                    pending[future] = (bucket, listed.key)
+                    tally.add(listed=1)
+                    if len(pending) >= _IN_FLIGHT:
+                        collect(wait(pending, return_when=FIRST_COMPLETED).done)
+            collect(wait(pending).done)
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _reason(error: BaseException) -> str:
+    """Why an object could not be read, in words that never hold patient data."""
+    if isinstance(error, RejectError):
+        return f"the stored file's header cannot be read: {error.message}"
+    if isinstance(error, UnreadableObjectError | EnvelopeError | KeyFileError | store.StoreError):
+        return str(error)
+    return f"reading it failed with {type(error).__name__}"
+
+
+def _write_instances(
+    settings: StoreSettings, bucket: str, staging: _Staging, tally: _Tally
+) -> None:
+    """Append the staged rows to ``instances`` in ingest-time order (few files per
+    ``ingest_date`` partition), ``BATCH_ROWS`` per commit."""
+    create_tables(settings, bucket)
+    table = open_table(settings, bucket, INSTANCES)
+    tally.add(to_write=staging.count())
+    for batch in staging.batches(BATCH_ROWS):
+        write_deltalake(table, instances_table(batch), mode="append")
+        tally.add(written=len(batch))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _microseconds(moment: datetime) -> int:
+    return (utc(moment) - _EPOCH) // timedelta(microseconds=1)
+
+
+class _Staging:
+    """The rows read so far, in a scratch SQLite file: the rebuild's memory does not grow
+    with the archive, and versions are numbered across buckets before anything is written."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path)
+        # A scratch file, deleted after the rebuild: no journal, no fsync.
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.executescript(
+            "CREATE TABLE rows (sha256 TEXT PRIMARY KEY, sop_instance_uid TEXT NOT NULL, "
+            "ingest_us INTEGER NOT NULL, version INTEGER NOT NULL, record BLOB NOT NULL);\n"
+            "CREATE INDEX rows_sop ON rows (sop_instance_uid);\n"
+            "CREATE INDEX rows_order ON rows (ingest_us, sha256);\n"
+        )
+
+    def add(self, record: InstanceRecord) -> bool:
+        """Stage one row (as version 1); False if a file with its SHA-256 is staged."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO rows VALUES (?, ?, ?, 1, ?)",
+            (
+                record.sha256,
+                record.sop_instance_uid,
+                _microseconds(record.ingest_time),
+                pickle.dumps(record),
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM rows").fetchone()[0])
+
+    def number_versions(self) -> None:
+        """Number the files of every SOP Instance UID that has more than one."""
+        several = self._db.execute(
+            "SELECT sop_instance_uid FROM rows GROUP BY sop_instance_uid HAVING count(*) > 1"
+        ).fetchall()
+        with self._db:
+            for (sop_instance_uid,) in several:
+                files = self._db.execute(
+                    "SELECT ingest_us, sha256 FROM rows WHERE sop_instance_uid = ?",
+                    (sop_instance_uid,),
+                ).fetchall()
+                versions = assign_versions(
+                    (sop_instance_uid, _EPOCH + timedelta(microseconds=us), sha256)
+                    for us, sha256 in files
+                )
+                self._db.executemany(
+                    "UPDATE rows SET version = ? WHERE sha256 = ?",
+                    [(version, sha256) for sha256, version in versions.items()],
+                )
+
+    def batches(self, size: int) -> Iterator[list[InstanceRecord]]:
+        """The staged rows with their versions, oldest first, ``size`` at a time."""
+        cursor = self._db.execute("SELECT record, version FROM rows ORDER BY ingest_us, sha256")
+        while chunk := cursor.fetchmany(size):
+            yield [replace(pickle.loads(blob), version=version) for blob, version in chunk]
+
+    def close(self) -> None:
+        self._db.close()
