@@ -47,6 +47,7 @@ from cluster.catalog.schema import (
     DEFAULT_BUCKET,
     INSTANCES,
     STUDIES,
+    TABLES,
     create_tables,
     instances_table,
     open_table,
@@ -124,13 +125,18 @@ def assign_versions(files: Iterable[tuple[str, datetime, str]]) -> dict[str, int
     return versions
 
 
+async def _open_and_fold(writer: CatalogWriter) -> None:
+    await writer.ready()
+    await writer.close()
+
+
 def existing_rows(settings: StoreSettings, bucket: str) -> dict[str, int]:
     """Rows of each catalog table in ``bucket`` that exists; raises CatalogNotEmptyError
     for a table that exists but cannot be read."""
     if not store.bucket_exists(settings, bucket):
         return {}
     counts = {}
-    for table in (INSTANCES, STUDIES):
+    for table in TABLES:
         try:
             counts[table] = open_table(settings, bucket, table).to_pyarrow_dataset().count_rows()
         except TableNotFoundError:
@@ -144,10 +150,10 @@ def existing_rows(settings: StoreSettings, bucket: str) -> dict[str, int]:
 
 
 def drop_tables(settings: StoreSettings, bucket: str) -> int:
-    """Delete the ``instances`` and ``studies`` tables from ``bucket``; returns the number
-    of objects (data files and log entries) deleted."""
+    """Delete every catalog table from ``bucket``; returns the number of objects (data
+    files and log entries) deleted."""
     deleted = 0
-    for table in (INSTANCES, STUDIES):
+    for table in TABLES:
         for key in list(store.list_keys(settings, bucket, f"{table}/")):
             store.delete(settings, bucket, key)
             deleted += 1
@@ -189,9 +195,9 @@ def rebuild_catalog(
             _write_instances(settings, bucket, staging, tally)
         finally:
             staging.close()
-    # The writer's index finds the new table, rebuilds itself from it, and writes every
-    # study row it derives (none is in the new studies table yet).
-    asyncio.run(CatalogWriter(settings, bucket, index_path=str(index_path)).ready())
+    # The writer's index finds the new table, rebuilds itself from it, and folds every
+    # study row it derives into the new studies table when closed.
+    asyncio.run(_open_and_fold(CatalogWriter(settings, bucket, index_path=str(index_path))))
     studies = open_table(settings, bucket, STUDIES).to_pyarrow_dataset().count_rows()
     return RebuildReport(
         objects_read=tally.progress.read,
