@@ -88,6 +88,8 @@ class Config:
     # group commits; versions younger than the retention window stay readable (time travel).
     catalog_maintain_every_commits: int = 200
     catalog_retention_hours: int = 168
+    # Study rows changed by commits are folded into the Delta `studies` table this often.
+    catalog_fold_interval_s: int = 10
     # Deadlines (seconds). A sender silent this long in the middle of a file is cut off and
     # its budget given back; every remote call and read step has its own deadline.
     idle_timeout_s: int = 30
@@ -150,6 +152,7 @@ class Config:
             "watch_interval_s",
             "reconcile_interval_s",
             "catalog_maintain_every_commits",
+            "catalog_fold_interval_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")

@@ -197,6 +197,7 @@ class Stack:
                     retention_hours=self.config.catalog_retention_hours,
                 ),
                 index_path=str(catalog_index_path(self.config)),
+                fold_interval_s=self.config.catalog_fold_interval_s,
             )
         )
 

@@ -61,7 +61,7 @@ from workers.records import InstanceRecord
 log = logging.getLogger("strata.catalog")
 
 # The index's own schema; a file with another one is rebuilt.
-FORMAT = 4
+FORMAT = 5
 CACHE_KIB = 64 * 1024  # SQLite's page cache: the index's whole memory
 _BATCH = 50_000
 
@@ -102,7 +102,8 @@ _TABLES = (
     + _create(
         "studies",
         _STUDY_COLUMNS,
-        ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, PRIMARY KEY (study_instance_uid)",
+        ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, fold INTEGER"
+        ", PRIMARY KEY (study_instance_uid)",
     )
     + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
     + "CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, PRIMARY KEY (source, path));\n"
@@ -175,6 +176,7 @@ _ACCESSED = (
 # nothing did.
 _WRITTEN = "UPDATE studies SET delta_date = ? WHERE study_instance_uid = ?"
 _CLEAN = "UPDATE studies SET dirty = 0 WHERE study_instance_uid = ? AND dirty = ?"
+_NOT_PENDING = "UPDATE studies SET fold = NULL WHERE study_instance_uid = ?"
 _SELECT_STUDY = f"SELECT {', '.join(_STUDY_COLUMNS)} FROM studies"
 
 
@@ -417,6 +419,40 @@ class CatalogIndex:
                 [(study_date_partition(r).isoformat(), r.study_instance_uid) for r, _ in rows],
             )
             self._db.executemany(_CLEAN, [(r.study_instance_uid, gen) for r, gen in rows])
+            self._db.executemany(_NOT_PENDING, [(r.study_instance_uid,) for r, _ in rows])
+
+    def begin_fold(self, new: Sequence[StudyRow], fold: int) -> None:
+        """These rows, new to Delta, are about to be appended by fold number ``fold``."""
+        with self._db:
+            self._db.executemany(
+                "UPDATE studies SET fold = ? WHERE study_instance_uid = ?",
+                [(fold, row.study_instance_uid) for row in new],
+            )
+
+    def settle_folds(self, committed: int) -> int:
+        """After a crash between a fold's append and ``mark_written``: rows of folds up to
+        number ``committed`` (the table's transaction version) are in Delta, the others
+        are not; returns how many rows were found written."""
+        with self._db:
+            pending = self._db.execute(
+                "SELECT study_instance_uid, first_ingest_time FROM studies "
+                "WHERE fold IS NOT NULL AND fold <= ?",
+                (committed,),
+            ).fetchall()
+            self._db.executemany(
+                _WRITTEN,
+                [
+                    ((_EPOCH + timedelta(microseconds=first)).date().isoformat(), uid)
+                    for uid, first in pending
+                ],
+            )
+            self._db.execute("UPDATE studies SET fold = NULL WHERE fold IS NOT NULL")
+        return len(pending)
+
+    def pending_folds(self) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM studies WHERE fold IS NOT NULL").fetchone() is not None
+        )
 
     def count(self) -> int:
         """Instances in the index (rows are never deleted, so the last rowid is the count:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+
+from deltalake import DeltaTable
 
 from cluster.catalog.schema import TABLES, open_table
 from workers.records import StoreSettings
@@ -51,6 +54,29 @@ class MaintenanceReport:
     seconds: float = 0.0
 
 
+def crowded_partitions(table: DeltaTable, target_bytes: int) -> list[str]:
+    """The partitions of ``table`` holding at least two files under a quarter of
+    ``target_bytes``: the only ones a compaction pass rewrites.
+
+    delta-rs 1.6 bin-packs every file under the target in a partition it compacts, and
+    rewrites even a bin of one file when the partition has several bins: left to itself,
+    each pass would rewrite every closed day's files again. A day that was compacted
+    keeps files near the target and at most one small rest, and is left alone; the
+    current day, receiving a small file per commit, is compacted.
+    """
+    column = table.metadata().partition_columns[0]
+    actions = table.get_add_actions(flatten=True)
+    small: Counter[str] = Counter()
+    for value, size in zip(
+        actions.column(f"partition.{column}").to_pylist(),
+        actions.column("size_bytes").to_pylist(),
+        strict=True,
+    ):
+        if size < target_bytes // 4:
+            small[str(value)] += 1
+    return sorted(value for value, count in small.items() if count >= 2)
+
+
 def maintain(settings: StoreSettings, bucket: str, policy: MaintenancePolicy) -> MaintenanceReport:
     """Compact, checkpoint and vacuum every catalog table; blocking (run it in a thread)."""
     started = time.monotonic()
@@ -61,9 +87,17 @@ def maintain(settings: StoreSettings, bucket: str, policy: MaintenancePolicy) ->
         if table.metadata().configuration.get(_LOG_RETENTION) != window:
             # Log entries older than the window go at checkpoints, like the files.
             table.alter.set_table_properties({_LOG_RETENTION: window})
-        metrics = table.optimize.compact(target_size=policy.target_file_bytes)
-        report.files_removed_by_compaction[name] = int(metrics.get("numFilesRemoved", 0))
-        report.files_added_by_compaction[name] = int(metrics.get("numFilesAdded", 0))
+        report.files_removed_by_compaction[name] = 0
+        report.files_added_by_compaction[name] = 0
+        crowded = crowded_partitions(table, policy.target_file_bytes)
+        if crowded:
+            column = table.metadata().partition_columns[0]
+            metrics = table.optimize.compact(
+                partition_filters=[(column, "in", crowded)],
+                target_size=policy.target_file_bytes,
+            )
+            report.files_removed_by_compaction[name] = int(metrics.get("numFilesRemoved", 0))
+            report.files_added_by_compaction[name] = int(metrics.get("numFilesAdded", 0))
         table.update_incremental()
         table.create_checkpoint()
         removed = table.vacuum(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pa_dataset
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from cluster.catalog.index import CatalogIndex
 from cluster.catalog.maintenance import MaintenancePolicy, maintain
@@ -54,6 +54,8 @@ log = logging.getLogger("strata.catalog")
 # The most changed study rows rewritten by one Delta commit of a fold (new rows are
 # appended, any number at once).
 STUDIES_PER_UPSERT = 1000
+# The Delta transaction id of the writer's folds into `studies` (idempotent appends).
+FOLD_APP = "strata-catalog-fold"
 
 
 def plan_group(
@@ -479,11 +481,21 @@ class CatalogWriter:
             try:
                 await self.ready()
                 assert self._index is not None
+                # Each fold's append carries a Delta transaction id (the fold's number):
+                # after a crash between the append and the index's mark, the table says
+                # whether it landed, so new rows are never appended twice.
+                committed = await asyncio.to_thread(self._fold_version)
+                if self._index.pending_folds():
+                    self._index.settle_folds(committed)
                 while dirty := self._index.dirty_studies(50_000):
+                    new = [row for row, _, where in dirty if where is None]
+                    committed += 1
+                    self._index.begin_fold(new, committed)
                     await asyncio.to_thread(
                         self._write_studies,
-                        [row for row, _, where in dirty if where is None],
+                        new,
                         [(row, where) for row, _, where in dirty if where is not None],
+                        committed,
                     )
                     self._index.mark_written((row, gen) for row, gen, _ in dirty)
                     self._stats["folds"] += 1
@@ -496,15 +508,27 @@ class CatalogWriter:
                     error,
                 )
 
+    def _fold_version(self) -> int:
+        """The number of the last fold whose append reached ``studies``."""
+        table = self._tables[STUDIES]
+        table.update_incremental()
+        return table.transaction_version(FOLD_APP) or 0
+
     def _write_studies(
-        self, new: Sequence[StudyRow], changed: Sequence[tuple[StudyRow, date]]
+        self, new: Sequence[StudyRow], changed: Sequence[tuple[StudyRow, date]], fold: int
     ) -> None:
-        """New rows appended in one commit; changed rows rewritten, a thousand per commit,
-        each commit touching only the partitions (days of first ingest) of its rows."""
+        """New rows appended in one commit (fold number ``fold``); changed rows rewritten,
+        a thousand per commit, each touching only the partitions (days of first ingest)
+        of its rows."""
         table = self._tables[STUDIES]
         table.update_incremental()
         if new:
-            write_deltalake(table, studies_table(new), mode="append")
+            write_deltalake(
+                table,
+                studies_table(new),
+                mode="append",
+                commit_properties=CommitProperties(app_transactions=[Transaction(FOLD_APP, fold)]),
+            )
             self._stats["studies_commits"] += 1
         for start in range(0, len(changed), STUDIES_PER_UPSERT):
             chunk = changed[start : start + STUDIES_PER_UPSERT]

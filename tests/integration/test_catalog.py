@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -395,3 +396,39 @@ def test_maintenance_compacts_and_vacuums_without_losing_a_row(
         records[0], version=1
     )
     ray.kill(writer)
+
+
+def test_a_fold_cut_off_after_its_append_is_not_appended_again(
+    minio: MinioServer, bucket_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = minio.settings
+    index_path = str(tmp_path / "index.sqlite")
+
+    async def cut_off() -> None:
+        writer = CatalogWriter(settings, bucket_name, max_wait_s=0.0, index_path=index_path)
+        await writer.commit([stored(make_record("7.1.1")), stored(make_record("7.1.2"))])
+        assert writer._index is not None
+        # As if the writer died after the append to `studies` and before marking it.
+        monkeypatch.setattr(writer._index, "mark_written", _dies)
+        await writer.fold_now()
+        assert (await writer.stats())["studies_failures"] == 1
+
+    async def restarted() -> None:
+        writer = CatalogWriter(settings, bucket_name, max_wait_s=0.0, index_path=index_path)
+        await writer.commit([stored(make_record("7.1.3"))])
+        await writer.close()
+
+    asyncio.run(cut_off())
+    monkeypatch.undo()
+    asyncio.run(restarted())
+    [study] = catalog.find_studies(settings, bucket=bucket_name)
+    assert study.instance_count == 3
+    rows = DeltaTable(
+        catalog.table_uri(bucket_name, catalog.STUDIES),
+        storage_options=catalog.storage_options(settings),
+    ).to_pyarrow_table()
+    assert rows.num_rows == 1
+
+
+def _dies(*_: object) -> None:
+    raise RuntimeError("killed")

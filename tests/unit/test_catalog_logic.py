@@ -175,3 +175,20 @@ def test_quoted_predicates_match_exactly_the_given_values(tmp_path: Path) -> Non
     assert sorted((r["uid"], r["n"]) for r in rows) == sorted(
         [(v, 1) for v in nasty] + [("other", 0)]
     )
+
+
+def test_only_partitions_with_small_files_to_merge_are_compacted(tmp_path: Path) -> None:
+    from datetime import date as day
+
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from cluster.catalog.maintenance import crowded_partitions
+
+    for n, when in enumerate([day(2026, 1, 1), day(2026, 1, 1), day(2026, 1, 2)]):
+        rows = pa.table({"n": [n], "day": pa.array([when])})
+        write_deltalake(tmp_path, rows, mode="append", partition_by=["day"])
+    table = DeltaTable(tmp_path)
+    assert crowded_partitions(table, 128 * 2**20) == ["2026-01-01"]
+    # Files of a quarter of the target or more are not small: nothing to merge.
+    assert crowded_partitions(table, 1024) == []
