@@ -2,6 +2,7 @@
 
 - ``schema``: the tables, their columns and where they live (documented there);
 - ``writer``: the one writer (group commit, versions, duplicates, folds, placements);
+- ``placements``: where objects live now (tier moves, key rotation);
 - ``index``: the keyed SQLite index the writer answers lookups and searches from;
 - ``queries``: the doors' search filters, and DuckDB over the Delta tables;
 - ``maintenance``: compaction, checkpoints, vacuum.
@@ -9,6 +10,7 @@
 Every table and column is documented in docs/catalog.md.
 """
 
+from cluster.catalog.placements import Placement
 from cluster.catalog.queries import (
     InstanceFilters,
     StudyFilters,
@@ -28,7 +30,6 @@ from cluster.catalog.schema import (
     CatalogCommitFailedError,
     Committed,
     IndexEntry,
-    Placement,
     StudyRow,
     create_tables,
     derive_study,

@@ -39,15 +39,14 @@ from typing import Any
 import pyarrow as pa
 from deltalake import DeltaTable
 
+from cluster.catalog.placements import Placement, placements_table
 from cluster.catalog.schema import (
     ACCESS,
     INSTANCES,
     PLACEMENTS,
     RECORD_FIELDS,
-    Placement,
     StudyRow,
     instances_table,
-    placements_table,
     record_from_row,
     s3_filesystem,
     study_date_partition,

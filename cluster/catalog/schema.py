@@ -30,6 +30,7 @@ import pyarrow.dataset as pa_dataset
 import pyarrow.fs as pa_fs
 from deltalake import DeltaTable
 
+from cluster.catalog.placements import PLACEMENTS_SCHEMA
 from workers.records import InstanceRecord, StoreSettings
 from workers.store import ensure_bucket
 
@@ -100,23 +101,6 @@ ACCESS_SCHEMA = pa.schema(
     ]
 )
 
-PLACEMENTS_SCHEMA = pa.schema(
-    [
-        pa.field("sha256", pa.string(), nullable=False),
-        pa.field("sop_instance_uid", pa.string(), nullable=False),
-        pa.field("version", pa.int32(), nullable=False),
-        pa.field("study_instance_uid", pa.string(), nullable=False),
-        pa.field("tier", pa.string(), nullable=False),
-        pa.field("bucket", pa.string(), nullable=False),
-        pa.field("object_key", pa.string(), nullable=False),
-        pa.field("byte_offset", pa.int64(), nullable=False),
-        pa.field("byte_length", pa.int64(), nullable=False),
-        pa.field("key_id", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("placed_time", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("placed_date", pa.date32(), nullable=False),
-    ]
-)
 
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(InstanceRecord))
 
@@ -160,30 +144,6 @@ class StudyRow:
     first_ingest_time: datetime
     last_ingest_time: datetime
     last_access_time: datetime | None
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one stored object lives now, and which key-encryption key wraps its data key.
-
-    An instance's first placement is its row in ``instances`` (the whole object,
-    ``object_key`` in its tier's bucket); a tier move or a key rotation appends a
-    ``Placement`` to the ``placements`` table, and the latest one for a SHA-256 wins.
-    History is never rewritten.
-    """
-
-    sha256: str
-    sop_instance_uid: str
-    version: int
-    study_instance_uid: str
-    tier: str
-    bucket: str
-    object_key: str
-    byte_offset: int
-    byte_length: int
-    key_id: str
-    reason: str
-    placed_time: datetime
 
 
 class IndexEntry(NamedTuple):
@@ -404,22 +364,6 @@ def access_table(study_uids: Sequence[str], when: datetime) -> pa.Table:
         ],
         schema=ACCESS_SCHEMA,
     )
-
-
-def placements_table(placements: Iterable[Placement]) -> pa.Table:
-    rows = []
-    for placement in placements:
-        row = dataclasses.asdict(placement)
-        row["placed_time"] = utc(placement.placed_time)
-        row["placed_date"] = row["placed_time"].date()
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=PLACEMENTS_SCHEMA)
-
-
-def placement_from_row(row: Mapping[str, Any]) -> Placement:
-    values = {name: row[name] for name in Placement.__dataclass_fields__}
-    values["placed_time"] = utc(values["placed_time"])
-    return Placement(**values)
 
 
 def record_from_row(row: Mapping[str, Any]) -> InstanceRecord:

@@ -20,6 +20,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from cluster.catalog.index import CatalogIndex
 from cluster.catalog.maintenance import MaintenancePolicy, maintain
+from cluster.catalog.placements import Placement, placements_table
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
     ACCESS,
@@ -31,13 +32,11 @@ from cluster.catalog.schema import (
     Committed,
     Decision,
     IndexEntry,
-    Placement,
     StudyRow,
     access_table,
     create_tables,
     instances_table,
     open_table,
-    placements_table,
     record_from_row,
     sql_string_literal,
     storage_options,

@@ -1,0 +1,71 @@
+"""Placements: where each stored object lives now, and which key wraps its data key.
+
+An instance's first placement is its row in ``instances`` (the whole object, its
+``object_key`` in the bucket of its tier, wrapped by ``key_id``). A tier move or a key
+rotation appends a row to the ``placements`` table (append-only, partitioned by
+``placed_date``) with ``CatalogWriter.place``; the latest row for a SHA-256 wins, in the
+writer's index (retrieval follows it at once) and for analysts (docs/catalog.md). History
+is never rewritten: a move costs one small append, and where an object was on any day
+remains a query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+PLACEMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("sop_instance_uid", pa.string(), nullable=False),
+        pa.field("version", pa.int32(), nullable=False),
+        pa.field("study_instance_uid", pa.string(), nullable=False),
+        pa.field("tier", pa.string(), nullable=False),
+        pa.field("bucket", pa.string(), nullable=False),
+        pa.field("object_key", pa.string(), nullable=False),
+        pa.field("byte_offset", pa.int64(), nullable=False),
+        pa.field("byte_length", pa.int64(), nullable=False),
+        pa.field("key_id", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("placed_time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("placed_date", pa.date32(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one stored object lives now, and which key-encryption key wraps its data key.
+
+    An instance's first placement is its row in ``instances`` (the whole object,
+    ``object_key`` in its tier's bucket); a tier move or a key rotation appends a
+    ``Placement`` to the ``placements`` table, and the latest one for a SHA-256 wins.
+    History is never rewritten.
+    """
+
+    sha256: str
+    sop_instance_uid: str
+    version: int
+    study_instance_uid: str
+    tier: str
+    bucket: str
+    object_key: str
+    byte_offset: int
+    byte_length: int
+    key_id: str
+    reason: str
+    placed_time: datetime
+
+
+def placements_table(placements: Iterable[Placement]) -> pa.Table:
+    rows = []
+    for placement in placements:
+        row = dataclasses.asdict(placement)
+        row["placed_time"] = placement.placed_time.astimezone(UTC)
+        row["placed_date"] = row["placed_time"].date()
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=PLACEMENTS_SCHEMA)
