@@ -85,6 +85,7 @@ class Row:
     rebuild_mib: float
     disk_over_live: float | None
     live_mib: float
+    index_bytes_per_row: float
 
 
 # -- synthetic rows ---------------------------------------------------------------------
@@ -288,6 +289,11 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def index_bytes(path: Path) -> int:
+    """The index file with its write-ahead log."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
 def bucket_bytes(settings: StoreSettings, bucket: str) -> int:
     listed = store.client(settings).list_objects(bucket, recursive=True)
     return sum(item.size or 0 for item in listed)
@@ -371,6 +377,7 @@ async def writer_part(
                 commit_ms=statistics.median(latencies),
                 disk_over_live=disk / live,
                 live_mib=live / 2**20,
+                index_bytes_per_row=index_bytes(index) / written,
                 **found,
                 **timings,
             )
@@ -408,6 +415,7 @@ async def synthetic_part(settings: StoreSettings, sizes: list[int], work: Path) 
                 commit_ms=None,
                 disk_over_live=None,
                 live_mib=live_bytes(settings, bucket) / 2**20,
+                index_bytes_per_row=index_bytes(index) / size,
                 restart_s=restart["seconds"],
                 restart_mib=restart["peak_mib"],
                 rebuild_s=rebuild["seconds"],
@@ -426,7 +434,7 @@ def report(results: list[Row]) -> None:
     columns = (
         "part", "rows", "commit ms", "×", "SHA lookup ms", "×", "SOP lookup ms", "×",
         "patient search ms", "modality search ms", "GROUP BY ms", "restart s", "MiB",
-        "rebuild s", "MiB", "disk/live", "live MiB",
+        "rebuild s", "MiB", "disk/live", "live MiB", "index B/row",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
@@ -451,6 +459,7 @@ def report(results: list[Row]) -> None:
             f"{row.rebuild_mib:.0f}",
             f"{row.disk_over_live:.2f}" if row.disk_over_live is not None else "",
             f"{row.live_mib:.1f}",
+            f"{row.index_bytes_per_row:.0f}",
         )
     console.print(table)
 

@@ -19,7 +19,7 @@ import pyarrow.dataset as pa_dataset
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from cluster.catalog.index import CatalogIndex
-from cluster.catalog.maintenance import MaintenancePolicy, maintain
+from cluster.catalog.maintenance import MaintenancePolicy, MaintenanceReport, maintain
 from cluster.catalog.placements import Placement, placements_table
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
@@ -570,16 +570,20 @@ class CatalogWriter:
                     error,
                 )
 
-    async def maintain_now(self) -> None:
+    async def maintain_now(self) -> MaintenanceReport:
         """Fold the study rows, then run a maintenance pass now and wait for it (for
-        operators and tests)."""
+        operators and tests); unlike the background passes, a failure is raised."""
         await self.ready()
         if self._maintaining is not None and not self._maintaining.done():
             await self._maintaining
         await self.fold_now()
         self._commits_since_maintenance = 0
-        self._maintaining = asyncio.get_running_loop().create_task(self._maintain())
-        await self._maintaining
+        async with self._studies_lock:
+            report = await asyncio.to_thread(
+                maintain, self._settings, self._bucket, self._maintenance
+            )
+        self._stats["maintenance_passes"] += 1
+        return report
 
     # -- failures -----------------------------------------------------------------------
 
