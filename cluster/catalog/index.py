@@ -60,7 +60,7 @@ from workers.records import InstanceRecord
 log = logging.getLogger("strata.catalog")
 
 # The index's own schema; a file with another one is rebuilt.
-FORMAT = 5
+FORMAT = 6
 CACHE_KIB = 64 * 1024  # SQLite's page cache: the index's whole memory
 _BATCH = 50_000
 
@@ -101,7 +101,7 @@ _TABLES = (
     + _create(
         "studies",
         _STUDY_COLUMNS,
-        ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, fold INTEGER"
+        ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, fold INTEGER, fold_date TEXT"
         ", PRIMARY KEY (study_instance_uid)",
     )
     + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
@@ -143,16 +143,16 @@ _DERIVE = (
     f"INSERT INTO studies ({', '.join(_STUDY_COLUMNS)}, dirty) "
     "SELECT s.study_instance_uid, "
     "(SELECT patient_pseudonym FROM instances f WHERE f.study_instance_uid = s.study_instance_uid"
-    " ORDER BY f.ingest_time, f.rowid LIMIT 1), "
+    " ORDER BY f.ingest_time, f.sha256 LIMIT 1), "
     "(SELECT accession_pseudonym FROM instances f WHERE f.study_instance_uid = s.study_instance_uid"
-    " ORDER BY f.ingest_time, f.rowid LIMIT 1), "
+    " ORDER BY f.ingest_time, f.sha256 LIMIT 1), "
     "s.study_date, "
     "(SELECT group_concat(modality, '\\') FROM (SELECT DISTINCT modality FROM instances m"
     " WHERE m.study_instance_uid = s.study_instance_uid AND m.modality != '')), "
     "s.instance_count, s.series_count, s.bytes_in, s.bytes_stored, "
     "(SELECT coalesce(p.tier, l.tier) FROM instances l"
     " LEFT JOIN placements p ON p.sha256 = l.sha256"
-    " WHERE l.study_instance_uid = s.study_instance_uid ORDER BY l.ingest_time DESC, l.rowid DESC"
+    " WHERE l.study_instance_uid = s.study_instance_uid ORDER BY l.ingest_time DESC, l.sha256 DESC"
     " LIMIT 1), "
     "s.first_ingest_time, s.last_ingest_time, NULL, 1 "
     "FROM (SELECT study_instance_uid, min(study_date) AS study_date, "
@@ -247,8 +247,8 @@ class CatalogIndex:
                 continue
             if seen > current:
                 raise _StaleError(f"it has seen {name} version {seen}, the table is at {current}")
-            known = self._files(name)
-            unseen = _unseen_files(table, options, seen, known)
+            known = self.files(name)
+            unseen = unseen_files(table, options, seen, known)
             rows = self._apply(name, _batches(table, options, unseen, _SOURCES[name]), table)
             done.append(f"{name} {seen}→{current}: {len(unseen)} files, {rows} rows")
         return "caught up (" + "; ".join(done) + ")" if done else "up to date"
@@ -421,30 +421,35 @@ class CatalogIndex:
             self._db.executemany(_NOT_PENDING, [(r.study_instance_uid,) for r, _ in rows])
 
     def begin_fold(self, new: Sequence[StudyRow], fold: int) -> None:
-        """These rows, new to Delta, are about to be appended by fold number ``fold``."""
-        with self._db:
-            self._db.executemany(
-                "UPDATE studies SET fold = ? WHERE study_instance_uid = ?",
-                [(fold, row.study_instance_uid) for row in new],
-            )
+        """These rows, new to Delta, are about to be appended by fold number ``fold``.
+
+        Written through to the disk (``synchronous=FULL``), unlike the index's other
+        transactions: a power cut that lost this mark while the append survived would
+        have the rows appended again."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._db:
+                self._db.executemany(
+                    "UPDATE studies SET fold = ?, fold_date = ? WHERE study_instance_uid = ?",
+                    [
+                        (fold, study_date_partition(row).isoformat(), row.study_instance_uid)
+                        for row in new
+                    ],
+                )
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def settle_folds(self, committed: int) -> int:
         """After a crash between a fold's append and ``mark_written``: rows of folds up to
-        number ``committed`` (the table's transaction version) are in Delta, the others
-        are not; returns how many rows were found written."""
+        number ``committed`` (the table's transaction version) are in Delta, in the
+        partition they were appended to; the others are not. Returns how many were."""
         with self._db:
             pending = self._db.execute(
-                "SELECT study_instance_uid, first_ingest_time FROM studies "
+                "SELECT study_instance_uid, fold_date FROM studies "
                 "WHERE fold IS NOT NULL AND fold <= ?",
                 (committed,),
             ).fetchall()
-            self._db.executemany(
-                _WRITTEN,
-                [
-                    ((_EPOCH + timedelta(microseconds=first)).date().isoformat(), uid)
-                    for uid, first in pending
-                ],
-            )
+            self._db.executemany(_WRITTEN, [(day, uid) for uid, day in pending])
             self._db.execute("UPDATE studies SET fold = NULL WHERE fold IS NOT NULL")
         return len(pending)
 
@@ -476,7 +481,7 @@ class CatalogIndex:
         """Record accesses just committed to ``access`` (``table``, at that commit)."""
         self._apply(ACCESS, batch.to_batches(), table)
 
-    def _files(self, name: str) -> set[str]:
+    def files(self, name: str) -> set[str]:
         """The files of table ``name`` whose rows are all in the index."""
         rows = self._db.execute("SELECT path FROM files WHERE source = ?", (name,))
         return {path for (path,) in rows}
@@ -491,10 +496,10 @@ class CatalogIndex:
         )
 
     def _meta(self) -> dict[str, str]:
-        try:
-            return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.OperationalError:  # no such table: a new file
+        found = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        if self._db.execute(found).fetchone() is None:  # a new file
             return {}
+        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
 
     def _set_meta(self, name: str, table: DeltaTable) -> None:
         self._db.executemany(
@@ -640,13 +645,24 @@ def _batches(
     )
 
 
+def file_rows(table: DeltaTable, path: str) -> int | None:
+    """The number of rows the log records for one file of ``table`` (None if unknown)."""
+    actions = table.get_add_actions(flatten=True)
+    for name, rows in zip(
+        actions.column("path").to_pylist(), actions.column("num_records").to_pylist(), strict=True
+    ):
+        if urllib.parse.unquote(name) == path:
+            return None if rows is None else int(rows)
+    return None
+
+
 def _paths(table: DeltaTable) -> set[str]:
     """The files of ``table``'s version, as its log names them (relative to the table)."""
     paths = table.get_add_actions(flatten=True).column("path").to_pylist()
     return {urllib.parse.unquote(path) for path in paths}
 
 
-def _unseen_files(
+def unseen_files(
     table: DeltaTable, options: Mapping[str, str], since: int, known: set[str]
 ) -> set[str]:
     """The files of ``table`` that may hold rows the index has not seen: every file it does

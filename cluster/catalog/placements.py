@@ -65,7 +65,8 @@ def placements_table(placements: Iterable[Placement]) -> pa.Table:
     rows = []
     for placement in placements:
         row = dataclasses.asdict(placement)
-        row["placed_time"] = placement.placed_time.astimezone(UTC)
+        moment = placement.placed_time  # naive means UTC, as everywhere in the catalog
+        row["placed_time"] = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
         row["placed_date"] = row["placed_time"].date()
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=PLACEMENTS_SCHEMA)

@@ -127,6 +127,7 @@ def assign_versions(files: Iterable[tuple[str, datetime, str]]) -> dict[str, int
 
 async def _open_and_fold(writer: CatalogWriter) -> None:
     await writer.ready()
+    await writer.fold_now(raise_errors=True)  # a rebuild with missing studies must say so
     await writer.close()
 
 

@@ -400,8 +400,9 @@ def derive_study(records: Sequence[InstanceRecord], last_access_time: datetime |
     """
     if not records:
         raise ValueError("a study row needs at least one stored instance")
-    first = min(records, key=lambda r: utc(r.ingest_time))
-    last = max(records, key=lambda r: utc(r.ingest_time))
+    # Ties in ingest time are broken by SHA-256, the same way in the index's SQL.
+    first = min(records, key=lambda r: (utc(r.ingest_time), r.sha256))
+    last = max(records, key=lambda r: (utc(r.ingest_time), r.sha256))
     dates = [r.study_date for r in records if r.study_date is not None]
     return StudyRow(
         study_instance_uid=first.study_instance_uid,

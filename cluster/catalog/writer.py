@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as pa_dataset
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from cluster.catalog.index import CatalogIndex
+from cluster.catalog.index import CatalogIndex, file_rows, unseen_files
 from cluster.catalog.maintenance import MaintenancePolicy, MaintenanceReport, maintain
 from cluster.catalog.placements import Placement, placements_table
 from cluster.catalog.queries import InstanceFilters, StudyFilters
@@ -55,6 +55,8 @@ log = logging.getLogger("strata.catalog")
 STUDIES_PER_UPSERT = 1000
 # The Delta transaction id of the writer's folds into `studies` (idempotent appends).
 FOLD_APP = "strata-catalog-fold"
+# The most study rows one fold commit writes.
+FOLD_ROWS = 50_000
 
 
 def plan_group(
@@ -175,6 +177,7 @@ class CatalogWriter:
             "studies_failures": 0,
             "folds": 0,
             "maintenance_passes": 0,
+            "maintenance_ms_max": 0,
         }
 
     # -- public, async ------------------------------------------------------------------
@@ -184,13 +187,16 @@ class CatalogWriter:
         call) while the store cannot be read."""
         async with self._opening:
             if not self._tables:
-                tables, index = await asyncio.to_thread(self._open_and_load)
-                # Swapped in on the event loop, all at once: nothing ever reads a half-built
-                # index (the load runs in a thread).
-                if self._index is not None:
-                    self._index.close()
-                self._index = index
-                self._tables = tables
+                # No fold or maintenance pass meanwhile: the index being caught up or
+                # rebuilt in the thread must be the only one written to.
+                async with self._studies_lock:
+                    tables, index = await asyncio.to_thread(self._open_and_load)
+                    # Swapped in on the event loop, all at once: nothing ever reads a
+                    # half-built index (the load runs in a thread).
+                    if self._index is not None:
+                        self._index.close()
+                    self._index = index
+                    self._tables = tables
             if self._folder is None or self._folder.done():
                 self._folder = asyncio.get_running_loop().create_task(self._fold_forever())
 
@@ -288,8 +294,14 @@ class CatalogWriter:
         known = self._index.by_sha256s([p.sha256 for p in placements])
         for placement in placements:
             record = known.get(placement.sha256)
-            if record is None or record.sop_instance_uid != placement.sop_instance_uid:
+            if record is None:
                 raise ValueError(f"no catalogued object has SHA-256 {placement.sha256}")
+            claimed = (placement.sop_instance_uid, placement.version, placement.study_instance_uid)
+            if claimed != (record.sop_instance_uid, record.version, record.study_instance_uid):
+                raise ValueError(
+                    f"the placement of {placement.sha256} names another instance than the "
+                    "catalogued object"
+                )
         await self._enqueue([], [], list(placements))
 
     async def close(self) -> None:
@@ -398,7 +410,7 @@ class CatalogWriter:
             self._stats["commits"] += 1
             self._stats["rows_written"] += len(new_records)
             self._commits_since_maintenance += 1
-            if await self._follows(INSTANCES):
+            if await self._follows(INSTANCES, len(new_records)):
                 self._index.add(new_records, self._tables[INSTANCES])
 
         # Accesses and placements: their own callers learn of a failure, not the group's.
@@ -426,7 +438,7 @@ class CatalogWriter:
                 side[name] = error
                 self._reopen = True  # caught up before the next group
                 continue
-            if await self._follows(name):
+            if await self._follows(name, batch.num_rows):
                 if name == ACCESS:
                     self._index.add_access(batch, self._tables[ACCESS])
                 else:
@@ -452,13 +464,24 @@ class CatalogWriter:
             start += len(waiter.stored)
         return results
 
-    async def _follows(self, name: str) -> bool:
-        """After our append to table ``name``: whether it is exactly one version past what
-        the index has seen (else another writer committed too, and the index must catch up
-        from the table: ``ready()`` reopens it before the next group)."""
+    async def _follows(self, name: str, rows: int) -> bool:
+        """After our append of ``rows`` rows to table ``name``: whether the index can take
+        them as they are, the table holding nothing else it has not seen. Else (another
+        writer committed too) the index catches up from the table: ``ready()`` reopens it
+        before the next group."""
         assert self._index is not None
+        table = self._tables[name]
         version = await asyncio.to_thread(self._refreshed_version, name)
-        if version == self._index.version(name) + 1:
+        seen = self._index.version(name)
+        if version == seen + 1:
+            return True
+        # The commits between are usually this writer's own maintenance (a compaction,
+        # a vacuum, a property), which adds no row: then the one file the index does not
+        # know is the one just appended.
+        known = self._index.files(name)
+        options = storage_options(self._settings)
+        unseen = await asyncio.to_thread(unseen_files, table, options, seen, known)
+        if len(unseen) == 1 and file_rows(table, unseen.pop()) == rows:
             return True
         log.warning("the %s table moved by more than this commit", name)
         self._reopen = True
@@ -473,12 +496,13 @@ class CatalogWriter:
             if self._index.dirty_count():
                 await self.fold_now()
 
-    async def fold_now(self) -> None:
-        """Write every study row changed since the last fold to the Delta ``studies``
-        table, and wait for it. Rows that fail stay dirty and are tried again later."""
-        async with self._studies_lock:
-            try:
-                await self.ready()
+    async def fold_now(self, *, raise_errors: bool = False) -> None:
+        """Write the study rows changed since the last fold to the Delta ``studies``
+        table, and wait for it. Rows that fail stay dirty and are tried again later (an
+        error is logged, or raised with ``raise_errors``)."""
+        try:
+            await self.ready()
+            async with self._studies_lock:
                 assert self._index is not None
                 # Each fold's append carries a Delta transaction id (the fold's number):
                 # after a crash between the append and the index's mark, the table says
@@ -486,7 +510,12 @@ class CatalogWriter:
                 committed = await asyncio.to_thread(self._fold_version)
                 if self._index.pending_folds():
                     self._index.settle_folds(committed)
-                while dirty := self._index.dirty_studies(50_000):
+                # Only the rows dirty now: under steady ingest more keep coming, and a
+                # fold that waited for none would never end (nor let maintenance run).
+                for _ in range(-(-self._index.dirty_count() // FOLD_ROWS)):
+                    dirty = self._index.dirty_studies(FOLD_ROWS)
+                    if not dirty:
+                        break
                     new = [row for row, _, where in dirty if where is None]
                     committed += 1
                     self._index.begin_fold(new, committed)
@@ -498,14 +527,16 @@ class CatalogWriter:
                     )
                     self._index.mark_written((row, gen) for row, gen, _ in dirty)
                     self._stats["folds"] += 1
-            except Exception as error:  # noqa: BLE001 - retried by the next fold
-                self._stats["studies_failures"] += 1
-                log.error(
-                    "folding study rows into %s failed (%s: %s); tried again later",
-                    table_uri(self._bucket, STUDIES),
-                    type(error).__name__,
-                    error,
-                )
+        except Exception as error:
+            self._stats["studies_failures"] += 1
+            log.error(
+                "folding study rows into %s failed (%s: %s); tried again later",
+                table_uri(self._bucket, STUDIES),
+                type(error).__name__,
+                error,
+            )
+            if raise_errors:
+                raise
 
     def _fold_version(self) -> int:
         """The number of the last fold whose append reached ``studies``."""
@@ -561,8 +592,10 @@ class CatalogWriter:
     async def _maintain(self) -> None:
         async with self._studies_lock:
             try:
-                await asyncio.to_thread(maintain, self._settings, self._bucket, self._maintenance)
-                self._stats["maintenance_passes"] += 1
+                report = await asyncio.to_thread(
+                    maintain, self._settings, self._bucket, self._maintenance
+                )
+                self._count_pass(report)
             except Exception as error:  # noqa: BLE001 - tried again after the next commits
                 log.error(
                     "catalog maintenance failed (%s: %s); it runs again later",
@@ -582,8 +615,18 @@ class CatalogWriter:
             report = await asyncio.to_thread(
                 maintain, self._settings, self._bucket, self._maintenance
             )
-        self._stats["maintenance_passes"] += 1
+        self._count_pass(report)
         return report
+
+    def _count_pass(self, report: MaintenanceReport) -> None:
+        self._stats["maintenance_passes"] += 1
+        milliseconds = round(report.seconds * 1000)
+        self._stats["maintenance_ms_max"] = max(self._stats["maintenance_ms_max"], milliseconds)
+
+    async def wait_idle(self) -> None:
+        """Wait for a background maintenance pass in progress (for benchmarks and tests)."""
+        if self._maintaining is not None and not self._maintaining.done():
+            await self._maintaining
 
     # -- failures -----------------------------------------------------------------------
 

@@ -144,6 +144,13 @@ def test_study_rows_in_sql_match_their_definition(
         )
         for n in range(8)
     ]
+    # Two objects written in the same microsecond: ties break the same way in both.
+    latest = max(records, key=lambda r: r.ingest_time)
+    records.append(
+        dataclasses.replace(
+            make_record("1.2.7.9", ingest_time=latest.ingest_time), tier="cold", version=1
+        )
+    )
     _append(table, records[:5])
     path = tmp_path / "index.sqlite"
     _open(path, table, minio).close()
