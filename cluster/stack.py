@@ -319,6 +319,10 @@ class Stack:
             self.minio.stop()
             self.minio = None
 
+    async def fold_catalog(self) -> None:
+        """Fold the study rows committed so far into the Delta `studies` table now."""
+        await self._catalog.fold_now.remote(raise_errors=True)
+
     async def catalog_stats(self) -> dict[str, int]:
         result: dict[str, int] = await self._catalog.stats.remote()
         return result

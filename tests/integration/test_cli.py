@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     for line in ("instances stored", "compression ratio", "retrieved and byte-identical"):
         assert line in out
     assert "not_dicom" in out and "truncated" in out and "pixel_length_mismatch" in out
+    studies = re.search(r"studies in catalog\D*(\d+)", out)
+    assert studies is not None and int(studies.group(1)) > 0, out[-3000:]
     assert not (tmp_path / "data" / "node.json").exists(), "the demo stops what it started"
 
 
