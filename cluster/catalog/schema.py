@@ -264,49 +264,40 @@ def open_table(settings: StoreSettings, bucket: str, table: str) -> DeltaTable:
     return DeltaTable(table_uri(bucket, table), storage_options=storage_options(settings))
 
 
+# Each table: its schema, partition column, description, and whether it is append-only.
+_TABLE_SPECS = {
+    INSTANCES: (INSTANCES_SCHEMA, "ingest_date", "One row per stored object; append-only.", True),
+    STUDIES: (
+        STUDIES_SCHEMA,
+        "ingest_date",
+        "One row per study: counts, sizes, tier; folded in periodically.",
+        False,
+    ),
+    ACCESS: (ACCESS_SCHEMA, "access_date", "One row per study read; append-only.", True),
+    PLACEMENTS: (
+        PLACEMENTS_SCHEMA,
+        "placed_date",
+        "Where objects moved to and which key wraps them; latest wins; append-only.",
+        True,
+    ),
+}
+
+
 def create_tables(settings: StoreSettings, bucket: str = DEFAULT_BUCKET) -> None:
     """Create the bucket and the catalog's tables if they do not exist yet."""
     ensure_bucket(settings, bucket)
     options = storage_options(settings)
-    DeltaTable.create(
-        table_uri(bucket, INSTANCES),
-        INSTANCES_SCHEMA,
-        mode="ignore",
-        partition_by=["ingest_date"],
-        name=INSTANCES,
-        description="One row per stored object; append-only.",
-        configuration={"delta.appendOnly": "true"},
-        storage_options=options,
-    )
-    DeltaTable.create(
-        table_uri(bucket, STUDIES),
-        STUDIES_SCHEMA,
-        mode="ignore",
-        partition_by=["ingest_date"],
-        name=STUDIES,
-        description="One row per study: counts, sizes, tier; folded in periodically.",
-        storage_options=options,
-    )
-    DeltaTable.create(
-        table_uri(bucket, ACCESS),
-        ACCESS_SCHEMA,
-        mode="ignore",
-        partition_by=["access_date"],
-        name=ACCESS,
-        description="One row per study read; append-only.",
-        configuration={"delta.appendOnly": "true"},
-        storage_options=options,
-    )
-    DeltaTable.create(
-        table_uri(bucket, PLACEMENTS),
-        PLACEMENTS_SCHEMA,
-        mode="ignore",
-        partition_by=["placed_date"],
-        name=PLACEMENTS,
-        description="Where objects moved to and which key wraps them; latest wins; append-only.",
-        configuration={"delta.appendOnly": "true"},
-        storage_options=options,
-    )
+    for name, (schema, partition, description, append_only) in _TABLE_SPECS.items():
+        DeltaTable.create(
+            table_uri(bucket, name),
+            schema,
+            mode="ignore",
+            partition_by=[partition],
+            name=name,
+            description=description,
+            configuration={"delta.appendOnly": "true"} if append_only else None,
+            storage_options=options,
+        )
 
 
 def utc(moment: datetime) -> datetime:
