@@ -10,6 +10,12 @@ The reconciler lists the bucket, asks the catalog writer which of the objects' S
 knows, and deletes the rest, except objects written less than ``grace`` ago and objects whose
 file is in flight in this node (about to be committed). While it deletes one, the dispatcher
 holds back any new file with the same bytes, so a resend can never lose its object to it.
+
+Crash leftovers are few: at most the files in flight when something died. Many objects
+without a row mean something else: a lost catalog (before ``strata catalog rebuild``), or
+a node pointed at another catalog bucket. A pass that finds more than ``ORPHANS_AT_MOST``
+orphans making up more than ``ORPHAN_FRACTION_AT_MOST`` of the objects it judged deletes
+nothing and says so: deleting would destroy the archive the catalog should be rebuilt from.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ log = logging.getLogger("strata.reconcile")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
+ORPHANS_AT_MOST = 50
+ORPHAN_FRACTION_AT_MOST = 0.1
+
 
 @dataclass(frozen=True)
 class ReconcileReport:
@@ -39,6 +48,12 @@ class ReconcileReport:
     orphans: int
     removed: int
     kept_in_flight: int
+    refused: bool = False
+
+
+def too_many(orphans: int, judged: int) -> bool:
+    """Whether this many orphans among ``judged`` objects look like a lost catalog."""
+    return orphans > ORPHANS_AT_MOST and orphans > ORPHAN_FRACTION_AT_MOST * judged
 
 
 def sha256_of(key: str) -> str | None:
@@ -74,6 +89,16 @@ async def remove_orphans(
     judged = candidates(listed, now, grace)
     known = set(await _known(catalog, [sha for _, sha in judged], call_deadline_s))
     orphans = [(key, sha) for key, sha in judged if sha not in known]
+    if too_many(len(orphans), len(judged)):
+        log.error(
+            "reconcile of %s: %d of %d objects have no catalog row; that is a lost or "
+            "foreign catalog, not crash leftovers: nothing removed (rebuild the catalog "
+            "with `strata catalog rebuild`, or check catalog_bucket)",
+            bucket,
+            len(orphans),
+            len(judged),
+        )
+        return ReconcileReport(len(listed), len(orphans), 0, 0, refused=True)
     removed = kept = 0
     for key, sha in orphans:
         async with dispatcher.removing(sha) as may_remove:

@@ -271,6 +271,22 @@ def test_an_object_without_a_catalog_row_is_removed(
         assert set(acknowledged) <= _object_shas(healing_node)
 
 
+def test_a_mass_of_objects_without_rows_is_not_removed(healing_node: Node) -> None:
+    """As after a lost catalog: the reconciler must not delete the archive to rebuild from."""
+    planted = {}
+    for n in range(max(60, 2 * len(_object_shas(healing_node)))):
+        sha = hashlib.sha256(f"lost catalog {n}".encode()).hexdigest()
+        planted[sha] = f"v1/00/{'0' * 24}/{'2' * 24}/{sha}"
+        healing_node.object_store().put_object(
+            "strata-hot", planted[sha], io.BytesIO(b"sealed bytes"), 12
+        )
+    _wait_for(lambda: "nothing removed" in healing_node.log_text(), "the refusal", 60)
+    time.sleep(3)  # a further pass, at 2 s
+    assert set(planted) <= _object_shas(healing_node)
+    for key in planted.values():
+        healing_node.object_store().remove_object("strata-hot", key)
+
+
 def test_the_log_explains_and_hides_no_phi(healing_node: Node) -> None:
     log = healing_node.log_text()
     assert "has stopped; refusing new work and restarting it" in log

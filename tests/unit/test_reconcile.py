@@ -29,3 +29,12 @@ def test_objects_younger_than_the_grace_are_left_alone() -> None:
         (old.key, SHA),
         (young.key, "cd" * 32),
     ]
+
+
+def test_a_mass_of_orphans_is_taken_for_a_lost_catalog() -> None:
+    from cluster.reconcile import too_many
+
+    assert not too_many(3, 10)  # crash leftovers in a small archive
+    assert not too_many(60, 1000)  # many, but a small part of the archive
+    assert too_many(60, 100)
+    assert too_many(10_000, 10_000)  # the catalog knows none of them
