@@ -245,7 +245,7 @@ async def reads(
     return found
 
 
-def child(kind: str, settings: StoreSettings, bucket: str, index: Path, sha: str) -> dict:
+def child(settings: StoreSettings, bucket: str, index: Path, sha: str) -> dict:
     """Open a writer in a new process (a restart, or a rebuild when ``index`` is absent)
     until it answers a lookup; its seconds and peak RSS."""
     config = json.dumps(
@@ -313,10 +313,10 @@ def live_bytes(settings: StoreSettings, bucket: str) -> int:
 async def restart_and_rebuild(
     settings: StoreSettings, bucket: str, work: Path, index: Path, sha: str
 ) -> dict[str, float]:
-    restart = await asyncio.to_thread(child, "restart", settings, bucket, index, sha)
+    restart = await asyncio.to_thread(child, settings, bucket, index, sha)
     lost = work / "lost" / "index.sqlite"
     shutil.rmtree(lost.parent, ignore_errors=True)
-    rebuild = await asyncio.to_thread(child, "rebuild", settings, bucket, lost, sha)
+    rebuild = await asyncio.to_thread(child, settings, bucket, lost, sha)
     shutil.rmtree(lost.parent, ignore_errors=True)
     return {
         "restart_s": restart["seconds"],
@@ -410,8 +410,8 @@ async def synthetic_part(settings: StoreSettings, sizes: list[int], work: Path) 
         index = work / bucket / "index.sqlite"
         sha = synthetic(size - 1, 10).sha256
         # The first open builds the index (and folds the studies): the rebuild.
-        rebuild = await asyncio.to_thread(child, "rebuild", settings, bucket, index, sha)
-        restart = await asyncio.to_thread(child, "restart", settings, bucket, index, sha)
+        rebuild = await asyncio.to_thread(child, settings, bucket, index, sha)
+        restart = await asyncio.to_thread(child, settings, bucket, index, sha)
         writer = catalog.CatalogWriter(settings, bucket, index_path=str(index))
         found = await reads(writer, settings, bucket, size, 10, random.Random(2))
         await writer.close()

@@ -78,6 +78,9 @@ _INTEGERS = {
     "byte_offset",
     "byte_length",
 }
+# Between a study's modalities in the index: DICOM's own value separator, which no
+# modality code contains.
+MODALITY_SEPARATOR = "\\"
 _PLACEMENT_COLUMNS = tuple(Placement.__dataclass_fields__)
 # What a placement overrides in an instance's record.
 _PLACED = ("tier", "object_key", "key_id")
@@ -147,7 +150,8 @@ _DERIVE = (
     "(SELECT accession_pseudonym FROM instances f WHERE f.study_instance_uid = s.study_instance_uid"
     " ORDER BY f.ingest_time, f.sha256 LIMIT 1), "
     "s.study_date, "
-    "(SELECT group_concat(modality, '\\') FROM (SELECT DISTINCT modality FROM instances m"
+    f"(SELECT group_concat(modality, '{MODALITY_SEPARATOR}') FROM"
+    " (SELECT DISTINCT modality FROM instances m"
     " WHERE m.study_instance_uid = s.study_instance_uid AND m.modality != '')), "
     "s.instance_count, s.series_count, s.bytes_in, s.bytes_stored, "
     "(SELECT coalesce(p.tier, l.tier) FROM instances l"
@@ -585,13 +589,11 @@ def _record_batch(records: Sequence[InstanceRecord]) -> pa.RecordBatch:
     return instances_table(records).combine_chunks().to_batches()[0]
 
 
-# DICOM's own value separator: no modality code contains it.
-_SEPARATOR = "\\"
-
-
 def _study(row: Sequence[Any]) -> StudyRow:
     values: dict[str, Any] = dict(zip(_STUDY_COLUMNS, row, strict=True))
-    values["modalities"] = sorted(m for m in (values["modalities"] or "").split(_SEPARATOR) if m)
+    values["modalities"] = sorted(
+        m for m in (values["modalities"] or "").split(MODALITY_SEPARATOR) if m
+    )
     day = values["study_date"]
     values["study_date"] = date.fromisoformat(day) if day else None
     for name in ("first_ingest_time", "last_ingest_time", "last_access_time"):

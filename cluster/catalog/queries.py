@@ -16,6 +16,7 @@ from typing import Any
 import duckdb
 import pyarrow.dataset as pa_dataset
 
+from cluster.catalog.index import MODALITY_SEPARATOR
 from cluster.catalog.schema import (
     ACCESS,
     DEFAULT_BUCKET,
@@ -31,9 +32,6 @@ from cluster.catalog.schema import (
     table_dataset,
 )
 from workers.records import InstanceRecord, StoreSettings
-
-# DICOM's value separator, which the index puts between a study's modalities.
-_SEPARATOR = "\\"
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,10 @@ class StudyFilters:
             ("patient_pseudonym = ?", self.patient_pseudonym),
             ("accession_pseudonym = ?", self.accession_pseudonym),
             (
-                f"instr('{_SEPARATOR}' || modalities || '{_SEPARATOR}', ?) > 0",
-                f"{_SEPARATOR}{self.modality}{_SEPARATOR}" if self.modality else None,
+                f"instr('{MODALITY_SEPARATOR}' || modalities || '{MODALITY_SEPARATOR}', ?) > 0",
+                f"{MODALITY_SEPARATOR}{self.modality}{MODALITY_SEPARATOR}"
+                if self.modality
+                else None,
             ),
             ("tier = ?", self.tier),
             ("study_date >= ?", self.date_from),
