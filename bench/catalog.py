@@ -7,11 +7,12 @@ the same run and compared with the smallest size.
 
 **The writer** (``--rows``): the real ``CatalogWriter`` (in this process) is filled
 through group commits of ``--fill-group`` synthetic instance rows (about 30 instances
-per study, three studies per patient, five modalities), with its background folds and
-maintenance passes running as in production. At each size from 10³ by powers of ten it
-measures:
+per study, three studies per patient, five modalities; UIDs, pseudonyms and object keys
+as long as real ones), with its background flushes, folds and maintenance passes running
+as in production. At each size from 10³ by powers of ten it measures:
 
-- the median latency of group commits of ``--group`` rows (the front end's size);
+- the median latency of group commits of ``--group`` rows (the front end's size), with no
+  flush or pass running meanwhile, and the cost of a flush per 10⁴ rows;
 - the median of 200 duplicate checks (by SHA-256) and 200 retrieval lookups (latest
   version of a SOP Instance UID, with where it lives), through the writer;
 - two study searches of the kind C-FIND and QIDO make, through the writer's index
@@ -21,7 +22,8 @@ measures:
 - a restart to serving (a new process opens the writer with its index kept and answers
   a lookup) and a rebuild (a new process with the index lost), each with its peak RSS;
 - the catalog's bytes in MinIO against the bytes of the files its tables' current
-  versions hold, after a maintenance pass (retention window ``--retention-hours``).
+  versions hold, after a maintenance pass (time-travel window ``--retention-hours``, the
+  production week unless given).
 
 **Synthetic tables** (``--synthetic``): for each size, an ``instances`` table written
 directly (10 instances per study, so 10⁷ rows hold 10⁶ studies), then the same reads:
@@ -64,7 +66,8 @@ from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored, StoreSetting
 
 console = Console(width=200)
 MODALITIES = ("CT", "MR", "CR", "US", "DX")
-ROOT = "1.2.826.0.1.3680043.9.7"
+# A root as long as real ones, so that UIDs are too (about 50 characters).
+ROOT = "1.2.826.0.1.3680043.10.543.20261202"
 START = datetime(2026, 1, 1, tzinfo=UTC)
 DAY0 = date(2015, 1, 1)
 
@@ -74,6 +77,7 @@ class Row:
     part: str
     rows: int
     commit_ms: float | None
+    flush_ms: float | None  # per 10⁴ rows flushed
     pass_s: float | None
     sha_ms: float
     sop_ms: float
@@ -92,10 +96,17 @@ class Row:
 # -- synthetic rows ---------------------------------------------------------------------
 
 
+def pseudonym(kind: str, value: int) -> str:
+    """A pseudonym as ingest makes them (32 hex digits of a keyed HMAC)."""
+    return hashlib.sha256(f"{kind}{value}".encode()).hexdigest()[:32]
+
+
 def synthetic(n: int, per_study: int = 30) -> InstanceRecord:
-    """Instance ``n`` of a synthetic archive: ``per_study`` per study, 3 studies per patient."""
+    """Instance ``n`` of a synthetic archive: ``per_study`` per study, 3 studies per patient,
+    with UIDs, pseudonyms and object keys of real lengths."""
     study = n // per_study
     sop = f"{ROOT}.{study}.{n}"
+    sha = hashlib.sha256(sop.encode()).hexdigest()
     return InstanceRecord(
         sop_instance_uid=sop,
         series_instance_uid=f"{ROOT}.{study}.s{n % 3}",
@@ -104,8 +115,8 @@ def synthetic(n: int, per_study: int = 30) -> InstanceRecord:
         modality=MODALITIES[study % len(MODALITIES)],
         body_part="CHEST",
         study_date=DAY0 + timedelta(days=study % 3650),
-        patient_pseudonym=f"pp-{study // 3:012d}",
-        accession_pseudonym=f"ap-{study:012d}",
+        patient_pseudonym=pseudonym("patient", study // 3),
+        accession_pseudonym=pseudonym("accession", study),
         transfer_syntax_in="1.2.840.10008.1.2.1",
         transfer_syntax_stored=HTJ2K_LOSSLESS,
         storage_action="transcoded",
@@ -119,8 +130,8 @@ def synthetic(n: int, per_study: int = 30) -> InstanceRecord:
         photometric_interpretation="MONOCHROME2",
         bytes_in=525_000 + n % 1000,
         bytes_stored=180_000 + n % 997,
-        sha256=hashlib.sha256(sop.encode()).hexdigest(),
-        object_key=f"v1/{n}",
+        sha256=sha,
+        object_key=store.object_key_for(f"{ROOT}.{study}", sop, sha),
         tier="hot",
         key_id="kek-1",
         ingest_time=START + timedelta(milliseconds=250 * n),
@@ -134,6 +145,13 @@ def synthetic_columns(first: int, count: int, per_study: int) -> pa.Table:
     study = n // per_study
     studies = study.tolist()
     sops = [f"{ROOT}.{s}.{i}" for s, i in zip(studies, n.tolist(), strict=True)]
+    shas = [hashlib.sha256(s.encode()).hexdigest() for s in sops]
+    # Per study, then spread over its rows.
+    first = int(study[0]) if count else 0
+    distinct = range(first, int(study[-1]) + 1 if count else first)
+    study_uids = np.array([f"{ROOT}.{s}" for s in distinct], dtype=object)[study - first]
+    patients = np.array([pseudonym("patient", s // 3) for s in distinct], dtype=object)
+    accessions = np.array([pseudonym("accession", s) for s in distinct], dtype=object)
     times = np.datetime64(START.replace(tzinfo=None), "us") + (n * 250_000).astype(
         "timedelta64[us]"
     )
@@ -155,15 +173,18 @@ def synthetic_columns(first: int, count: int, per_study: int) -> pa.Table:
         "series_instance_uid": [
             f"{ROOT}.{s}.s{i % 3}" for s, i in zip(studies, n.tolist(), strict=True)
         ],
-        "study_instance_uid": [f"{ROOT}.{s}" for s in studies],
+        "study_instance_uid": study_uids.tolist(),
         "modality": np.array(MODALITIES)[study % len(MODALITIES)],
         "study_date": np.datetime64(DAY0, "D") + (study % 3650).astype("timedelta64[D]"),
-        "patient_pseudonym": [f"pp-{s // 3:012d}" for s in studies],
-        "accession_pseudonym": [f"ap-{s:012d}" for s in studies],
+        "patient_pseudonym": patients[study - first].tolist(),
+        "accession_pseudonym": accessions[study - first].tolist(),
         "bytes_in": 525_000 + n % 1000,
         "bytes_stored": 180_000 + n % 997,
-        "sha256": [hashlib.sha256(s.encode()).hexdigest() for s in sops],
-        "object_key": [f"v1/{i}" for i in n.tolist()],
+        "sha256": shas,
+        "object_key": [
+            store.object_key_for(uid, sop, sha)
+            for uid, sop, sha in zip(study_uids.tolist(), sops, shas, strict=True)
+        ],
         "ingest_time": times,
         "ingest_date": times.astype("datetime64[D]"),
     }
@@ -202,8 +223,9 @@ async def reads(
     rng: random.Random,
 ) -> dict[str, float]:
     """Lookups, searches and the GROUP BY, as medians in ms."""
+    # Different rows for each kind of lookup: none finds pages the other left in the cache.
+    sha = iter([synthetic(rng.randrange(rows), per_study) for _ in range(200)])
     keys = [synthetic(rng.randrange(rows), per_study) for _ in range(200)]
-    sha = iter(keys)
     sop = iter(keys)
     found = {
         "sha_ms": await median_ms(lambda: writer.lookup_sha256(next(sha).sha256), 200),
@@ -215,7 +237,7 @@ async def reads(
 
     def by_patient() -> catalog.StudyFilters:
         return catalog.StudyFilters(
-            patient_pseudonym=f"pp-{rng.randrange(patients):012d}",
+            patient_pseudonym=pseudonym("patient", rng.randrange(patients)),
             date_from=DAY0,
             date_to=DAY0 + timedelta(days=3650),
         )
@@ -334,7 +356,7 @@ async def writer_part(
 ) -> list[Row]:
     bucket = "bench-writer"
     index = work / "writer" / "index.sqlite"
-    policy = MaintenancePolicy(every_commits=200, retention_hours=retention)
+    policy = MaintenancePolicy(retention_hours=retention)
     writer = catalog.CatalogWriter(
         settings,
         bucket,
@@ -357,10 +379,15 @@ async def writer_part(
             )
             written += count
         # The group commits measured are the commit path's cost; the background work
-        # (a fold every 10 s, a pass every 200 commits) is measured on its own (``pass s``)
-        # and not left to compete with them for this machine's two cores.
-        await writer.fold_now()
+        # (a flush every 10⁵ rows, a pass every 12 flushes) is measured on its own
+        # (``flush ms``, ``pass s``) and not left to compete with them for this machine's
+        # two cores.
         await writer.wait_idle()
+        before = (await writer.stats())["flushed_rows"]
+        started = time.perf_counter()
+        await writer.flush_now(raise_errors=True, maintain=False)
+        flushed = (await writer.stats())["flushed_rows"] - before
+        flush_ms = (time.perf_counter() - started) * 1000 * 10_000 / max(flushed, 1)
         latencies = []
         for _ in range(measured):
             batch = [Stored(f"f{n}", synthetic(n)) for n in range(written, written + group)]
@@ -381,6 +408,7 @@ async def writer_part(
                 part="writer",
                 rows=written,
                 commit_ms=statistics.median(latencies),
+                flush_ms=flush_ms if flushed >= 1000 else None,
                 pass_s=maintained.seconds,
                 disk_over_live=disk / live,
                 live_mib=live / 2**20,
@@ -420,6 +448,7 @@ async def synthetic_part(settings: StoreSettings, sizes: list[int], work: Path) 
                 part="synthetic",
                 rows=size,
                 commit_ms=None,
+                flush_ms=None,
                 pass_s=None,
                 disk_over_live=None,
                 live_mib=live_bytes(settings, bucket) / 2**20,
@@ -440,7 +469,8 @@ async def synthetic_part(settings: StoreSettings, sizes: list[int], work: Path) 
 def report(results: list[Row]) -> None:
     table = Table(title="catalog costs by size (medians; × against the smallest size of the part)")
     columns = (
-        "part", "rows", "commit ms", "×", "pass s", "SHA lookup ms", "×", "SOP lookup ms", "×",
+        "part", "rows", "commit ms", "×", "flush ms/10⁴", "pass s",
+        "SHA lookup ms", "×", "SOP lookup ms", "×",
         "patient search ms", "modality search ms", "GROUP BY ms", "restart s", "MiB",
         "rebuild s", "MiB", "disk/live", "live MiB", "index B/row",
     )  # fmt: skip
@@ -454,6 +484,7 @@ def report(results: list[Row]) -> None:
             f"{row.rows:,}",
             f"{row.commit_ms:.1f}" if row.commit_ms is not None else "",
             f"{row.commit_ms / base.commit_ms:.2f}" if row.commit_ms and base.commit_ms else "",
+            f"{row.flush_ms:.0f}" if row.flush_ms is not None else "",
             f"{row.pass_s:.1f}" if row.pass_s is not None else "",
             f"{row.sha_ms:.3f}",
             f"{row.sha_ms / base.sha_ms:.2f}",
@@ -495,7 +526,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="writer part: up to (0: skip)")
     parser.add_argument("--fill-group", type=int, default=1024, help="rows per filling commit")
     parser.add_argument("--group", type=int, default=64, help="rows per measured commit")
-    parser.add_argument("--retention-hours", type=int, default=0)
+    parser.add_argument(
+        "--retention-hours", type=int, default=168, help="time-travel window (production: 168)"
+    )
     parser.add_argument(
         "--synthetic", default="1000,100000", help="synthetic table sizes, comma-separated"
     )

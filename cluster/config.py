@@ -84,12 +84,14 @@ class Config:
     batch_wait_ms: int = 20
     commit_max_rows: int = 64
     commit_wait_ms: int = 50
-    # The catalog writer compacts, checkpoints and vacuums its tables every this many
-    # group commits; versions younger than the retention window stay readable (time travel).
-    catalog_maintain_every_commits: int = 200
+    # Group commits go to the catalog's journal; the writer appends the journal to the
+    # Delta tables (and folds the study rows) once this many rows wait or the oldest has
+    # waited this long, and compacts, checkpoints and vacuums them every this many
+    # flushes; versions younger than the retention window stay readable (time travel).
+    catalog_flush_rows: int = 100_000
+    catalog_flush_interval_s: int = 300
+    catalog_maintain_every_flushes: int = 12
     catalog_retention_hours: int = 168
-    # Study rows changed by commits are folded into the Delta `studies` table this often.
-    catalog_fold_interval_s: int = 10
     # Deadlines (seconds). A sender silent this long in the middle of a file is cut off and
     # its budget given back; every remote call and read step has its own deadline.
     idle_timeout_s: int = 30
@@ -151,8 +153,9 @@ class Config:
             "commit_deadline_s",
             "watch_interval_s",
             "reconcile_interval_s",
-            "catalog_maintain_every_commits",
-            "catalog_fold_interval_s",
+            "catalog_flush_rows",
+            "catalog_flush_interval_s",
+            "catalog_maintain_every_flushes",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")

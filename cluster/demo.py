@@ -69,7 +69,7 @@ async def _run(config: Config, files: list[Path]) -> DemoReport:
     try:
         report = await asyncio.to_thread(_client_work, stack.address, files)
         assert stack.store_settings is not None
-        await stack.fold_catalog()  # the analysts' `studies` is folded every few seconds
+        await stack.flush_catalog()  # analysts read Delta: flushed every few minutes
         report.catalog_rows, report.studies = await asyncio.to_thread(
             _query_catalog, stack, config.catalog_bucket
         )

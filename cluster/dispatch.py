@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import ray
 
 from cluster.catalog import CatalogCommitFailedError, Committed
+from workers import errors
 from workers.errors import Reason
 from workers.ingest import PipelineSettings, ingest_batch
 from workers.records import IngestItem, InstanceRecord, Rejected, Stored
@@ -393,10 +394,10 @@ def _committed_result(row: Committed, retried: bool) -> FileResult:
 def cause_of(error: BaseException) -> str:
     """A short, internal description of a failure for the server log (no PHI, no data)."""
     if isinstance(error, ray.exceptions.RayTaskError):
-        return f"{type(error.cause).__name__}: {error.cause}"
+        return errors.cause_of(error.cause)
     if isinstance(error, ray.exceptions.RayActorError):
         return "the catalog writer's process died"
-    return f"{type(error).__name__}: {error}"
+    return errors.cause_of(error)
 
 
 _NOT_STORED = (

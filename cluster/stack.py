@@ -193,11 +193,12 @@ class Stack:
                 max_batch=self.config.commit_max_rows,
                 max_wait_s=self.config.commit_wait_ms / 1000,
                 maintenance=MaintenancePolicy(
-                    every_commits=self.config.catalog_maintain_every_commits,
+                    every_flushes=self.config.catalog_maintain_every_flushes,
                     retention_hours=self.config.catalog_retention_hours,
                 ),
                 index_path=str(catalog_index_path(self.config)),
-                fold_interval_s=self.config.catalog_fold_interval_s,
+                flush_rows=self.config.catalog_flush_rows,
+                flush_interval_s=self.config.catalog_flush_interval_s,
             )
         )
 
@@ -319,9 +320,9 @@ class Stack:
             self.minio.stop()
             self.minio = None
 
-    async def fold_catalog(self) -> None:
-        """Fold the study rows committed so far into the Delta `studies` table now."""
-        await self._catalog.fold_now.remote(raise_errors=True)
+    async def flush_catalog(self) -> None:
+        """Flush the catalog's journal into the Delta tables and fold the study rows now."""
+        await self._catalog.flush_now.remote(raise_errors=True)
 
     async def catalog_stats(self) -> dict[str, int]:
         result: dict[str, int] = await self._catalog.stats.remote()

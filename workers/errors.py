@@ -39,3 +39,12 @@ class RejectError(Exception):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
+
+
+def cause_of(error: BaseException) -> str:
+    """A failure as a log may show it: its type and first line.
+
+    Never the rows delta-rs prints after "Preview of invalid data" (UIDs, pseudonyms),
+    nor the lines libraries add after the first."""
+    text = str(error).split("Preview of invalid data", 1)[0].strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

@@ -170,7 +170,9 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
         _check_received(data, item.sha256)
 
     keys = cached_key_file(settings.key_file)
-    object_key = object_key_for(header.study_instance_uid, header.sop_instance_uid, item.sha256)
+    object_key = store.object_key_for(
+        header.study_instance_uid, header.sop_instance_uid, item.sha256
+    )
     manifest = replace(
         manifest,
         sop_instance_uid=header.sop_instance_uid,
@@ -387,16 +389,6 @@ def _check_received(data: bytes, sha256: str) -> None:
         raise RejectError(
             Reason.BAD_REQUEST, "the file changed between the front end and the worker"
         )
-
-
-def object_key_for(study_instance_uid: str, sop_instance_uid: str, sha256: str) -> str:
-    """Object key from hashes only: UIDs never appear in object names or listings.
-
-    Content-addressed by the file's SHA-256, so a new version never overwrites an old one.
-    """
-    study = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:24]
-    instance = hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:24]
-    return f"v1/{study[:2]}/{study}/{instance}/{sha256}"
 
 
 def _short(sha256: str) -> str:

@@ -31,11 +31,12 @@ from workers.envelope import (
     read_header,
     unverified_segment,
 )
-from workers.ingest import instance_record, object_key_for
+from workers.ingest import instance_record
 from workers.keys import FileKeyProvider
 from workers.payload import Manifest
 from workers.records import InstanceRecord, StoreSettings
 from workers.split import InstanceHeader, PixelLayout, prefix_header, split_file
+from workers.store import object_key_for
 
 # Enough for the preamble, the header and the manifest of any object, and the prefix of
 # most split ones (a DICOM header is typically a few KiB).

@@ -21,6 +21,7 @@ are content hashes, never patient data, so they may be logged.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import NamedTuple, Self
 import certifi
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from urllib3.connectionpool import ConnectionPool
 from urllib3.exceptions import (
@@ -245,6 +247,16 @@ def tier_bucket(tier: str) -> str:
     return f"strata-{tier}"
 
 
+def object_key_for(study_instance_uid: str, sop_instance_uid: str, sha256: str) -> str:
+    """Object key from hashes only: UIDs never appear in object names or listings.
+
+    Content-addressed by the file's SHA-256, so a new version never overwrites an old one.
+    """
+    study = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:24]
+    instance = hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:24]
+    return f"v1/{study[:2]}/{study}/{instance}/{sha256}"
+
+
 class _BoundedRetry(urllib3.Retry):
     """urllib3's Retry, bounded in time.
 
@@ -443,6 +455,29 @@ def delete(settings: StoreSettings, bucket: str, key: str) -> None:
         raise _failure("delete", settings, bucket, key, error, started) from error
     except _STORE_ERRORS as error:
         raise _failure("delete", settings, bucket, key, error, started) from error
+
+
+def delete_many(settings: StoreSettings, bucket: str, keys: list[str]) -> None:
+    """Remove ``keys`` from ``bucket``, a thousand per request (S3 DeleteObjects); keys that
+    are not there are not an error."""
+    started = time.monotonic()
+    for start in range(0, len(keys), 1000):
+        chunk = [DeleteObject(key) for key in keys[start : start + 1000]]
+        try:
+            # The answers come lazily, one per key that failed: read them all.
+            failed = [
+                error
+                for error in client(settings).remove_objects(bucket, chunk)
+                if error.code not in _ABSENT_CODES
+            ]
+        except _STORE_ERRORS as error:
+            raise _failure("delete", settings, bucket, chunk[0].name, error, started) from error
+        if failed:
+            first = failed[0]
+            cause = f"{len(failed)} keys not deleted, first: {first.code}"
+            raise _failure(
+                "delete", settings, bucket, first.name or "", OSError(cause), started, cause=cause
+            )
 
 
 class ListedObject(NamedTuple):

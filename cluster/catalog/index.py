@@ -11,21 +11,30 @@ lost) until the writer has folded it into the Delta ``studies`` table; a crash b
 the two loses nothing, the dirty mark survives it. Reads change only ``last_access_time``,
 which the Delta ``studies`` table does not hold, so they never make a row dirty.
 
-The Delta tables stay the truth; this index is derived from them and can always be
-rebuilt. For each of ``instances``, ``placements`` and ``access`` it records the version
-it has seen, in the same transaction as the rows: when the writer starts, it reads only
-the files added to each table since then (the rows of a commit whose index update was cut
-off by a crash, or of another writer), and when the file is lost, damaged, of another
-format, or built from other tables, it is rebuilt from the whole tables.
+It also keeps a copy of the journal groups not yet flushed into Delta (``journal``), which
+the writer's flush reads; the journal objects in MinIO are the durable ones.
+
+The Delta tables and the journal stay the truth; this index is derived from them and can
+always be rebuilt. For each of ``instances``, ``placements`` and ``access`` it records the
+version it has seen, in the same transaction as the rows: when the writer starts, it
+reads only the files that the commits since then added (another writer's, or a flush whose
+index update a crash cut off), and when the file is lost, damaged, of another format, or
+built from other tables, it is rebuilt from the whole tables.
 
 Why SQLite: B-tree lookups by key in microseconds on the request path, durable, in the
-standard library, and its memory is its page cache (``CACHE_KIB``), not the archive: the
-writer no longer holds a dictionary of every instance (measured ~470 bytes each). On disk
-it costs a little more than a row of ``instances`` per instance (see docs/catalog.md).
+standard library, and its memory is its page cache (``CACHE_KIB``), not the archive.
+
+Why rows look as they do (about 0.25 KB an instance; docs/catalog.md measures it): strings
+repeated across instances (SOP Class, transfer syntaxes, notes, tier, key) are kept once in
+``codes`` and as small integers in each row; lowercase hex (SHA-256, pseudonyms) as the bytes
+it spells; the B-trees over UIDs hold a 47-bit hash of the UID (``*_key``), not the UID,
+and each search compares the UID itself too; an object key that is the one ingest derives
+from the UIDs and the SHA-256 (``store.object_key_for``) is not stored at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -39,33 +48,56 @@ from typing import Any
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cluster.catalog.placements import Placement, placements_table
+from cluster.catalog.placements import PLACEMENTS_SCHEMA
+from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
     ACCESS,
+    ACCESS_SCHEMA,
     INSTANCES,
+    JOURNALED,
     PLACEMENTS,
     RECORD_FIELDS,
     StudyRow,
-    instances_table,
-    record_from_row,
     s3_filesystem,
     study_date_partition,
     study_from_row,
     table_dataset,
     table_root,
-    utc,
 )
 from workers.records import InstanceRecord
+from workers.store import object_key_for
 
 log = logging.getLogger("strata.catalog")
 
 # The index's own schema; a file with another one is rebuilt.
-FORMAT = 6
+FORMAT = 7
 CACHE_KIB = 64 * 1024  # SQLite's page cache: the index's whole memory
 _BATCH = 50_000
+# Studies derived by one statement when the index is rebuilt.
+_STUDIES_PER_DERIVE = 500
 
-_COLUMNS = (*RECORD_FIELDS, "ingest_date")
-_INTEGERS = {
+# Strings repeated across instances: kept once in ``codes``, as small integers in rows.
+_CODED = (
+    "sop_class_uid",
+    "modality",
+    "body_part",
+    "transfer_syntax_in",
+    "transfer_syntax_stored",
+    "storage_action",
+    "storage_note",
+    "photometric_interpretation",
+    "tier",
+    "key_id",
+)
+# Lowercase hex, kept as the bytes it spells.
+_HEXED = ("sha256", "patient_pseudonym", "accession_pseudonym")
+# UIDs the index finds rows by, and the column of each one's hash.
+_KEYS = {
+    "sop_instance_uid": "sop_key",
+    "series_instance_uid": "series_key",
+    "study_instance_uid": "study_key",
+}
+_PLAIN = (
     "frames",
     "rows",
     "columns",
@@ -75,47 +107,64 @@ _INTEGERS = {
     "bytes_in",
     "bytes_stored",
     "version",
+)
+# The columns of the index's ``instances``, in order (``id`` before them).
+_INSTANCE_COLUMNS = (
+    "sha256",
+    "sop_key",
+    "sop_instance_uid",
+    "version",
+    "series_key",
+    "series_instance_uid",
+    "study_key",
+    "study_instance_uid",
+    *_CODED,
+    "study_date",  # days since 1970-01-01
+    "patient_pseudonym",
+    "accession_pseudonym",
+    *(name for name in _PLAIN if name != "version"),
+    "object_key",  # NULL: store.object_key_for(study, SOP Instance, SHA-256)
+    "ingest_time",  # microseconds since the epoch, UTC
+)
+# What a placement overrides in an instance's record.
+_PLACED = ("tier", "object_key", "key_id")
+_PLACEMENT_COLUMNS = (
+    "sha256",
+    "tier",
+    "bucket",
+    "object_key",
     "byte_offset",
     "byte_length",
-}
+    "key_id",
+    "placed_time",
+)
+_STUDY_COLUMNS = tuple(StudyRow.__dataclass_fields__)
 # Between a study's modalities in the index: DICOM's own value separator, which no
 # modality code contains.
 MODALITY_SEPARATOR = "\\"
-_PLACEMENT_COLUMNS = tuple(Placement.__dataclass_fields__)
-# What a placement overrides in an instance's record.
-_PLACED = ("tier", "object_key", "key_id")
-_STUDY_COLUMNS = tuple(StudyRow.__dataclass_fields__)
-
-
-def _sql_type(name: str) -> str:
-    if name in _INTEGERS or name.endswith(("_count", "_time")):  # times: microseconds
-        return "INTEGER"
-    return "TEXT"
-
-
-def _create(name: str, columns: Sequence[str], extra: str = "") -> str:
-    body = ", ".join(f"{column} {_sql_type(column)}" for column in columns)
-    return f"CREATE TABLE IF NOT EXISTS {name} ({body}{extra});\n"
-
 
 _TABLES = (
-    _create("instances", _COLUMNS)
-    + _create("placements", _PLACEMENT_COLUMNS, ", PRIMARY KEY (sha256)")
-    + _create(
-        "studies",
-        _STUDY_COLUMNS,
-        ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, fold INTEGER, fold_date TEXT"
-        ", PRIMARY KEY (study_instance_uid)",
-    )
-    + "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
-    + "CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, PRIMARY KEY (source, path));\n"
+    "CREATE TABLE IF NOT EXISTS instances (id INTEGER PRIMARY KEY, "
+    + ", ".join(_INSTANCE_COLUMNS)
+    + ");\n"
+    "CREATE TABLE IF NOT EXISTS codes (id INTEGER PRIMARY KEY, value TEXT NOT NULL UNIQUE);\n"
+    "CREATE TABLE IF NOT EXISTS placements ("
+    + ", ".join(_PLACEMENT_COLUMNS)
+    + ", PRIMARY KEY (sha256)) WITHOUT ROWID;\n"
+    "CREATE TABLE IF NOT EXISTS studies ("
+    + ", ".join(_STUDY_COLUMNS)
+    + ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, fold INTEGER, fold_date TEXT"
+    ", PRIMARY KEY (study_instance_uid));\n"
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
+    "CREATE TABLE IF NOT EXISTS journal (source TEXT NOT NULL, seq INTEGER NOT NULL, "
+    "rows INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (source, seq));\n"
 )
 # Created after a rebuild's bulk insert (faster than keeping them up to date row by row).
 _INDEXES = (
     "CREATE UNIQUE INDEX IF NOT EXISTS instances_sha256 ON instances (sha256);\n"
-    "CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid, version);\n"
-    "CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid, ingest_time);\n"
-    "CREATE INDEX IF NOT EXISTS instances_series ON instances (series_instance_uid);\n"
+    "CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_key, version);\n"
+    "CREATE INDEX IF NOT EXISTS instances_study ON instances (study_key);\n"
+    "CREATE INDEX IF NOT EXISTS instances_series ON instances (series_key);\n"
     "CREATE INDEX IF NOT EXISTS studies_dirty ON studies (dirty) WHERE dirty > 0;\n"
     "CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_pseudonym);\n"
     "CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession_pseudonym);\n"
@@ -123,12 +172,12 @@ _INDEXES = (
 )
 
 _INSERT = (
-    f"INSERT OR IGNORE INTO instances ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+    f"INSERT OR IGNORE INTO instances ({', '.join(_INSTANCE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
 )
-# An instance's record with its current placement applied.
+# An instance's record with its current placement applied, in RECORD_FIELDS' order.
 _SELECT = "SELECT " + ", ".join(
-    f"coalesce(p.{name}, i.{name})" if name in _PLACED else f"i.{name}" for name in _COLUMNS
+    f"coalesce(p.{name}, i.{name})" if name in _PLACED else f"i.{name}" for name in RECORD_FIELDS
 )
 _SELECT += " FROM instances i LEFT JOIN placements p ON p.sha256 = i.sha256"
 _PLACE = (
@@ -138,32 +187,35 @@ _PLACE = (
     + ", ".join(f"{name} = excluded.{name}" for name in _PLACEMENT_COLUMNS[1:])
     + " WHERE excluded.placed_time >= placements.placed_time"
 )
+# The instances of one study (``f`` standing for the table), by its key and its UID.
+_OF_STUDY = "{t}.study_key = s.study_key AND {t}.study_instance_uid = s.study_instance_uid"
 # A study's row from its instances (current placements applied), in SQL for speed: the
 # definition is ``schema.derive_study``, and a test holds the two to the same rows.
 # Pseudonyms come from the first stored instance, the tier from the latest; modalities
-# are sorted when read (``_study``).
+# are sorted when read (``_study``). Ties in ingest time are broken by SHA-256 (its bytes
+# sort as its hex does).
 _DERIVE = (
     f"INSERT INTO studies ({', '.join(_STUDY_COLUMNS)}, dirty) "
     "SELECT s.study_instance_uid, "
-    "(SELECT patient_pseudonym FROM instances f WHERE f.study_instance_uid = s.study_instance_uid"
+    f"(SELECT patient_pseudonym FROM instances f WHERE {_OF_STUDY.format(t='f')}"
     " ORDER BY f.ingest_time, f.sha256 LIMIT 1), "
-    "(SELECT accession_pseudonym FROM instances f WHERE f.study_instance_uid = s.study_instance_uid"
+    f"(SELECT accession_pseudonym FROM instances f WHERE {_OF_STUDY.format(t='f')}"
     " ORDER BY f.ingest_time, f.sha256 LIMIT 1), "
-    "s.study_date, "
-    f"(SELECT group_concat(modality, '{MODALITY_SEPARATOR}') FROM"
-    " (SELECT DISTINCT modality FROM instances m"
-    " WHERE m.study_instance_uid = s.study_instance_uid AND m.modality != '')), "
+    "date(s.study_date * 86400, 'unixepoch'), "
+    f"(SELECT group_concat(c.value, '{MODALITY_SEPARATOR}') FROM"
+    f" (SELECT DISTINCT m.modality AS code FROM instances m WHERE {_OF_STUDY.format(t='m')}) d"
+    " JOIN codes c ON c.id = d.code WHERE c.value != ''), "
     "s.instance_count, s.series_count, s.bytes_in, s.bytes_stored, "
-    "(SELECT coalesce(p.tier, l.tier) FROM instances l"
-    " LEFT JOIN placements p ON p.sha256 = l.sha256"
-    " WHERE l.study_instance_uid = s.study_instance_uid ORDER BY l.ingest_time DESC, l.sha256 DESC"
-    " LIMIT 1), "
+    "(SELECT c.value FROM instances l LEFT JOIN placements p ON p.sha256 = l.sha256"
+    " JOIN codes c ON c.id = coalesce(p.tier, l.tier)"
+    f" WHERE {_OF_STUDY.format(t='l')} ORDER BY l.ingest_time DESC, l.sha256 DESC LIMIT 1), "
     "s.first_ingest_time, s.last_ingest_time, NULL, 1 "
-    "FROM (SELECT study_instance_uid, min(study_date) AS study_date, "
+    "FROM (SELECT study_key, study_instance_uid, min(study_date) AS study_date, "
     "sum(version = 1) AS instance_count, count(DISTINCT series_instance_uid) AS series_count, "
     "sum(bytes_in) AS bytes_in, sum(bytes_stored) AS bytes_stored, "
     "min(ingest_time) AS first_ingest_time, max(ingest_time) AS last_ingest_time "
-    "FROM instances WHERE {where} GROUP BY study_instance_uid) s WHERE 1 "
+    "FROM instances WHERE study_key IN ({keys}) AND study_instance_uid IN ({uids}) "
+    "GROUP BY study_key, study_instance_uid) s WHERE 1 "
     "ON CONFLICT (study_instance_uid) DO UPDATE SET "
     + ", ".join(
         f"{name} = excluded.{name}" for name in _STUDY_COLUMNS[1:] if name != "last_access_time"
@@ -181,14 +233,17 @@ _WRITTEN = "UPDATE studies SET delta_date = ? WHERE study_instance_uid = ?"
 _CLEAN = "UPDATE studies SET dirty = 0 WHERE study_instance_uid = ? AND dirty = ?"
 _NOT_PENDING = "UPDATE studies SET fold = NULL WHERE study_instance_uid = ?"
 _SELECT_STUDY = f"SELECT {', '.join(_STUDY_COLUMNS)} FROM studies"
+# The tables the index reads (``studies`` it derives itself).
+SOURCES = (INSTANCES, PLACEMENTS, ACCESS)
 
 
 class CatalogIndex:
-    """Instances by SHA-256 and by SOP Instance UID, studies, and the Delta versions they
-    reflect."""
+    """Instances by SHA-256 and by SOP Instance UID, studies, the journal not yet flushed,
+    and the Delta versions they reflect."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
+        self._codes = _Codes(connection)
 
     # -- opening ----------------------------------------------------------------------
 
@@ -204,13 +259,14 @@ class CatalogIndex:
         ``placements``, ``access``), or rebuilt from them if it cannot be.
 
         ``studies`` reads the Delta ``studies`` table, for a rebuild: only rows that
-        differ from it are marked dirty."""
+        differ from it are marked dirty. The journal is the writer's to replay
+        (``apply``)."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         started = time.monotonic()
         try:
             index = cls(_connect(path))
             how = index.catch_up(tables, options, studies)
-        except (sqlite3.DatabaseError, _StaleError) as error:
+        except (sqlite3.DatabaseError, StaleIndexError) as error:
             log.warning("catalog index %s is rebuilt from the tables: %s", path.name, error)
             for suffix in ("", "-wal", "-shm"):
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
@@ -230,31 +286,35 @@ class CatalogIndex:
     def catch_up(
         self,
         tables: Mapping[str, DeltaTable],
-        options: dict[str, str],
+        options: Mapping[str, str],
         studies: Callable[[], Iterable[StudyRow]] = tuple,
+        own: Mapping[str, int] | None = None,
     ) -> str:
-        """Read the rows of files added to each table since the version the index reflects
-        (rebuilding it when it has none); says what it did. Raises _StaleError when the
-        index cannot be caught up (see ``open``)."""
+        """Read the rows of files that commits since the version the index reflects added
+        (rebuilding it when it has none), except those of the versions in ``own`` (the
+        writer's own flush, whose rows the index holds); says what it did. Raises
+        StaleIndexError when the index cannot be caught up (see ``open``)."""
         meta = self._meta()
         if not meta:
             return self._rebuild(tables, options, studies)
         if meta.get("format") != str(FORMAT):
-            raise _StaleError(f"it has format {meta.get('format')}, not {FORMAT}")
+            raise StaleIndexError(f"it has format {meta.get('format')}, not {FORMAT}")
         done = []
-        for name in _SOURCES:
+        for name in SOURCES:
             table = tables[name]
             if meta.get(f"{name}.table_id") != _table_id(table):
-                raise _StaleError(f"it was built from another {name} table")
+                raise StaleIndexError(f"it was built from another {name} table")
             seen, current = int(meta[f"{name}.version"]), table.version()
             if seen == current:
                 continue
             if seen > current:
-                raise _StaleError(f"it has seen {name} version {seen}, the table is at {current}")
-            known = self.files(name)
-            unseen = unseen_files(table, options, seen, known)
-            rows = self._apply(name, _batches(table, options, unseen, _SOURCES[name]), table)
-            done.append(f"{name} {seen}→{current}: {len(unseen)} files, {rows} rows")
+                raise StaleIndexError(
+                    f"it has seen {name} version {seen}, the table is at {current}"
+                )
+            skip = {own[name]} if own and name in own else set()
+            paths = data_files(table, options, seen, skip)
+            rows = self._apply_files(name, table, options, paths)
+            done.append(f"{name} {seen}→{current}: {len(paths)} files, {rows} rows")
         return "caught up (" + "; ".join(done) + ")" if done else "up to date"
 
     def _rebuild(
@@ -269,17 +329,22 @@ class CatalogIndex:
         self._db.executescript(
             "".join(f"DROP TABLE IF EXISTS {name};\n" for name in _OWN_TABLES) + _TABLES
         )
-        with self._db:  # bulk insert first, then the B-trees in one pass each
-            rows = 0
-            for batch in _batches(tables[INSTANCES], options, None, _COLUMNS):
-                self._db.executemany(_INSERT, _instance_rows(batch))
-                rows += batch.num_rows
+        self._codes.forget()
+        rows = 0
+        # Bulk insert first, then the B-trees in one pass each.
+        for batch in _batches(tables[INSTANCES], options, None, RECORD_FIELDS):
+            encoded = self._instance_rows(batch)  # commits new codes by itself
+            with self._db:
+                self._db.executemany(_INSERT, encoded)
+            rows += batch.num_rows
         self._db.executescript(_INDEXES)
+        for batch in _batches(tables[PLACEMENTS], options, None, PLACEMENTS_SCHEMA.names):
+            encoded = self._placement_rows(batch)
+            with self._db:
+                self._db.executemany(_PLACE, encoded)
+        self._derive_all_studies()
         with self._db:
-            for batch in _batches(tables[PLACEMENTS], options, None, _PLACEMENT_COLUMNS):
-                self._db.executemany(_PLACE, _placement_rows(batch))
-            self._derive_all_studies()
-            for batch in _batches(tables[ACCESS], options, None, _ACCESS_COLUMNS):
+            for batch in _batches(tables[ACCESS], options, None, ACCESS_SCHEMA.names):
                 self._db.executemany(_ACCESSED, _access_rows(batch))
             known = {row.study_instance_uid: row for row in studies()}
             # Rows Delta has are rewritten when they differ (never appended twice), and
@@ -296,75 +361,155 @@ class CatalogIndex:
                     if _same_in_delta(self.study(uid), written)
                 ],
             )
-            for name in _SOURCES:
+            for name in SOURCES:
                 self._set_meta(name, tables[name])
-                self._set_files(name, tables[name])
         self._db.execute("PRAGMA synchronous=NORMAL")
         return f"rebuilt from instances version {tables[INSTANCES].version()}: {rows} rows"
 
     def _derive_all_studies(self) -> None:
-        """Every study's row, from one pass over the instances in study order."""
-        self._db.execute(_DERIVE.format(where="1"))
+        """Every study's row, a few hundred studies per statement, in the order of their
+        keys (the B-tree's: no sort of the whole table)."""
+        keys = self._db.execute("SELECT DISTINCT study_key FROM instances")
+        while chunk := [key for (key,) in keys.fetchmany(_STUDIES_PER_DERIVE)]:
+            marks = ", ".join("?" * len(chunk))
+            uids = [
+                uid
+                for (uid,) in self._db.execute(
+                    "SELECT DISTINCT study_instance_uid FROM instances "
+                    f"WHERE study_key IN ({marks})",
+                    chunk,
+                )
+            ]
+            with self._db:
+                self._derive(uids)
 
-    def _apply(self, name: str, batches: Iterable[pa.RecordBatch], table: DeltaTable) -> int:
-        """Rows of table ``name``, and the version they bring the index to, in one
-        transaction; study rows they change are derived again."""
+    def _apply_files(
+        self, name: str, table: DeltaTable, options: Mapping[str, str], paths: set[str]
+    ) -> int:
+        """The rows of these files of table ``name`` (read again: idempotent), and the
+        version they bring the index to, in one transaction."""
         count = 0
+        encoded: list[Any] = []
         touched: set[str] = set()
+        for batch in _batches(table, options, paths, JOURNALED[name].names):
+            count += batch.num_rows
+            encoded.append(self._encode(name, batch))
+            if name != ACCESS:
+                touched.update(batch.column("study_instance_uid").to_pylist())
         with self._db:
-            for batch in batches:
-                count += batch.num_rows
-                if name == INSTANCES:
-                    self._db.executemany(_INSERT, _instance_rows(batch))
-                elif name == PLACEMENTS:
-                    self._db.executemany(_PLACE, _placement_rows(batch))
-                else:
-                    self._db.executemany(_ACCESSED, _access_rows(batch))
-                if name != ACCESS:
-                    touched.update(batch.column("study_instance_uid").to_pylist())
-            self._refresh_studies(touched)
+            for rows in encoded:
+                self._write(name, rows)
+            self._derive(touched)
             self._set_meta(name, table)
-            self._set_files(name, table)
         return count
 
-    def _refresh_studies(self, study_uids: Iterable[str]) -> None:
-        """Derive these studies' rows again (their last access is kept)."""
-        for chunk, marks in _in_lists(list(study_uids)):
-            self._db.execute(_DERIVE.format(where=f"study_instance_uid IN ({marks})"), chunk)
+    # -- the journal ------------------------------------------------------------------
+
+    def apply(self, name: str, seq: int, rows: pa.Table, data: bytes) -> None:
+        """The rows of table ``name`` in journal group ``seq`` (``data``: the bytes of its
+        journal object), kept until flushed, and the study rows they change, in one
+        transaction. Applying a group twice changes nothing."""
+        encoded = [self._encode(name, batch) for batch in rows.to_batches()]
+        touched = set(rows.column("study_instance_uid").to_pylist()) if name != ACCESS else ()
+        with self._db:
+            for batch in encoded:
+                self._write(name, batch)
+            self._derive(touched)
+            self._db.execute(
+                "INSERT OR REPLACE INTO journal (source, seq, rows, data) VALUES (?, ?, ?, ?)",
+                (name, seq, rows.num_rows, data),
+            )
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('journal.seq', ?) "
+                "ON CONFLICT (key) DO UPDATE SET "
+                "value = max(CAST(value AS INTEGER), excluded.value)",
+                (seq,),
+            )
+
+    def last_seq(self) -> int:
+        """The highest journal group number applied or reserved (0 for none)."""
+        meta = self._meta()
+        return max(int(meta.get("journal.seq", 0)), int(meta.get("journal.reserved", 0)))
+
+    def reserve(self, upto: int) -> None:
+        """Journal group numbers up to ``upto`` may be in use: a writer that starts over
+        never gives them again (a PUT that seemed to fail can land later)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('journal.reserved', ?)", (upto,)
+            )
+
+    def unflushed(self, name: str) -> list[tuple[int, int]]:
+        """The journal groups of table ``name`` not flushed into Delta: (seq, rows), in
+        order."""
+        sql = "SELECT seq, rows FROM journal WHERE source = ? ORDER BY seq"
+        return [(int(seq), int(rows)) for seq, rows in self._db.execute(sql, (name,))]
+
+    def unflushed_rows(self) -> int:
+        return int(self._db.execute("SELECT coalesce(sum(rows), 0) FROM journal").fetchone()[0])
+
+    def journal_blobs(self, name: str, after: int, upto: int) -> list[tuple[int, bytes]]:
+        """The journal objects' bytes of table ``name``'s groups ``after`` < seq ≤ ``upto``."""
+        sql = "SELECT seq, data FROM journal WHERE source = ? AND seq > ? AND seq <= ? ORDER BY seq"
+        return [(int(seq), bytes(data)) for seq, data in self._db.execute(sql, (name, after, upto))]
+
+    def forget_flushed(self, name: str, upto: int) -> None:
+        """Table ``name`` holds the journal groups up to ``upto``: drop their copies."""
+        with self._db:
+            self._db.execute("DELETE FROM journal WHERE source = ? AND seq <= ?", (name, upto))
+
+    def flushed(self, name: str, upto: int, table: DeltaTable) -> None:
+        """The writer's flush appended table ``name``'s journal groups up to ``upto``, and
+        ``table``'s commits since the version the index reflects added nothing else (see
+        ``data_files``): the index reflects ``table``'s version and drops those groups."""
+        with self._db:
+            self._db.execute("DELETE FROM journal WHERE source = ? AND seq <= ?", (name, upto))
+            self._set_meta(name, table)
+
+    def advance(self, name: str, table: DeltaTable) -> None:
+        """``table``'s commits since the version the index reflects added no row (the
+        writer's maintenance): the index reflects its version, so that a restart need not
+        read them (their log entries expire with the retention window)."""
+        with self._db:
+            self._set_meta(name, table)
 
     # -- reading ----------------------------------------------------------------------
 
     def by_sha256(self, sha256: str) -> InstanceRecord | None:
-        row = self._db.execute(_SELECT + " WHERE i.sha256 = ?", (sha256,)).fetchone()
-        return _record(row) if row is not None else None
+        row = self._db.execute(_SELECT + " WHERE i.sha256 = ?", (_packed(sha256),)).fetchone()
+        return self._record(row) if row is not None else None
 
     def by_sha256s(self, sha256s: Sequence[str]) -> dict[str, InstanceRecord]:
         found: dict[str, InstanceRecord] = {}
-        for chunk, marks in _in_lists(sha256s):
+        for chunk, marks in _in_lists([_packed(sha) for sha in sha256s]):
             for row in self._db.execute(_SELECT + f" WHERE i.sha256 IN ({marks})", chunk):
-                record = _record(row)
+                record = self._record(row)
                 found[record.sha256] = record
         return found
 
     def by_sop(self, sop_instance_uid: str, version: int | None = None) -> InstanceRecord | None:
         """The newest version of a SOP Instance (or the given ``version``)."""
+        where = " WHERE i.sop_key = ? AND i.sop_instance_uid = ?"
+        values: tuple[Any, ...] = (uid_key(sop_instance_uid), sop_instance_uid)
         if version is None:
-            sql = _SELECT + " WHERE i.sop_instance_uid = ? ORDER BY i.version DESC LIMIT 1"
-            row = self._db.execute(sql, (sop_instance_uid,)).fetchone()
+            sql = _SELECT + where + " ORDER BY i.version DESC LIMIT 1"
         else:
-            sql = _SELECT + " WHERE i.sop_instance_uid = ? AND i.version = ?"
-            row = self._db.execute(sql, (sop_instance_uid, version)).fetchone()
-        return _record(row) if row is not None else None
+            sql, values = _SELECT + where + " AND i.version = ?", (*values, version)
+        row = self._db.execute(sql, values).fetchone()
+        return self._record(row) if row is not None else None
 
     def max_versions(self, sop_instance_uids: Iterable[str]) -> dict[str, int]:
         """The highest version of each of these SOP Instance UIDs that has one."""
+        wanted = set(sop_instance_uids)
         found: dict[str, int] = {}
-        for chunk, marks in _in_lists(list(set(sop_instance_uids))):
+        for chunk, marks in _in_lists(sorted({uid_key(uid) for uid in wanted})):
             sql = (
                 "SELECT sop_instance_uid, max(version) FROM instances "
-                f"WHERE sop_instance_uid IN ({marks}) GROUP BY sop_instance_uid"
+                f"WHERE sop_key IN ({marks}) GROUP BY sop_instance_uid"
             )
-            found.update((uid, int(version)) for uid, version in self._db.execute(sql, chunk))
+            for uid, version in self._db.execute(sql, chunk):
+                if uid in wanted:  # not another UID with the same key
+                    found[uid] = int(version)
         return found
 
     def study(self, study_instance_uid: str) -> StudyRow | None:
@@ -373,24 +518,56 @@ class CatalogIndex:
         ).fetchone()
         return _study(row) if row is not None else None
 
-    def find_studies(
-        self, conditions: Sequence[tuple[str, object]], limit: int, offset: int = 0
-    ) -> list[StudyRow]:
-        """Study rows matching every ``(column op ?, value)`` (see ``queries``)."""
+    def find_studies(self, filters: StudyFilters, limit: int, offset: int = 0) -> list[StudyRow]:
+        """Study rows matching every filter, by Study Instance UID."""
+        conditions: list[tuple[str, object]] = [
+            ("study_instance_uid = ?", filters.study_uid),
+            ("patient_pseudonym = ?", _packed_or_none(filters.patient_pseudonym)),
+            ("accession_pseudonym = ?", _packed_or_none(filters.accession_pseudonym)),
+            (
+                f"instr('{MODALITY_SEPARATOR}' || modalities || '{MODALITY_SEPARATOR}', ?) > 0",
+                f"{MODALITY_SEPARATOR}{filters.modality}{MODALITY_SEPARATOR}"
+                if filters.modality
+                else None,
+            ),
+            ("tier = ?", filters.tier),
+            ("study_date >= ?", filters.date_from.isoformat() if filters.date_from else None),
+            ("study_date <= ?", filters.date_to.isoformat() if filters.date_to else None),
+        ]
         where, values = _where(conditions)
         sql = f"{_SELECT_STUDY} WHERE {where} ORDER BY study_instance_uid LIMIT ? OFFSET ?"
         return [_study(row) for row in self._db.execute(sql, (*values, limit, offset))]
 
     def find_instances(
-        self, conditions: Sequence[tuple[str, object]], limit: int, offset: int = 0
+        self, filters: InstanceFilters, limit: int, offset: int = 0
     ) -> list[InstanceRecord]:
-        """Instance records (current placement applied) matching every condition."""
-        where, values = _where(conditions, prefix="i.")
+        """Instance records (current placement applied) matching every filter: by study
+        (in the order of its key), then series, SOP Instance UID and version."""
+        conditions: list[tuple[str, object]] = []
+        for column, uid in (
+            ("study_instance_uid", filters.study_uid),
+            ("series_instance_uid", filters.series_uid),
+            ("sop_instance_uid", filters.sop_uid),
+        ):
+            if uid is not None:
+                conditions += [(f"i.{_KEYS[column]} = ?", uid_key(uid)), (f"i.{column} = ?", uid)]
+        if filters.modality is not None:
+            code = self._codes.known(filters.modality)
+            if code is None:
+                return []
+            conditions.append(("i.modality = ?", code))
+        conditions += [
+            ("i.study_date >= ?", _days(filters.date_from)),
+            ("i.study_date <= ?", _days(filters.date_to)),
+        ]
+        where, values = _where(conditions)
+        # Studies in the order of their keys, which the B-tree holds: a search with no
+        # study in it pages through the archive without sorting it.
         sql = (
-            f"{_SELECT} WHERE {where} ORDER BY i.study_instance_uid, i.series_instance_uid, "
-            "i.sop_instance_uid, i.version LIMIT ? OFFSET ?"
+            f"{_SELECT} WHERE {where} ORDER BY i.study_key, i.study_instance_uid, "
+            "i.series_instance_uid, i.sop_instance_uid, i.version LIMIT ? OFFSET ?"
         )
-        return [_record(row) for row in self._db.execute(sql, (*values, limit, offset))]
+        return [self._record(row) for row in self._db.execute(sql, (*values, limit, offset))]
 
     def dirty_studies(self, limit: int) -> list[tuple[StudyRow, int, date | None]]:
         """Up to ``limit`` study rows changed since last folded into Delta, each with its
@@ -471,33 +648,70 @@ class CatalogIndex:
         """The version of ``table`` the index reflects."""
         return int(self._meta()[f"{table}.version"])
 
-    # -- writing ----------------------------------------------------------------------
+    # -- rows in and out ----------------------------------------------------------------
 
-    def add(self, records: Sequence[InstanceRecord], table: DeltaTable) -> None:
-        """Record rows just committed to ``instances`` (``table``, at that commit)."""
-        self._apply(INSTANCES, [_record_batch(records)], table)
+    def _encode(self, name: str, batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
+        if name == INSTANCES:
+            return self._instance_rows(batch)
+        if name == PLACEMENTS:
+            return self._placement_rows(batch)
+        return list(_access_rows(batch))
 
-    def add_placements(self, placements: Sequence[Placement], table: DeltaTable) -> None:
-        """Record placements just committed to ``placements`` (``table``, at that commit)."""
-        self._apply(PLACEMENTS, placements_table(placements).to_batches(), table)
+    def _write(self, name: str, rows: list[tuple[Any, ...]]) -> None:
+        statement = {INSTANCES: _INSERT, PLACEMENTS: _PLACE, ACCESS: _ACCESSED}[name]
+        self._db.executemany(statement, rows)
 
-    def add_access(self, batch: pa.Table, table: DeltaTable) -> None:
-        """Record accesses just committed to ``access`` (``table``, at that commit)."""
-        self._apply(ACCESS, batch.to_batches(), table)
+    def _derive(self, study_uids: Iterable[str]) -> None:
+        """Derive these studies' rows again (their last access is kept)."""
+        for chunk, marks in _in_lists(sorted(set(study_uids))):
+            keys = [uid_key(uid) for uid in chunk]
+            self._db.execute(_DERIVE.format(keys=marks, uids=marks), [*keys, *chunk])
 
-    def files(self, name: str) -> set[str]:
-        """The files of table ``name`` whose rows are all in the index."""
-        rows = self._db.execute("SELECT path FROM files WHERE source = ?", (name,))
-        return {path for (path,) in rows}
+    def _instance_rows(self, batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
+        """Rows of ``instances`` (Arrow) as index rows; new codes are committed first."""
+        values = {name: batch.column(name).to_pylist() for name in RECORD_FIELDS}
+        for name in _CODED:
+            values[name] = self._codes.ids(values[name])
+        for name in _HEXED:
+            values[name] = [_packed(value) for value in values[name]]
+        for uid, key in _KEYS.items():
+            values[key] = [uid_key(value) for value in values[uid]]
+        values["study_date"] = batch.column("study_date").cast(pa.int32()).to_pylist()
+        values["ingest_time"] = _micros(batch.column("ingest_time"))
+        values["object_key"] = [
+            None if key == object_key_for(study, sop, sha) else key
+            for key, study, sop, sha in zip(
+                values["object_key"],
+                values["study_instance_uid"],
+                values["sop_instance_uid"],
+                batch.column("sha256").to_pylist(),
+                strict=True,
+            )
+        ]
+        return list(zip(*(values[name] for name in _INSTANCE_COLUMNS), strict=True))
 
-    def _set_files(self, name: str, table: DeltaTable) -> None:
-        """The files of ``table``'s version are now all in the index (a few hundred rows:
-        compaction keeps a table's files few)."""
-        self._db.execute("DELETE FROM files WHERE source = ?", (name,))
-        self._db.executemany(
-            "INSERT INTO files (source, path) VALUES (?, ?)",
-            [(name, path) for path in _paths(table)],
-        )
+    def _placement_rows(self, batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
+        values = {name: batch.column(name).to_pylist() for name in _PLACEMENT_COLUMNS}
+        values["sha256"] = [_packed(value) for value in values["sha256"]]
+        values["tier"] = self._codes.ids(values["tier"])
+        values["key_id"] = self._codes.ids(values["key_id"])
+        values["placed_time"] = _micros(batch.column("placed_time"))
+        return list(zip(*(values[name] for name in _PLACEMENT_COLUMNS), strict=True))
+
+    def _record(self, row: Sequence[Any]) -> InstanceRecord:
+        values = dict(zip(RECORD_FIELDS, row, strict=True))
+        for name in _CODED:
+            values[name] = self._codes.value(values[name])
+        for name in _HEXED:
+            values[name] = _unpacked(values[name])
+        days = values["study_date"]
+        values["study_date"] = None if days is None else _EPOCH_DAY + timedelta(days=days)
+        values["ingest_time"] = _from_micros(values["ingest_time"])
+        if values["object_key"] is None:
+            values["object_key"] = object_key_for(
+                values["study_instance_uid"], values["sop_instance_uid"], values["sha256"]
+            )
+        return InstanceRecord(**values)
 
     def _meta(self) -> dict[str, str]:
         found = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
@@ -516,8 +730,85 @@ class CatalogIndex:
         )
 
 
-class _StaleError(Exception):
+class StaleIndexError(Exception):
     """The index cannot be brought up to date; it is rebuilt."""
+
+
+class _Codes:
+    """The ``codes`` table, remembered in both directions (a few hundred strings)."""
+
+    _REMEMBERED = 100_000  # forgotten past this many: a pathological variety of notes
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+        self._ids: dict[str, int] = {}
+        self._values: dict[int, str] = {}
+
+    def forget(self) -> None:
+        self._ids.clear()
+        self._values.clear()
+
+    def ids(self, values: Sequence[str]) -> list[int]:
+        """The code of each of ``values``, new ones added (and committed: a code is never
+        taken back, so that a rolled back transaction cannot leave one remembered)."""
+        missing = {value for value in values if value not in self._ids}
+        if missing:
+            if len(self._ids) + len(missing) > self._REMEMBERED:
+                self.forget()
+            # Never inside another transaction: its rollback would take codes back that
+            # are remembered here.
+            assert not self._db.in_transaction, "codes are added between transactions"
+            self._db.executemany(
+                "INSERT OR IGNORE INTO codes (value) VALUES (?)", [(v,) for v in missing]
+            )
+            for chunk, marks in _in_lists(sorted(missing)):
+                sql = f"SELECT id, value FROM codes WHERE value IN ({marks})"
+                for code, value in self._db.execute(sql, chunk):
+                    self._ids[value] = code
+                    self._values[code] = value
+            self._db.commit()
+        return [self._ids[value] for value in values]
+
+    def known(self, value: str) -> int | None:
+        """The code of ``value``, None if no row has it."""
+        if value not in self._ids:
+            row = self._db.execute("SELECT id FROM codes WHERE value = ?", (value,)).fetchone()
+            if row is None:
+                return None
+            self._ids[value], self._values[row[0]] = row[0], value
+        return self._ids[value]
+
+    def value(self, code: int) -> str:
+        if code not in self._values:
+            (value,) = self._db.execute("SELECT value FROM codes WHERE id = ?", (code,)).fetchone()
+            self._values[code], self._ids[value] = value, code
+        return self._values[code]
+
+
+def uid_key(uid: str) -> int:
+    """The index's key of a UID: a 47-bit hash (six bytes in a SQLite row), equal for equal
+    UIDs; rows found by it are checked against the UID itself."""
+    digest = hashlib.blake2b(uid.encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _packed(value: str) -> bytes | str:
+    """Lowercase hex of whole bytes as the bytes it spells; anything else as it is (SQLite
+    keeps either in one column, and tells them apart)."""
+    if value and len(value) % 2 == 0 and _HEX_DIGITS.issuperset(value):
+        return bytes.fromhex(value)
+    return value
+
+
+def _packed_or_none(value: str | None) -> bytes | str | None:
+    return None if value is None else _packed(value)
+
+
+def _unpacked(value: bytes | str) -> str:
+    return value.hex() if isinstance(value, bytes) else value
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -526,67 +817,38 @@ def _connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     # NORMAL: a power cut may lose the last transactions, never corrupt the file; what
-    # is lost is caught up from the tables, whose versions are recorded with the rows.
+    # is lost is caught up from the tables and the journal.
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     return connection
 
 
-_OWN_TABLES = ("instances", "placements", "studies", "meta", "files")
-_ACCESS_COLUMNS = ("study_instance_uid", "access_time")
-# The columns the index reads from each source table.
-_SOURCES: dict[str, Sequence[str]] = {
-    INSTANCES: _COLUMNS,
-    PLACEMENTS: _PLACEMENT_COLUMNS,
-    ACCESS: _ACCESS_COLUMNS,
-}
+_OWN_TABLES = ("instances", "codes", "placements", "studies", "meta", "journal", "files")
 
 
-# Timestamps are integer microseconds since the epoch (UTC) in the index, dates ISO text:
-# both compare and sort as they should, and Arrow converts whole columns to them at once.
+# Timestamps are integer microseconds since the epoch (UTC) in the index, dates ISO text
+# in ``studies`` and days since the epoch in ``instances``: all compare and sort as they
+# should, and Arrow converts whole columns to them at once.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_DAY = date(1970, 1, 1)
 
 
-def _to_sql(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return (utc(value) - _EPOCH) // timedelta(microseconds=1)
-    if isinstance(value, date):
-        return value.isoformat()
-    return value
+def _micros(column: pa.Array | pa.ChunkedArray) -> list[int]:
+    return column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()  # type: ignore[no-any-return]
+
+
+def _days(day: date | None) -> int | None:
+    return None if day is None else (day - _EPOCH_DAY).days
 
 
 def _from_micros(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
-def _sql_rows(batch: pa.RecordBatch, columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
-    """The rows of ``batch`` as index values, converted by column in Arrow."""
-    lists = []
-    for name in columns:
-        column = batch.column(name)
-        if pa.types.is_timestamp(column.type):
-            column = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-        elif pa.types.is_date(column.type):
-            column = column.cast(pa.string())
-        lists.append(column.to_pylist())
-    return zip(*lists, strict=True)
-
-
-def _instance_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
-    return _sql_rows(batch, _COLUMNS)
-
-
-def _placement_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
-    return _sql_rows(batch, _PLACEMENT_COLUMNS)
-
-
 def _access_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
-    for uid, moment in _sql_rows(batch, _ACCESS_COLUMNS):
+    uids = batch.column("study_instance_uid").to_pylist()
+    for uid, moment in zip(uids, _micros(batch.column("access_time")), strict=True):
         yield moment, uid, moment
-
-
-def _record_batch(records: Sequence[InstanceRecord]) -> pa.RecordBatch:
-    return instances_table(records).combine_chunks().to_batches()[0]
 
 
 def _study(row: Sequence[Any]) -> StudyRow:
@@ -596,6 +858,8 @@ def _study(row: Sequence[Any]) -> StudyRow:
     )
     day = values["study_date"]
     values["study_date"] = date.fromisoformat(day) if day else None
+    for name in ("patient_pseudonym", "accession_pseudonym"):
+        values[name] = _unpacked(values[name])
     for name in ("first_ingest_time", "last_ingest_time", "last_access_time"):
         values[name] = _from_micros(values[name])
     return study_from_row(values)
@@ -611,23 +875,14 @@ def _same_in_delta(row: StudyRow | None, written: StudyRow | None) -> bool:
     }
 
 
-def _where(conditions: Sequence[tuple[str, object]], prefix: str = "") -> tuple[str, list[Any]]:
-    clauses = [prefix + sql for sql, value in conditions if value is not None]
-    values = [_to_sql(value) for _, value in conditions if value is not None]
+def _where(conditions: Sequence[tuple[str, object]]) -> tuple[str, list[Any]]:
+    clauses = [sql for sql, value in conditions if value is not None]
+    values = [value for _, value in conditions if value is not None]
     return (" AND ".join(clauses) if clauses else "1"), values
 
 
 def _table_id(table: DeltaTable) -> str:
     return str(table.metadata().id)
-
-
-def _record(row: Sequence[Any]) -> InstanceRecord:
-    values = dict(zip(_COLUMNS, row, strict=True))
-    values["study_date"] = (
-        date.fromisoformat(values["study_date"]) if values["study_date"] else None
-    )
-    values["ingest_time"] = _from_micros(values["ingest_time"])
-    return record_from_row(values)
 
 
 def _batches(
@@ -647,59 +902,56 @@ def _batches(
     )
 
 
-def file_rows(table: DeltaTable, path: str) -> int | None:
-    """The number of rows the log records for one file of ``table`` (None if unknown)."""
-    actions = table.get_add_actions(flatten=True)
-    for name, rows in zip(
-        actions.column("path").to_pylist(), actions.column("num_records").to_pylist(), strict=True
-    ):
-        if urllib.parse.unquote(name) == path:
-            return None if rows is None else int(rows)
-    return None
+def log_actions(
+    table: DeltaTable, options: Mapping[str, str], version: int
+) -> list[dict[str, Any]]:
+    """The actions of one commit of ``table`` (its ``_delta_log`` entry, JSON lines).
+
+    delta-rs's Python API gives no per-commit actions. Raises StaleIndexError when the entry
+    is gone (cleaned up after a checkpoint, past the retention window)."""
+    path = f"{table_root(table)}/_delta_log/{version:020d}.json"
+    try:
+        with s3_filesystem(options).open_input_stream(path) as stream:
+            return [json.loads(line) for line in stream.read().splitlines() if line]
+    except (OSError, ValueError) as error:
+        raise StaleIndexError(f"commit {version} of {table_root(table)} cannot be read") from error
 
 
-def _paths(table: DeltaTable) -> set[str]:
-    """The files of ``table``'s version, as its log names them (relative to the table)."""
-    paths = table.get_add_actions(flatten=True).column("path").to_pylist()
-    return {urllib.parse.unquote(path) for path in paths}
-
-
-def unseen_files(
-    table: DeltaTable, options: Mapping[str, str], since: int, known: set[str]
+def data_files(
+    table: DeltaTable, options: Mapping[str, str], since: int, skip: set[int]
 ) -> set[str]:
-    """The files of ``table`` that may hold rows the index has not seen: every file it does
-    not know, except the output of a compaction of files it knew (``known``, as of table
-    version ``since``).
+    """The files of ``table``'s current version holding the rows that commits after
+    version ``since`` (except those in ``skip``) added.
 
-    Without that exception, each compaction would have the index read back every row it
-    rewrote (a whole day's partition) and fold all their studies again. A compaction is a
-    commit whose adds all say ``dataChange: false``; its rows are already known when every
-    file it removed was. delta-rs's Python API gives no per-commit actions, so the commit
-    files of ``_delta_log`` after ``since`` are read here (JSON lines, one action each);
-    from a commit whose file is gone (cleaned up after a checkpoint) on, the files cannot
-    be explained and are read.
+    A commit whose adds all say ``dataChange: false`` (a compaction) adds no row, and is
+    passed over, unless it rewrote a file that holds such rows: then its output is read
+    instead (the index takes rows it holds already as they are). Raises StaleIndexError when a
+    commit cannot be read, or the files are no longer in the table.
     """
-    unknown = _paths(table) - known
-    filesystem = s3_filesystem(options)
-    log = f"{table_root(table)}/_delta_log"
-    seen = set(known)
-    rewritten: set[str] = set()
+    wanted: set[str] = set()
     for version in range(since + 1, table.version() + 1):
-        try:
-            with filesystem.open_input_stream(f"{log}/{version:020d}.json") as stream:
-                actions = [json.loads(line) for line in stream.read().splitlines() if line]
-        except (OSError, ValueError):
-            break
-        adds = [action["add"] for action in actions if "add" in action]
+        if version in skip:
+            continue
+        actions = log_actions(table, options, version)
+        added = {
+            urllib.parse.unquote(action["add"]["path"]): action["add"].get("dataChange", True)
+            for action in actions
+            if "add" in action
+        }
         removed = {urllib.parse.unquote(a["remove"]["path"]) for a in actions if "remove" in a}
-        if adds and not any(add.get("dataChange", True) for add in adds) and removed <= seen:
-            outputs = {urllib.parse.unquote(add["path"]) for add in adds}
-            rewritten |= outputs
-            seen |= outputs
-    return unknown - rewritten
+        wanted |= {path for path, changes in added.items() if changes}
+        if removed & wanted:
+            wanted = (wanted - removed) | set(added)
+    current = {
+        urllib.parse.unquote(path)
+        for path in table.get_add_actions(flatten=True).column("path").to_pylist()
+    }
+    if not wanted <= current:
+        raise StaleIndexError(f"{len(wanted - current)} files added since {since} are gone")
+    return wanted
 
 
-def _in_lists(values: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+def _in_lists(values: Sequence[Any]) -> Iterator[tuple[Sequence[Any], str]]:
     """``values`` in runs short enough for one SQL ``IN (?, …)``, each with its marks."""
     for start in range(0, len(values), 500):
         chunk = values[start : start + 500]

@@ -1,12 +1,16 @@
 """Keeping the catalog's tables cheap to open and to read as they grow.
 
-Each group commit adds a small file to ``instances`` and rewrites a few rows of
-``studies``; left alone, a table grows by a file and a log entry per commit, and every
-reader and writer pays for all of them. The writer therefore maintains its tables itself,
-every ``every_commits`` group commits, in the background:
+Each flush of the journal adds a file per partition it touches, and each fold appends
+and rewrites a few study rows; left alone, a table grows by files and log entries, and
+every reader and writer pays for all of them. The writer therefore maintains its tables
+itself, every ``every_flushes`` flushes, in the background:
 
-- compaction rewrites small files into files of about ``target_file_bytes`` (a commit
-  that changes no data, so readers and the append-only property are unaffected);
+- compaction rewrites the small files of a partition that has gathered
+  ``compact_min_files`` of them into files of about ``target_file_bytes`` (a commit that
+  changes no data, so readers and the append-only property are unaffected). Flushes of a
+  busy archive write large files, which are never rewritten; a quiet one writes a small
+  file every ``flush_interval_s``, merged a few times a day: every rewrite keeps a copy on
+  disk for the time-travel window, so the fewer the better;
 - a checkpoint summarises the log, so opening a table reads one Parquet file and the few
   log entries after it instead of every entry since the table was created;
 - vacuum deletes the files that no version younger than ``retention_hours`` uses (the
@@ -40,9 +44,10 @@ _LOG_RETENTION = "delta.logRetentionDuration"
 class MaintenancePolicy:
     """How often and how far the writer maintains its tables."""
 
-    every_commits: int = 200
+    every_flushes: int = 12
     retention_hours: int = 168  # a week of time travel
     target_file_bytes: int = 128 * MiB
+    compact_min_files: int = 16  # small files a partition gathers before they are merged
     # Files that no version names (a writer killed in the middle of a commit or a
     # compaction left them) are deleted once older than this and the retention window. A
     # commit in progress has such files too until its log entry lands, so this must outlast
@@ -60,15 +65,14 @@ class MaintenanceReport:
     seconds: float = 0.0
 
 
-def crowded_partitions(table: DeltaTable, target_bytes: int) -> list[str]:
-    """The partitions of ``table`` holding at least two files under a quarter of
+def crowded_partitions(table: DeltaTable, target_bytes: int, min_files: int = 2) -> list[str]:
+    """The partitions of ``table`` holding at least ``min_files`` files under a quarter of
     ``target_bytes``: the only ones a compaction pass rewrites.
 
     delta-rs 1.6 bin-packs every file under the target in a partition it compacts, and
     rewrites even a bin of one file when the partition has several bins: left to itself,
     each pass would rewrite every closed day's files again. A day that was compacted
-    keeps files near the target and at most one small rest, and is left alone; the
-    current day, receiving a small file per commit, is compacted.
+    keeps files near the target and at most one small rest, and is left alone.
     """
     column = table.metadata().partition_columns[0]
     actions = table.get_add_actions(flatten=True)
@@ -80,7 +84,7 @@ def crowded_partitions(table: DeltaTable, target_bytes: int) -> list[str]:
     ):
         if size < target_bytes // 4:
             small[str(value)] += 1
-    return sorted(value for value, count in small.items() if count >= 2)
+    return sorted(value for value, count in small.items() if count >= max(2, min_files))
 
 
 def maintain(settings: StoreSettings, bucket: str, policy: MaintenancePolicy) -> MaintenanceReport:
@@ -95,7 +99,7 @@ def maintain(settings: StoreSettings, bucket: str, policy: MaintenancePolicy) ->
             table.alter.set_table_properties({_LOG_RETENTION: window})
         report.files_removed_by_compaction[name] = 0
         report.files_added_by_compaction[name] = 0
-        crowded = crowded_partitions(table, policy.target_file_bytes)
+        crowded = crowded_partitions(table, policy.target_file_bytes, policy.compact_min_files)
         if crowded:
             column = table.metadata().partition_columns[0]
             metrics = table.optimize.compact(

@@ -3,7 +3,8 @@
 The doors search the writer's keyed index (``CatalogWriter.find_studies`` and
 ``find_instances`` with the filters below): current to the last commit, and a search
 costs what it returns. Analysts and ``strata query`` read the Delta tables themselves
-with DuckDB (``connect``), where ``studies`` is as of the last fold (seconds behind).
+with DuckDB (``connect``): ``instances``, ``placements`` and ``access`` with the journal
+groups not flushed yet, ``studies`` as of the last fold (which follows each flush).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from datetime import date
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as pa_dataset
 
-from cluster.catalog.index import MODALITY_SEPARATOR
+from cluster.catalog import journal
 from cluster.catalog.schema import (
     ACCESS,
     DEFAULT_BUCKET,
     INSTANCES,
+    JOURNALED,
     PLACEMENTS,
     STUDIES,
     StudyRow,
@@ -31,6 +34,7 @@ from cluster.catalog.schema import (
     study_from_row,
     table_dataset,
 )
+from workers import store
 from workers.records import InstanceRecord, StoreSettings
 
 
@@ -46,23 +50,6 @@ class StudyFilters:
     date_from: date | None = None
     date_to: date | None = None
 
-    def conditions(self) -> list[tuple[str, object]]:
-        """``(SQL with one ?, value)`` pairs over the index's ``studies`` table."""
-        return [
-            ("study_instance_uid = ?", self.study_uid),
-            ("patient_pseudonym = ?", self.patient_pseudonym),
-            ("accession_pseudonym = ?", self.accession_pseudonym),
-            (
-                f"instr('{MODALITY_SEPARATOR}' || modalities || '{MODALITY_SEPARATOR}', ?) > 0",
-                f"{MODALITY_SEPARATOR}{self.modality}{MODALITY_SEPARATOR}"
-                if self.modality
-                else None,
-            ),
-            ("tier = ?", self.tier),
-            ("study_date >= ?", self.date_from),
-            ("study_date <= ?", self.date_to),
-        ]
-
 
 @dataclass(frozen=True)
 class InstanceFilters:
@@ -76,7 +63,7 @@ class InstanceFilters:
     date_to: date | None = None
 
     def conditions(self) -> list[tuple[str, object]]:
-        """``(SQL with one ?, value)`` pairs over the index's (and Delta's) ``instances``."""
+        """``(SQL with one ?, value)`` pairs over the Delta ``instances`` table."""
         return [
             ("study_instance_uid = ?", self.study_uid),
             ("series_instance_uid = ?", self.series_uid),
@@ -94,9 +81,9 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the catalog tables registered under their names.
 
-    Each table is the snapshot current when this is called: a PyArrow dataset over the
-    files of the table's current version, so DuckDB pushes filters and projections into
-    it and reads only the columns and row groups a query needs.
+    Each table is the snapshot current when this is called (``dataset``), so DuckDB
+    pushes filters and projections into it and reads only the columns and row groups a
+    query needs.
     """
     connection = duckdb.connect()
     for table in tables:
@@ -105,8 +92,34 @@ def connect(
 
 
 def dataset(settings: StoreSettings, bucket: str, table: str) -> pa_dataset.Dataset:
-    """The current files of one catalog table as a PyArrow dataset."""
-    return table_dataset(open_table(settings, bucket, table), storage_options(settings))
+    """The rows of one catalog table as a PyArrow dataset: the files of its current
+    version and, for the tables written through the journal, the journal groups not yet
+    flushed into it (read now), so that a query sees every committed row once."""
+    for attempt in range(_ATTEMPTS):
+        delta = open_table(settings, bucket, table)
+        files = table_dataset(delta, storage_options(settings))
+        if table not in JOURNALED:
+            return files
+        # The groups this version holds are those up to its transaction version; later
+        # ones are read from the journal, unless a flush deletes them meanwhile.
+        flushed = delta.transaction_version(journal.JOURNAL_APP) or 0
+        try:
+            pending = [
+                journal.decode(journal.read_bytes(settings, bucket, entry), JOURNALED[table])
+                for entry in journal.entries(settings, bucket, table, after=flushed)
+            ]
+        except store.ObjectUnreadableError:
+            if attempt == _ATTEMPTS - 1:
+                raise
+            continue  # flushed and deleted while being read: the table holds them now
+        if not pending:
+            return files
+        rows = pa.concat_tables(pending).select(files.schema.names).cast(files.schema)
+        return pa_dataset.dataset([files, pa_dataset.dataset(rows)])
+    raise AssertionError("unreachable")
+
+
+_ATTEMPTS = 3
 
 
 def _query(

@@ -43,9 +43,11 @@ from pathlib import Path
 from deltalake import write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
+from cluster.catalog import journal
 from cluster.catalog.schema import (
     DEFAULT_BUCKET,
     INSTANCES,
+    JOURNALED,
     STUDIES,
     TABLES,
     create_tables,
@@ -127,7 +129,7 @@ def assign_versions(files: Iterable[tuple[str, datetime, str]]) -> dict[str, int
 
 async def _open_and_fold(writer: CatalogWriter) -> None:
     await writer.ready()
-    await writer.fold_now(raise_errors=True)  # a rebuild with missing studies must say so
+    await writer.flush_now(raise_errors=True)  # a rebuild with missing studies must say so
     await writer.close()
 
 
@@ -147,18 +149,23 @@ def existing_rows(settings: StoreSettings, bucket: str) -> dict[str, int]:
                 f"the {table} table in catalog bucket {bucket!r} cannot be read "
                 f"({type(error).__name__}); rebuild with --force to replace it"
             ) from None
+    for table in JOURNALED:
+        groups = sum(1 for _ in journal.entries(settings, bucket, table))
+        if groups:
+            counts[f"{table}'s journal"] = groups
     return counts
 
 
 def drop_tables(settings: StoreSettings, bucket: str) -> int:
-    """Delete every catalog table from ``bucket``; returns the number of objects (data
-    files and log entries) deleted."""
-    deleted = 0
-    for table in TABLES:
-        for key in list(store.list_keys(settings, bucket, f"{table}/")):
-            store.delete(settings, bucket, key)
-            deleted += 1
-    return deleted
+    """Delete every catalog table and its journal from ``bucket``; returns the number of
+    objects (data files, log entries, journal groups) deleted."""
+    keys = [
+        key
+        for prefix in (*TABLES, journal.PREFIX)
+        for key in store.list_keys(settings, bucket, f"{prefix}/")
+    ]
+    store.delete_many(settings, bucket, keys)
+    return len(keys)
 
 
 def rebuild_catalog(
@@ -180,7 +187,10 @@ def rebuild_catalog(
     counts = existing_rows(settings, bucket)
     if any(counts.values()):
         if not force:
-            held = " and ".join(f"{rows} rows in {table}" for table, rows in counts.items())
+            held = " and ".join(
+                f"{rows} groups in {table}" if "journal" in table else f"{rows} rows in {table}"
+                for table, rows in counts.items()
+            )
             raise CatalogNotEmptyError(
                 f"catalog bucket {bucket!r} already holds {held}; a rebuild would add every "
                 "row again. Rebuild with --force to delete those tables first"

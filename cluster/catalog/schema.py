@@ -103,6 +103,8 @@ ACCESS_SCHEMA = pa.schema(
 
 
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(InstanceRecord))
+# The tables whose rows go through the journal, and their schemas.
+JOURNALED = {INSTANCES: INSTANCES_SCHEMA, PLACEMENTS: PLACEMENTS_SCHEMA, ACCESS: ACCESS_SCHEMA}
 
 
 class CatalogCommitFailedError(Exception):
@@ -323,7 +325,16 @@ def instances_table(records: Sequence[InstanceRecord]) -> pa.Table:
         row: dict[str, Any] = {name: getattr(record, name) for name in RECORD_FIELDS}
         row["ingest_date"] = utc(record.ingest_time).date()
         rows.append(row)
-    return pa.Table.from_pylist(rows, schema=INSTANCES_SCHEMA)
+    return checked(pa.Table.from_pylist(rows, schema=INSTANCES_SCHEMA))
+
+
+def checked(rows: pa.Table) -> pa.Table:
+    """``rows`` as they are, or ValueError naming the first column its schema declares not
+    nullable that holds a null (Arrow does not check that when it builds a table)."""
+    for field in rows.schema:
+        if not field.nullable and rows.column(field.name).null_count:
+            raise ValueError(f"column {field.name!r} must have a value in every row")
+    return rows
 
 
 def study_date_partition(row: StudyRow) -> date:

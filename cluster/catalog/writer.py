@@ -1,4 +1,5 @@
-"""The one writer of the catalog: group commit, versions and duplicates, study rows."""
+"""The one writer of the catalog: group commit to the journal, versions and duplicates,
+flushes into Delta, study rows."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pa_dataset
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from cluster.catalog.index import CatalogIndex, file_rows, unseen_files
+from cluster.catalog import journal
+from cluster.catalog.index import SOURCES, CatalogIndex, data_files
 from cluster.catalog.maintenance import MaintenancePolicy, MaintenanceReport, maintain
 from cluster.catalog.placements import Placement, placements_table
 from cluster.catalog.queries import InstanceFilters, StudyFilters
@@ -26,6 +27,7 @@ from cluster.catalog.schema import (
     ACCESS,
     DEFAULT_BUCKET,
     INSTANCES,
+    JOURNALED,
     PLACEMENTS,
     STUDIES,
     CatalogCommitFailedError,
@@ -37,7 +39,6 @@ from cluster.catalog.schema import (
     create_tables,
     instances_table,
     open_table,
-    record_from_row,
     sql_string_literal,
     storage_options,
     studies_table,
@@ -46,6 +47,7 @@ from cluster.catalog.schema import (
     table_uri,
     utc,
 )
+from workers.errors import cause_of
 from workers.records import InstanceRecord, Stored, StoreSettings
 
 log = logging.getLogger("strata.catalog")
@@ -57,6 +59,8 @@ STUDIES_PER_UPSERT = 1000
 FOLD_APP = "strata-catalog-fold"
 # The most study rows one fold commit writes.
 FOLD_ROWS = 50_000
+# Journal group numbers are reserved in the index this many at a time.
+SEQ_BLOCK = 1000
 
 
 def plan_group(
@@ -96,6 +100,27 @@ def plan_group(
     return decisions, new_records
 
 
+def flush_chunks(groups: Sequence[tuple[int, int]], max_rows: int) -> list[tuple[int, int]]:
+    """Journal groups ``(seq, rows)``, in order, cut into runs of at most ``max_rows`` rows
+    (a larger group alone): each run's ``(after, upto)``, the seqs it spans."""
+    chunks: list[tuple[int, int]] = []
+    after = start = groups[0][0] - 1 if groups else 0
+    rows = 0
+    for seq, count in groups:
+        if rows and rows + count > max_rows:
+            chunks.append((start, after))
+            start, rows = after, 0
+        rows += count
+        after = seq
+    if rows or (groups and not chunks):
+        chunks.append((start, after))
+    return chunks
+
+
+class CatalogFlushError(Exception):
+    """The journal could not be appended to a Delta table; it stays in the journal."""
+
+
 @dataclass
 class _Waiter:
     stored: list[Stored]
@@ -107,20 +132,23 @@ class _Waiter:
 class CatalogWriter:
     """The one writer of the catalog; wrap it with ``ray.remote`` as an async actor.
 
-    Concurrent ``commit`` calls are queued and written together: one append to
-    ``instances`` per group, flushed when ``max_batch`` rows are pending or the oldest has
-    waited ``max_wait_s``; accesses and placements queued meanwhile are appended to
-    ``access`` and ``placements`` with the same group. Each call returns only after the
-    group holding its rows is committed, and raises if that commit failed.
+    Concurrent ``commit`` calls are queued and committed together, as one group (flushed
+    when ``max_batch`` rows are pending or the oldest has waited ``max_wait_s``): the
+    group's rows of ``instances``, and the accesses and placements queued meanwhile, are
+    written to the journal (``cluster.catalog.journal``: one small object per table in
+    MinIO) and applied to the index. Each call returns only after its group is durable in
+    the journal, and raises if that failed.
+
+    In the background, the journal is flushed into the Delta tables once ``flush_rows``
+    rows wait or the oldest has waited ``flush_interval_s`` (large appends, each row once),
+    the study rows changed since are folded into ``studies`` (new rows appended, changed
+    ones rewritten in their partition), and every ``maintenance.every_flushes`` flushes
+    the tables are compacted, checkpointed and vacuumed (``cluster.catalog.maintenance``).
 
     Duplicates, versions, lookups, searches and study rows come from the keyed index
     (``cluster.catalog.index``) in the SQLite file ``index_path`` on the writer's disk
     (a new temporary file, built from the tables, when not given); nothing held in memory
-    grows with the archive. Study rows changed by commits are folded into the Delta
-    ``studies`` table in the background every ``fold_interval_s`` (new studies appended,
-    changed ones rewritten in their hash partition), never on the commit path; every
-    ``maintenance.every_commits`` commits the tables are compacted, checkpointed and
-    vacuumed, also in the background (``cluster.catalog.maintenance``).
+    grows with the archive.
     """
 
     def __init__(
@@ -131,32 +159,39 @@ class CatalogWriter:
         max_wait_s: float = 0.05,
         index_path: str | None = None,
         maintenance: MaintenancePolicy | None = None,
-        fold_interval_s: float = 10.0,
+        flush_rows: int = 100_000,
+        flush_interval_s: float = 300.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must not be negative, got {max_wait_s}")
-        if fold_interval_s <= 0:
-            raise ValueError(f"fold_interval_s must be positive, got {fold_interval_s}")
+        if flush_rows < 1:
+            raise ValueError(f"flush_rows must be at least 1, got {flush_rows}")
+        if flush_interval_s <= 0:
+            raise ValueError(f"flush_interval_s must be positive, got {flush_interval_s}")
         self._settings = settings
         self._bucket = bucket
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        self._fold_interval_s = fold_interval_s
+        self._flush_rows = flush_rows
+        self._flush_interval_s = flush_interval_s
         self._index_path = Path(index_path or Path(tempfile.mkdtemp()) / "index.sqlite")
         self._maintenance = maintenance or MaintenancePolicy()
-        self._commits_since_maintenance = 0
+        self._flushes_since_maintenance = 0
         self._maintaining: asyncio.Task[None] | None = None
-        self._folder: asyncio.Task[None] | None = None
-        # A fold and a maintenance pass both rewrite `studies`: one at a time.
-        self._studies_lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
+        self._flush_wanted = asyncio.Event()
+        self._unflushed_since: float | None = None  # monotonic time of the oldest group
+        # Flushes, folds and maintenance passes all commit to Delta: one at a time.
+        self._delta_lock = asyncio.Lock()
         # The tables are opened on first use, not here: an actor whose constructor raises
         # (the store briefly down when Ray restarts it) would stay dead for good.
         self._tables: dict[str, DeltaTable] = {}
-        self._reopen = False  # the index must catch up with the tables after this group
         self._opening = asyncio.Lock()
         self._committing: Counter[str] = Counter()
+        self._seq = 0  # the next journal group's number, set by ready()
+        self._reserved = 0  # numbers below this one are reserved in the index
 
         self._index: CatalogIndex | None = None
 
@@ -165,15 +200,18 @@ class CatalogWriter:
         self._oldest_pending = 0.0
         self._has_pending: asyncio.Event | None = None
         self._batch_full: asyncio.Event | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self._committer: asyncio.Task[None] | None = None
         self._stats = {
             "commits": 0,
-            "studies_commits": 0,
             "rows_written": 0,
             "duplicates": 0,
             "max_group_size": 0,
-            "flush_ms_total": 0,
-            "flush_ms_max": 0,
+            "commit_ms_total": 0,
+            "commit_ms_max": 0,
+            "flushes": 0,
+            "flushed_rows": 0,
+            "flush_failures": 0,
+            "studies_commits": 0,
             "studies_failures": 0,
             "folds": 0,
             "maintenance_passes": 0,
@@ -183,29 +221,32 @@ class CatalogWriter:
     # -- public, async ------------------------------------------------------------------
 
     async def ready(self) -> None:
-        """Open the tables and load the index, once; raises (and is retried by the next
-        call) while the store cannot be read."""
+        """Open the tables, load the index and replay the journal, once; raises (and is
+        retried by the next call) while the store cannot be read."""
         async with self._opening:
             if not self._tables:
-                # No fold or maintenance pass meanwhile: the index being caught up or
-                # rebuilt in the thread must be the only one written to.
-                async with self._studies_lock:
-                    tables, index = await asyncio.to_thread(self._open_and_load)
+                # No flush, fold or maintenance pass meanwhile: the index being caught up
+                # or rebuilt in the thread must be the only one written to.
+                async with self._delta_lock:
+                    tables, index, seq = await asyncio.to_thread(self._open_and_load)
                     # Swapped in on the event loop, all at once: nothing ever reads a
                     # half-built index (the load runs in a thread).
                     if self._index is not None:
                         self._index.close()
-                    self._index = index
-                    self._tables = tables
-            if self._folder is None or self._folder.done():
-                self._folder = asyncio.get_running_loop().create_task(self._fold_forever())
+                    self._index, self._tables = index, tables
+                    self._seq = self._reserved = seq
+                    if index.unflushed_rows():
+                        self._unflushed_since = self._unflushed_since or time.monotonic()
+                        self._flush_wanted.set()
+            if self._background is None or self._background.done():
+                self._background = asyncio.get_running_loop().create_task(self._flush_forever())
 
-    def _open_and_load(self) -> tuple[dict[str, DeltaTable], CatalogIndex]:
-        """The tables, and the index brought up to date with them (or rebuilt)."""
+    def _open_and_load(self) -> tuple[dict[str, DeltaTable], CatalogIndex, int]:
+        """The tables, the index brought up to date with them (or rebuilt) and with the
+        journal, and the number of the next journal group."""
         create_tables(self._settings, self._bucket)
         tables = {
-            name: open_table(self._settings, self._bucket, name)
-            for name in (INSTANCES, STUDIES, ACCESS, PLACEMENTS)
+            name: open_table(self._settings, self._bucket, name) for name in (*SOURCES, STUDIES)
         }
         studies = tables[STUDIES]
 
@@ -215,7 +256,25 @@ class CatalogWriter:
         index = CatalogIndex.open(
             self._index_path, tables, storage_options(self._settings), written_studies
         )
-        return tables, index
+        last = index.last_seq()
+        for name in SOURCES:
+            flushed = tables[name].transaction_version(journal.JOURNAL_APP) or 0
+            index.forget_flushed(name, flushed)
+            held = {seq for seq, _ in index.unflushed(name)}
+            replayed = 0
+            for entry in journal.entries(self._settings, self._bucket, name):
+                last = max(last, entry.seq)
+                if entry.seq <= flushed or entry.seq in held:
+                    continue
+                data = journal.read_bytes(self._settings, self._bucket, entry)
+                index.apply(name, entry.seq, journal.decode(data, JOURNALED[name]), data)
+                replayed += 1
+            if replayed:
+                log.info("catalog journal: %d groups of %s replayed into the index", replayed, name)
+            # A flush cut off before it deleted what it had appended.
+            journal.delete_through(self._settings, self._bucket, name, flushed)
+            last = max(last, flushed)
+        return tables, index, last + 1
 
     async def commit(self, stored: list[Stored]) -> list[Committed]:
         """Catalog ``stored`` files; returns one ``Committed`` per file, in order."""
@@ -265,7 +324,7 @@ class CatalogWriter:
         """Current study rows matching ``filters``, from the index (what the doors search)."""
         await self.ready()
         assert self._index is not None
-        return self._index.find_studies(filters.conditions(), limit, offset)
+        return self._index.find_studies(filters, limit, offset)
 
     async def find_instances(
         self, filters: InstanceFilters, limit: int = 1000, offset: int = 0
@@ -273,11 +332,11 @@ class CatalogWriter:
         """Instance records matching ``filters``, from the index (what the doors search)."""
         await self.ready()
         assert self._index is not None
-        return self._index.find_instances(filters.conditions(), limit, offset)
+        return self._index.find_instances(filters, limit, offset)
 
     async def record_access(self, study_uids: list[str]) -> None:
-        """Record that these studies were read now, with the next group commit (appended
-        to ``access``; the index's last access follows). Unknown study UIDs are recorded
+        """Record that these studies were read now, with the next group commit (journaled
+        for ``access``; the index's last access follows). Unknown study UIDs are recorded
         but change no study. Returns once committed; a caller may fire and forget."""
         if study_uids:
             await self.ready()
@@ -305,25 +364,32 @@ class CatalogWriter:
         await self._enqueue([], [], list(placements))
 
     async def close(self) -> None:
-        """Commit everything queued so far, fold the study rows, stop the background tasks."""
-        if self._flusher is not None and not self._flusher.done():
+        """Commit everything queued so far, flush the journal into Delta and fold the study
+        rows, and stop the background tasks (a later call starts them again)."""
+        if self._committer is not None and not self._committer.done():
             await self._enqueue([], [], [], flush_now=True)
-            self._flusher.cancel()
+            self._committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
-        if self._folder is not None:
-            self._folder.cancel()
+                await self._committer
+            self._committer = None
+        if self._background is not None:
+            self._background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._folder
-            self._folder = None
+                await self._background
+            self._background = None
+        await self.wait_idle()
         if self._index is not None:
-            await self.fold_now()
+            await self.flush_now(maintain=False)
 
     async def stats(self) -> dict[str, int]:
-        """Counters: Delta commits to each table, rows written, largest group, timings."""
+        """Counters: group commits, rows, flushes, folds, maintenance, timings."""
         await self.ready()
-        return dict(self._stats)
+        assert self._index is not None
+        return {
+            **self._stats,
+            "unflushed_rows": self._index.unflushed_rows(),
+            "next_seq": self._seq,
+        }
 
     # -- group commit -------------------------------------------------------------------
 
@@ -336,10 +402,10 @@ class CatalogWriter:
         flush_now: bool = False,
     ) -> list[Committed]:
         loop = asyncio.get_running_loop()
-        if self._flusher is None or self._flusher.done():
+        if self._committer is None or self._committer.done():
             self._has_pending = asyncio.Event()
             self._batch_full = asyncio.Event()
-            self._flusher = loop.create_task(self._flush_forever())
+            self._committer = loop.create_task(self._commit_forever())
         assert self._has_pending is not None and self._batch_full is not None
         waiter = _Waiter(stored, accessed, placed, loop.create_future())
         if not self._pending:
@@ -351,7 +417,7 @@ class CatalogWriter:
             self._batch_full.set()
         return await waiter.future
 
-    async def _flush_forever(self) -> None:
+    async def _commit_forever(self) -> None:
         assert self._has_pending is not None and self._batch_full is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -367,12 +433,12 @@ class CatalogWriter:
             self._has_pending.clear()
             self._batch_full.clear()
             try:
-                await self.ready()  # rebuilds the index after a failed commit
-                results = await self._flush(group)
+                await self.ready()  # reloads the index after a failed commit
+                results = await self._commit_group(group)
             except Exception as error:  # noqa: BLE001 - every waiter of the group learns of it
-                # The index may be behind the tables (a commit whose answer was lost can
-                # still have landed), so it catches up with them before any further
-                # decision: a retry must never append a row twice.
+                # The index may be behind the journal (a group whose answer was lost can
+                # still have landed), so it catches up with it before any further
+                # decision: a retry must never store a row twice.
                 self._tables = {}
                 for waiter in group:
                     if not waiter.future.done():
@@ -384,7 +450,7 @@ class CatalogWriter:
                 elif not waiter.future.done():
                     waiter.future.set_result(result)
 
-    async def _flush(self, group: list[_Waiter]) -> list[list[Committed] | Exception]:
+    async def _commit_group(self, group: list[_Waiter]) -> list[list[Committed] | Exception]:
         started = time.perf_counter()
         stored = [item for waiter in group for item in waiter.stored]
         assert self._index is not None
@@ -397,21 +463,17 @@ class CatalogWriter:
         decisions, new_records = plan_group(stored, entries, versions)
         # Every record a caller gets back is resolved before anything is written.
         by_sha = {record.sha256: record for record in new_records} | known
+        # A group's number is never given again, even when its write fails: a PUT that
+        # seemed to fail can still land later, and must not be taken for another group.
+        seq, self._seq = self._seq, self._seq + 1
+        if seq >= self._reserved:
+            self._reserved = seq + SEQ_BLOCK
+            self._index.reserve(self._reserved)
 
         if new_records:
-            try:
-                await asyncio.to_thread(self._append, INSTANCES, instances_table(new_records))
-            except Exception as error:
-                if not await self._landed_after_failure(new_records, error):
-                    raise CatalogCommitFailedError(
-                        f"{len(new_records)} rows were not written to "
-                        f"{table_uri(self._bucket, INSTANCES)}"
-                    ) from error
+            await self._journal(INSTANCES, seq, instances_table(new_records))
             self._stats["commits"] += 1
             self._stats["rows_written"] += len(new_records)
-            self._commits_since_maintenance += 1
-            if await self._follows(INSTANCES, len(new_records)):
-                self._index.add(new_records, self._tables[INSTANCES])
 
         # Accesses and placements: their own callers learn of a failure, not the group's.
         side: dict[str, Exception | None] = {ACCESS: None, PLACEMENTS: None}
@@ -426,30 +488,15 @@ class CatalogWriter:
                 else placements_table(placed)
             )
             try:
-                await asyncio.to_thread(self._append, name, batch)
+                await self._journal(name, seq, batch)
             except Exception as error:  # noqa: BLE001 - reported to these callers
-                log.error(
-                    "appending %d rows to %s failed (%s: %s)",
-                    batch.num_rows,
-                    table_uri(self._bucket, name),
-                    type(error).__name__,
-                    error,
-                )
                 side[name] = error
-                self._reopen = True  # caught up before the next group
-                continue
-            if await self._follows(name, batch.num_rows):
-                if name == ACCESS:
-                    self._index.add_access(batch, self._tables[ACCESS])
-                else:
-                    self._index.add_placements(placed, self._tables[PLACEMENTS])
+                self._tables = {}  # caught up with the journal before the next group
 
-        if self._reopen:
-            self._tables, self._reopen = {}, False
-        self._maintain_when_due()
+        self._flush_when_due()
         elapsed_ms = round((time.perf_counter() - started) * 1000)
-        self._stats["flush_ms_total"] += elapsed_ms
-        self._stats["flush_ms_max"] = max(self._stats["flush_ms_max"], elapsed_ms)
+        self._stats["commit_ms_total"] += elapsed_ms
+        self._stats["commit_ms_max"] = max(self._stats["commit_ms_max"], elapsed_ms)
         self._stats["max_group_size"] = max(self._stats["max_group_size"], len(stored))
         self._stats["duplicates"] += sum(1 for d in decisions if d.status == "duplicate")
 
@@ -464,37 +511,116 @@ class CatalogWriter:
             start += len(waiter.stored)
         return results
 
-    async def _follows(self, name: str, rows: int) -> bool:
-        """After our append of ``rows`` rows to table ``name``: whether the index can take
-        them as they are, the table holding nothing else it has not seen. Else (another
-        writer committed too) the index catches up from the table: ``ready()`` reopens it
-        before the next group."""
+    async def _journal(self, name: str, seq: int, rows: pa.Table) -> None:
+        """Write ``rows`` of table ``name`` as journal group ``seq`` and apply them to the
+        index. Raises CatalogCommitFailedError only when the store says the object is not
+        there: then nothing of the group was committed."""
+        data = journal.encode(rows)
+        try:
+            await asyncio.to_thread(journal.write, self._settings, self._bucket, name, seq, data)
+        except Exception as error:
+            log.error(
+                "writing %d rows of %s to the journal failed (%s); asking the store "
+                "whether they landed",
+                rows.num_rows,
+                table_uri(self._bucket, name),
+                cause_of(error),
+            )
+            # Raises when the store cannot tell either: the outcome is unknown.
+            landed = await asyncio.to_thread(
+                journal.landed, self._settings, self._bucket, name, seq
+            )
+            if not landed:
+                raise CatalogCommitFailedError(
+                    f"{rows.num_rows} rows were not written to the journal of "
+                    f"{table_uri(self._bucket, name)}"
+                ) from error
         assert self._index is not None
-        table = self._tables[name]
-        version = await asyncio.to_thread(self._refreshed_version, name)
-        seen = self._index.version(name)
-        if version == seen + 1:
-            return True
-        # The commits between are usually this writer's own maintenance (a compaction,
-        # a vacuum, a property), which adds no row: then the one file the index does not
-        # know is the one just appended.
-        known = self._index.files(name)
-        options = storage_options(self._settings)
-        unseen = await asyncio.to_thread(unseen_files, table, options, seen, known)
-        if len(unseen) == 1 and file_rows(table, unseen.pop()) == rows:
-            return True
-        log.warning("the %s table moved by more than this commit", name)
-        self._reopen = True
-        return False
+        self._index.apply(name, seq, rows, data)
+        if self._unflushed_since is None:
+            self._unflushed_since = time.monotonic()
 
-    # -- studies: folded into Delta in the background ----------------------------------
+    # -- flushing the journal into Delta, and folding study rows -----------------------
 
-    async def _fold_forever(self) -> None:
+    def _flush_when_due(self) -> None:
+        assert self._index is not None
+        waited = time.monotonic() - (self._unflushed_since or time.monotonic())
+        if waited >= self._flush_interval_s or self._index.unflushed_rows() >= self._flush_rows:
+            self._flush_wanted.set()
+
+    async def _flush_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._fold_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wanted.wait(), self._flush_interval_s / 4)
+            self._flush_wanted.clear()
+            waited = time.monotonic() - (self._unflushed_since or time.monotonic())
             assert self._index is not None
-            if self._index.dirty_count():
-                await self.fold_now()
+            due = waited >= self._flush_interval_s
+            if due or self._index.unflushed_rows() >= self._flush_rows:
+                await self.flush_now()
+
+    async def flush_now(self, *, raise_errors: bool = False, maintain: bool = True) -> None:
+        """Append the journal to the Delta tables, fold the study rows changed since, and
+        start a maintenance pass when one is due (and ``maintain``); wait for the flush
+        and the fold. What
+        fails stays in the journal (or dirty) and is tried again later (an error is logged,
+        or raised with ``raise_errors``)."""
+        try:
+            await self.ready()
+            async with self._delta_lock:
+                tables = self._tables  # as they are now, whatever a failure sets meanwhile
+                for name in SOURCES:
+                    await self._flush_table(tables, name)
+                assert self._index is not None
+                if not self._index.unflushed_rows():
+                    self._unflushed_since = None
+            self._stats["flushes"] += 1
+            self._flushes_since_maintenance += 1
+        except Exception as error:
+            self._stats["flush_failures"] += 1
+            log.error(
+                "flushing the catalog journal into %s failed (%s); tried again later",
+                table_uri(self._bucket, ""),
+                cause_of(error),
+            )
+            if raise_errors:
+                raise CatalogFlushError(cause_of(error)) from error
+            return
+        await self.fold_now(raise_errors=raise_errors)
+        if maintain:
+            self._maintain_when_due()
+
+    async def _flush_table(self, tables: Mapping[str, DeltaTable], name: str) -> None:
+        assert self._index is not None
+        groups = self._index.unflushed(name)
+        for after, upto in flush_chunks(groups, self._flush_rows):
+            blobs = self._index.journal_blobs(name, after, upto)
+            seen = self._index.version(name)
+            version = await asyncio.to_thread(_append_journal, tables[name], blobs, upto, name)
+            # Anything but our own append since the version the index reflects (another
+            # writer's rows, or our flush that had landed before its answer was lost) is
+            # read by a reopened index before the next group.
+            foreign = (
+                await asyncio.to_thread(self._foreign_files, tables[name], seen, version)
+                if version is not None
+                else None
+            )
+            if version is None or foreign:
+                log.warning("the %s table holds commits the index has not read", name)
+                self._tables = {}
+                return
+            self._index.flushed(name, upto, tables[name])
+            self._stats["flushed_rows"] += sum(rows for seq, rows in groups if after < seq <= upto)
+            await asyncio.to_thread(
+                journal.delete_through, self._settings, self._bucket, name, upto
+            )
+
+    def _foreign_files(self, table: DeltaTable, seen: int, own: int | None) -> set[str]:
+        """Files that commits to ``table`` after version ``seen``, other than ``own``, added
+        (raises StaleIndexError when that cannot be told)."""
+        table.update_incremental()
+        skip = {own} if own is not None else set()
+        return data_files(table, storage_options(self._settings), seen, skip)
 
     async def fold_now(self, *, raise_errors: bool = False) -> None:
         """Write the study rows changed since the last fold to the Delta ``studies``
@@ -502,7 +628,7 @@ class CatalogWriter:
         error is logged, or raised with ``raise_errors``)."""
         try:
             await self.ready()
-            async with self._studies_lock:
+            async with self._delta_lock:
                 assert self._index is not None
                 # Each fold's append carries a Delta transaction id (the fold's number):
                 # after a crash between the append and the index's mark, the table says
@@ -530,10 +656,9 @@ class CatalogWriter:
         except Exception as error:
             self._stats["studies_failures"] += 1
             log.error(
-                "folding study rows into %s failed (%s: %s); tried again later",
+                "folding study rows into %s failed (%s); tried again later",
                 table_uri(self._bucket, STUDIES),
-                type(error).__name__,
-                error,
+                cause_of(error),
             )
             if raise_errors:
                 raise
@@ -580,119 +705,95 @@ class CatalogWriter:
     # -- maintenance --------------------------------------------------------------------
 
     def _maintain_when_due(self) -> None:
-        """Start a maintenance pass in the background every ``every_commits`` commits; group
-        commits go on meanwhile (delta-rs resolves a compaction against appends)."""
-        if self._commits_since_maintenance < self._maintenance.every_commits:
+        """Start a maintenance pass in the background every ``every_flushes`` flushes;
+        group commits go on meanwhile (they touch no Delta table)."""
+        if self._flushes_since_maintenance < self._maintenance.every_flushes:
             return
         if self._maintaining is not None and not self._maintaining.done():
             return
-        self._commits_since_maintenance = 0
+        self._flushes_since_maintenance = 0
         self._maintaining = asyncio.get_running_loop().create_task(self._maintain())
 
     async def _maintain(self) -> None:
-        async with self._studies_lock:
+        async with self._delta_lock:
             try:
-                report = await asyncio.to_thread(
-                    maintain, self._settings, self._bucket, self._maintenance
-                )
-                self._count_pass(report)
-            except Exception as error:  # noqa: BLE001 - tried again after the next commits
-                log.error(
-                    "catalog maintenance failed (%s: %s); it runs again later",
-                    type(error).__name__,
-                    error,
-                )
+                await self._pass()
+            except Exception as error:  # noqa: BLE001 - tried again after the next flushes
+                log.error("catalog maintenance failed (%s); it runs again later", cause_of(error))
 
     async def maintain_now(self) -> MaintenanceReport:
-        """Fold the study rows, then run a maintenance pass now and wait for it (for
-        operators and tests); unlike the background passes, a failure is raised."""
+        """Flush the journal and fold the study rows, then run a maintenance pass now and
+        wait for it (for operators and tests); unlike the background passes, a failure is
+        raised."""
         await self.ready()
-        if self._maintaining is not None and not self._maintaining.done():
-            await self._maintaining
-        await self.fold_now()
-        self._commits_since_maintenance = 0
-        async with self._studies_lock:
-            report = await asyncio.to_thread(
-                maintain, self._settings, self._bucket, self._maintenance
-            )
-        self._count_pass(report)
-        return report
+        await self.wait_idle()
+        await self.flush_now(raise_errors=True, maintain=False)
+        self._flushes_since_maintenance = 0
+        async with self._delta_lock:
+            return await self._pass()
 
-    def _count_pass(self, report: MaintenanceReport) -> None:
+    async def _pass(self) -> MaintenanceReport:
+        """One maintenance pass (the Delta lock held); then the index reflects the tables'
+        versions after it, unless someone else's rows came in (then it is reopened)."""
+        assert self._index is not None
+        seen = {name: self._index.version(name) for name in SOURCES}
+        tables = self._tables
+        report, foreign = await asyncio.to_thread(self._maintain_tables, tables, seen)
         self._stats["maintenance_passes"] += 1
         milliseconds = round(report.seconds * 1000)
         self._stats["maintenance_ms_max"] = max(self._stats["maintenance_ms_max"], milliseconds)
+        if foreign:
+            self._tables = {}  # read by a reopened index before the next group
+        else:
+            for name in SOURCES:
+                self._index.advance(name, tables[name])
+        return report
+
+    def _maintain_tables(
+        self, tables: Mapping[str, DeltaTable], seen: Mapping[str, int]
+    ) -> tuple[MaintenanceReport, bool]:
+        """The pass, and whether the tables held rows from others the index has not read.
+
+        Checked first: a pass's cleanup removes log entries older than the retention
+        window, after which the commits before it could not be told apart."""
+        foreign = any(self._foreign_files(tables[name], seen[name], None) for name in SOURCES)
+        report = maintain(self._settings, self._bucket, self._maintenance)
+        for name in SOURCES:
+            tables[name].update_incremental()
+        return report, foreign
 
     async def wait_idle(self) -> None:
         """Wait for a background maintenance pass in progress (for benchmarks and tests)."""
         if self._maintaining is not None and not self._maintaining.done():
             await self._maintaining
 
-    # -- failures -----------------------------------------------------------------------
-
-    async def _landed_after_failure(
-        self, records: Sequence[InstanceRecord], error: Exception
-    ) -> bool:
-        """After a failed append, whether its rows are in the table after all.
-
-        A commit can fail after its log entry was written (the answer to the conditional
-        PUT was lost). The table is the truth: re-read it. Raises when the table cannot be
-        read either, so the caller knows the outcome is unknown.
-        """
-        log.error(
-            "appending %d rows to %s failed (%s: %s); re-reading the table",
-            len(records),
-            table_uri(self._bucket, INSTANCES),
-            type(error).__name__,
-            error,
-        )
-        found = await asyncio.to_thread(
-            self._fetch_records,
-            {
-                r.sha256: IndexEntry(r.sop_instance_uid, r.version, utc(r.ingest_time).date())
-                for r in records
-            },
-        )
-        if not found:
-            return False
-        if len(found) != len(records):  # a Delta commit is atomic: all or none
-            raise RuntimeError("a commit's rows are partly in the table; the log is damaged")
-        return True
+    # -- the reconciler -----------------------------------------------------------------
 
     async def known_sha256(self, sha256s: list[str]) -> list[str]:
-        """Those of ``sha256s`` that have a row in ``instances`` (for orphan reconciling)."""
+        """Those of ``sha256s`` that the catalog holds (for orphan reconciling)."""
         await self.ready()
         assert self._index is not None
         known = self._index.by_sha256s(sha256s)
         return [sha for sha in sha256s if sha in known or self._committing[sha]]
 
-    # -- blocking I/O, run in a worker thread -------------------------------------------
 
-    # Each write starts from the table's latest version: delta-rs rebases an append over
-    # other writers' appends by itself, but a snapshot that missed a metadata change made
-    # by someone else (a constraint added or dropped, a property) would fail every later
-    # commit, or enforce a dropped constraint. The refresh costs one LIST of _delta_log.
-
-    def _refreshed_version(self, name: str) -> int:
-        """Table ``name``'s version just after our append."""
-        table = self._tables[name]
-        table.update_incremental()
-        return table.version()
-
-    def _append(self, name: str, rows: pa.Table) -> None:
-        table = self._tables[name]  # ready() ran
-        table.update_incremental()
-        write_deltalake(table, rows, mode="append")
-
-    def _fetch_records(self, entries: Mapping[str, IndexEntry]) -> dict[str, InstanceRecord]:
-        # A fresh table object: the writer's own may be mid-commit in another thread.
-        table = open_table(self._settings, self._bucket, INSTANCES)
-        days = sorted({entry.ingest_date.isoformat() for entry in entries.values()})
-        dataset = table.to_pyarrow_dataset(file_pruning_predicate=[("ingest_date", "in", days)])
-        wanted = pa_dataset.field("sha256").isin(list(entries))
-        found = {}
-        for row in dataset.to_table(filter=wanted).to_pylist():
-            record = record_from_row(row)
-            if entries[record.sha256].version == record.version:
-                found[record.sha256] = record
-        return found
+def _append_journal(
+    table: DeltaTable, blobs: list[tuple[int, bytes]], upto: int, name: str
+) -> int | None:
+    """Append journal groups (``(seq, bytes)``) through ``upto`` to ``table`` (table
+    ``name``) in one commit, with ``upto`` as its transaction version, unless they landed
+    already (a flush whose answer was lost); returns the version made, None if none was."""
+    table.update_incremental()
+    flushed = table.transaction_version(journal.JOURNAL_APP) or 0
+    rows = [journal.decode(data, JOURNALED[name]) for seq, data in blobs if seq > flushed]
+    if flushed >= upto or not rows:
+        return None
+    write_deltalake(
+        table,
+        pa.concat_tables(rows),
+        mode="append",
+        commit_properties=CommitProperties(
+            app_transactions=[Transaction(journal.JOURNAL_APP, upto)]
+        ),
+    )
+    return table.version()

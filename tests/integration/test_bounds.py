@@ -30,7 +30,7 @@ from cluster.client import StrataClient
 from cluster.rpc import strata_pb2 as pb
 from tests.integration.conftest import ct_instances
 from tests.integration.node import Node
-from workers.ingest import object_key_for
+from workers.store import object_key_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -284,8 +285,11 @@ def test_door_searches_come_from_the_index(
         "2.1.1",
         "2.1.2",
     ]
+    # Pages follow one order: studies by their keys, then series, SOP Instance, version.
+    every = ray.get(writer.find_instances.remote(catalog.InstanceFilters()))
+    assert sorted(r.sop_instance_uid for r in every) == ["2.1.1", "2.1.2", "2.1.3", "2.2.1"]
     paged = ray.get(writer.find_instances.remote(catalog.InstanceFilters(), 2, 1))
-    assert [r.sop_instance_uid for r in paged] == ["2.1.2", "2.1.3"]
+    assert paged == every[1:3]
     ray.kill(writer)
 
 
@@ -331,47 +335,98 @@ def test_a_placement_moves_an_object_without_rewriting_history(
         ray.kill(again)
 
 
-def test_a_failed_group_commit_fails_every_caller_and_writes_nothing(
-    ray_local: None, minio: MinioServer, bucket_name: str
+def test_a_commit_the_store_cannot_take_fails_every_caller_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    server = MinioServer(tmp_path / "minio", drives=4).start()
+    bucket = "stopped-catalog"
+
+    async def run() -> None:
+        writer = CatalogWriter(
+            server.settings, bucket, max_wait_s=0.3, index_path=str(tmp_path / "i")
+        )
+        await writer.commit([stored(make_record("4.1.1"))])
+        server.stop()
+        late = [make_record("4.1.2"), make_record("4.1.3")]
+        results = await asyncio.gather(
+            *(writer.commit([stored(r)]) for r in late), return_exceptions=True
+        )
+        # One group, one failure for each of its callers: the store could not say
+        # whether the journal object landed, so nobody is told it is stored.
+        assert all(isinstance(result, store.StoreUnavailableError) for result in results)
+        server.start()
+        assert await writer.lookup_sha256(late[0].sha256) is None
+        [retried] = await writer.commit([stored(late[0])])
+        assert (retried.status, retried.version) == ("stored", 1)
+        # A record that does not fit the schema fails only its own call.
+        broken = dataclasses.replace(make_record("4.1.4"), frames=None)  # type: ignore[arg-type]
+        with pytest.raises(catalog.CatalogCommitFailedError, match="does not fit the schema"):
+            await writer.commit([stored(broken)])
+        await writer.close()
+        found = catalog.find_instances(server.settings, bucket=bucket)
+        assert [r.sop_instance_uid for r in found] == ["4.1.1", "4.1.2"]
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+def test_a_flush_delta_refuses_keeps_the_rows_in_the_journal(
+    minio: MinioServer, bucket_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = minio.settings
-    writer = start_writer(settings, bucket_name, max_wait_s=0.3)
-    ray.get(writer.commit.remote([stored(make_record("4.1.1"))]))
-    instances = DeltaTable(
-        catalog.table_uri(bucket_name, "instances"),
-        storage_options=catalog.storage_options(settings),
-    )
-    # Another writer changes the table under the catalog writer: a real commit failure.
-    instances.alter.add_constraint({"frozen": "sop_instance_uid = '4.1.1'"})
-    late = [make_record("4.1.2"), make_record("4.1.3")]
-    refs = [writer.commit.remote([stored(r)]) for r in late]
-    for ref in refs:
-        with pytest.raises(ray.exceptions.RayTaskError):
-            ray.get(ref)
-    assert ray.get(writer.lookup_sha256.remote(late[0].sha256)) is None
-    assert [r.sop_instance_uid for r in catalog.find_instances(settings, bucket=bucket_name)] == [
-        "4.1.1"
-    ]
+    options = catalog.storage_options(settings)
 
-    instances.alter.drop_constraint("frozen")
-    [retried] = ray.get(writer.commit.remote([stored(late[0])]))
-    assert (retried.status, retried.version) == ("stored", 1)
-    # A record that does not fit the schema fails only its own call.
-    broken = dataclasses.replace(make_record("4.1.4"), frames=None)  # type: ignore[arg-type]
-    with pytest.raises(ray.exceptions.RayTaskError):
-        ray.get(writer.commit.remote([stored(broken)]))
-    ray.kill(writer)
+    async def run() -> None:
+        writer = CatalogWriter(
+            settings, bucket_name, max_wait_s=0.0, index_path=str(tmp_path / "i")
+        )
+        await writer.commit([stored(make_record("4.2.1"))])
+        await writer.flush_now(raise_errors=True)
+        instances = DeltaTable(catalog.table_uri(bucket_name, "instances"), storage_options=options)
+        # Another writer changes the table under the catalog writer: every flush fails.
+        instances.alter.add_constraint({"frozen": "sop_instance_uid = '4.2.1'"})
+        late = [make_record("4.2.2"), make_record("4.2.3")]
+        for record in late:
+            [done] = await writer.commit([stored(record)])  # the journal takes them
+            assert done.status == "stored"
+        with (
+            caplog.at_level(logging.ERROR, "strata.catalog"),
+            pytest.raises(Exception, match="failed validation"),
+        ):
+            await writer.flush_now(raise_errors=True)
+        # The log says why, without the rows delta-rs shows with its error.
+        assert "failed validation" in caplog.text and late[0].sha256 not in caplog.text
+        assert (await writer.stats())["flush_failures"] == 1
+        # Nothing committed is missing meanwhile: the index answers, queries read the
+        # journal, and the table has not changed.
+        assert await writer.lookup_sha256(late[1].sha256) is not None
+        sops = [r.sop_instance_uid for r in catalog.find_instances(settings, bucket=bucket_name)]
+        assert sops == ["4.2.1", "4.2.2", "4.2.3"]
+        instances.update_incremental()
+        assert instances.to_pyarrow_table().num_rows == 1
+        instances.alter.drop_constraint("frozen")
+        await writer.flush_now(raise_errors=True)
+        instances.update_incremental()
+        assert sorted(instances.to_pyarrow_table().column("sop_instance_uid").to_pylist()) == sops
+        assert (await writer.stats())["unflushed_rows"] == 0
+        assert list(store.list_keys(settings, bucket_name, "journal/")) == []
+        await writer.close()
+
+    asyncio.run(run())
 
 
 def test_maintenance_compacts_and_vacuums_without_losing_a_row(
     ray_local: None, minio: MinioServer, bucket_name: str
 ) -> None:
     settings = minio.settings
-    policy = MaintenancePolicy(every_commits=10_000, retention_hours=0)
+    policy = MaintenancePolicy(every_flushes=10_000, retention_hours=0, compact_min_files=4)
     writer = start_writer(settings, bucket_name, max_wait_s=0.0, maintenance=policy)
     records = [make_record(f"5.1.{n}") for n in range(12)]
-    for record in records:  # one group commit, one small file, per record
+    for record in records:  # one group commit, one flush, one small file, per record
         ray.get(writer.commit.remote([stored(record)]))
+        ray.get(writer.flush_now.remote(raise_errors=True))
     ray.get(writer.record_access.remote([STUDY_A]))
     options = catalog.storage_options(settings)
     instances = DeltaTable(catalog.table_uri(bucket_name, "instances"), storage_options=options)

@@ -26,6 +26,7 @@ from pydicom.data import get_testdata_file
 
 from cluster import catalog, cli
 from cluster.catalog.index import CatalogIndex
+from cluster.catalog.queries import dataset
 from cluster.client import StrataClient
 from cluster.minio_server import MinioServer
 from tests.integration.conftest import ct_instances
@@ -86,11 +87,12 @@ def _phi(paths: list[Path]) -> set[str]:
 
 
 def _wait_for_an_access(node: Node, seconds: float = 120) -> None:
-    """Until the access record, which the node commits in the background, is in `access`."""
+    """Until the access record, which the node commits in the background, is in the
+    catalog (its journal until the node flushes it)."""
     settings = StoreSettings(**json.loads((node.data_dir / "node.json").read_text())["store"])
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if _rows(settings, catalog.ACCESS):
+        if dataset(settings, CATALOG, catalog.ACCESS).count_rows():
             return
         time.sleep(0.5)
     raise AssertionError(f"no access recorded after {seconds:g} s")
