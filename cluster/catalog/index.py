@@ -27,9 +27,10 @@ standard library, and its memory is its page cache (``CACHE_KIB``), not the arch
 Why rows look as they do (about 0.25 KB an instance; docs/catalog.md measures it): strings
 repeated across instances (SOP Class, transfer syntaxes, notes, tier, key) are kept once in
 ``codes`` and as small integers in each row; lowercase hex (SHA-256, pseudonyms) as the bytes
-it spells; the B-trees over UIDs hold a 47-bit hash of the UID (``*_key``), not the UID,
-and each search compares the UID itself too; an object key that is the one ingest derives
-from the UIDs and the SHA-256 (``store.object_key_for``) is not stored at all.
+it spells; UIDs four bits a character; the B-trees over UIDs hold a 47-bit hash of the UID
+(``*_key``), not the UID, and each search compares the UID itself too; an object key that
+is the one ingest derives from the UIDs and the SHA-256 (``store.object_key_for``) is not
+stored at all.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from workers.store import object_key_for
 log = logging.getLogger("strata.catalog")
 
 # The index's own schema; a file with another one is rebuilt.
-FORMAT = 7
+FORMAT = 8
 CACHE_KIB = 64 * 1024  # SQLite's page cache: the index's whole memory
 _BATCH = 50_000
 # Studies derived by one statement when the index is rebuilt.
@@ -323,8 +324,11 @@ class CatalogIndex:
         options: Mapping[str, str],
         studies: Callable[[], Iterable[StudyRow]],
     ) -> str:
-        # From nothing: a rebuild cut off by a crash left no meta, so it starts over; for
-        # the same reason it need not wait for the disk until it is done.
+        # From nothing: a rebuild cut off by a crash left no meta (or a damaged file), so
+        # it starts over; for the same reason it need not wait for the disk, nor keep a
+        # journal, until it is done (in WAL mode, building a B-tree over 10⁷ rows wrote a
+        # write-ahead log larger than the table).
+        self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(
             "".join(f"DROP TABLE IF EXISTS {name};\n" for name in _OWN_TABLES) + _TABLES
@@ -351,18 +355,19 @@ class CatalogIndex:
             # not at all when they are equal.
             self._db.executemany(
                 _WRITTEN,
-                [(study_date_partition(row).isoformat(), uid) for uid, row in known.items()],
+                [(study_date_partition(row).isoformat(), _uid(uid)) for uid, row in known.items()],
             )
             self._db.executemany(
                 _CLEAN,
                 [
-                    (uid, self._dirty(uid))
+                    (_uid(uid), self._dirty(uid))
                     for uid, written in known.items()
                     if _same_in_delta(self.study(uid), written)
                 ],
             )
             for name in SOURCES:
                 self._set_meta(name, tables[name])
+        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         return f"rebuilt from instances version {tables[INSTANCES].version()}: {rows} rows"
 
@@ -373,7 +378,7 @@ class CatalogIndex:
         while chunk := [key for (key,) in keys.fetchmany(_STUDIES_PER_DERIVE)]:
             marks = ", ".join("?" * len(chunk))
             uids = [
-                uid
+                _unuid(uid)
                 for (uid,) in self._db.execute(
                     "SELECT DISTINCT study_instance_uid FROM instances "
                     f"WHERE study_key IN ({marks})",
@@ -490,7 +495,7 @@ class CatalogIndex:
     def by_sop(self, sop_instance_uid: str, version: int | None = None) -> InstanceRecord | None:
         """The newest version of a SOP Instance (or the given ``version``)."""
         where = " WHERE i.sop_key = ? AND i.sop_instance_uid = ?"
-        values: tuple[Any, ...] = (uid_key(sop_instance_uid), sop_instance_uid)
+        values: tuple[Any, ...] = (uid_key(sop_instance_uid), _uid(sop_instance_uid))
         if version is None:
             sql = _SELECT + where + " ORDER BY i.version DESC LIMIT 1"
         else:
@@ -507,21 +512,22 @@ class CatalogIndex:
                 "SELECT sop_instance_uid, max(version) FROM instances "
                 f"WHERE sop_key IN ({marks}) GROUP BY sop_instance_uid"
             )
-            for uid, version in self._db.execute(sql, chunk):
+            for packed, version in self._db.execute(sql, chunk):
+                uid = _unuid(packed)
                 if uid in wanted:  # not another UID with the same key
                     found[uid] = int(version)
         return found
 
     def study(self, study_instance_uid: str) -> StudyRow | None:
         row = self._db.execute(
-            _SELECT_STUDY + " WHERE study_instance_uid = ?", (study_instance_uid,)
+            _SELECT_STUDY + " WHERE study_instance_uid = ?", (_uid(study_instance_uid),)
         ).fetchone()
         return _study(row) if row is not None else None
 
     def find_studies(self, filters: StudyFilters, limit: int, offset: int = 0) -> list[StudyRow]:
         """Study rows matching every filter, by Study Instance UID."""
         conditions: list[tuple[str, object]] = [
-            ("study_instance_uid = ?", filters.study_uid),
+            ("study_instance_uid = ?", _uid_or_none(filters.study_uid)),
             ("patient_pseudonym = ?", _packed_or_none(filters.patient_pseudonym)),
             ("accession_pseudonym = ?", _packed_or_none(filters.accession_pseudonym)),
             (
@@ -550,7 +556,10 @@ class CatalogIndex:
             ("sop_instance_uid", filters.sop_uid),
         ):
             if uid is not None:
-                conditions += [(f"i.{_KEYS[column]} = ?", uid_key(uid)), (f"i.{column} = ?", uid)]
+                conditions += [
+                    (f"i.{_KEYS[column]} = ?", uid_key(uid)),
+                    (f"i.{column} = ?", _uid(uid)),
+                ]
         if filters.modality is not None:
             code = self._codes.known(filters.modality)
             if code is None:
@@ -584,7 +593,7 @@ class CatalogIndex:
 
     def _dirty(self, study_instance_uid: str) -> int:
         sql = "SELECT dirty FROM studies WHERE study_instance_uid = ?"
-        row = self._db.execute(sql, (study_instance_uid,)).fetchone()
+        row = self._db.execute(sql, (_uid(study_instance_uid),)).fetchone()
         return int(row[0]) if row else 0
 
     def dirty_count(self) -> int:
@@ -596,10 +605,13 @@ class CatalogIndex:
         with self._db:
             self._db.executemany(
                 _WRITTEN,
-                [(study_date_partition(r).isoformat(), r.study_instance_uid) for r, _ in rows],
+                [
+                    (study_date_partition(r).isoformat(), _uid(r.study_instance_uid))
+                    for r, _ in rows
+                ],
             )
-            self._db.executemany(_CLEAN, [(r.study_instance_uid, gen) for r, gen in rows])
-            self._db.executemany(_NOT_PENDING, [(r.study_instance_uid,) for r, _ in rows])
+            self._db.executemany(_CLEAN, [(_uid(r.study_instance_uid), gen) for r, gen in rows])
+            self._db.executemany(_NOT_PENDING, [(_uid(r.study_instance_uid),) for r, _ in rows])
 
     def begin_fold(self, new: Sequence[StudyRow], fold: int) -> None:
         """These rows, new to Delta, are about to be appended by fold number ``fold``.
@@ -613,7 +625,7 @@ class CatalogIndex:
                 self._db.executemany(
                     "UPDATE studies SET fold = ?, fold_date = ? WHERE study_instance_uid = ?",
                     [
-                        (fold, study_date_partition(row).isoformat(), row.study_instance_uid)
+                        (fold, study_date_partition(row).isoformat(), _uid(row.study_instance_uid))
                         for row in new
                     ],
                 )
@@ -665,11 +677,18 @@ class CatalogIndex:
         """Derive these studies' rows again (their last access is kept)."""
         for chunk, marks in _in_lists(sorted(set(study_uids))):
             keys = [uid_key(uid) for uid in chunk]
-            self._db.execute(_DERIVE.format(keys=marks, uids=marks), [*keys, *chunk])
+            uids = [_uid(uid) for uid in chunk]
+            self._db.execute(_DERIVE.format(keys=marks, uids=marks), [*keys, *uids])
 
     def _instance_rows(self, batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
         """Rows of ``instances`` (Arrow) as index rows; new codes are committed first."""
-        values = {name: batch.column(name).to_pylist() for name in RECORD_FIELDS}
+        # Dates and times converted by column, in Arrow: Python objects for them would be
+        # most of a rebuild's time.
+        values = {
+            name: batch.column(name).to_pylist()
+            for name in RECORD_FIELDS
+            if name not in ("study_date", "ingest_time")
+        }
         for name in _CODED:
             values[name] = self._codes.ids(values[name])
         for name in _HEXED:
@@ -688,6 +707,8 @@ class CatalogIndex:
                 strict=True,
             )
         ]
+        for uid in _KEYS:
+            values[uid] = [_uid(value) for value in values[uid]]
         return list(zip(*(values[name] for name in _INSTANCE_COLUMNS), strict=True))
 
     def _placement_rows(self, batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
@@ -704,6 +725,8 @@ class CatalogIndex:
             values[name] = self._codes.value(values[name])
         for name in _HEXED:
             values[name] = _unpacked(values[name])
+        for name in _KEYS:
+            values[name] = _unuid(values[name])
         days = values["study_date"]
         values["study_date"] = None if days is None else _EPOCH_DAY + timedelta(days=days)
         values["ingest_time"] = _from_micros(values["ingest_time"])
@@ -803,6 +826,30 @@ def _packed(value: str) -> bytes | str:
     return value
 
 
+# A UID's characters as hex digits in the same order (the pad digit 0 sorts first).
+_UID_TO_HEX = str.maketrans(".0123456789", "123456789ab")
+_HEX_TO_UID = str.maketrans("123456789ab", ".0123456789")
+_UID_CHARACTERS = frozenset(".0123456789")
+
+
+def _uid(value: str) -> bytes | str:
+    """A UID (digits and dots) as half as many bytes, four bits a character, which sort
+    as the UIDs do; anything else as it is. (No library packs UIDs; this is two
+    translations.)"""
+    if value and _UID_CHARACTERS.issuperset(value):
+        digits = value.translate(_UID_TO_HEX)
+        return bytes.fromhex(digits + "0" * (len(digits) % 2))
+    return value
+
+
+def _uid_or_none(value: str | None) -> bytes | str | None:
+    return None if value is None else _uid(value)
+
+
+def _unuid(value: bytes | str) -> str:
+    return value.hex().rstrip("0").translate(_HEX_TO_UID) if isinstance(value, bytes) else value
+
+
 def _packed_or_none(value: str | None) -> bytes | str | None:
     return None if value is None else _packed(value)
 
@@ -846,7 +893,7 @@ def _from_micros(value: int | None) -> datetime | None:
 
 
 def _access_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
-    uids = batch.column("study_instance_uid").to_pylist()
+    uids = [_uid(uid) for uid in batch.column("study_instance_uid").to_pylist()]
     for uid, moment in zip(uids, _micros(batch.column("access_time")), strict=True):
         yield moment, uid, moment
 
@@ -858,6 +905,7 @@ def _study(row: Sequence[Any]) -> StudyRow:
     )
     day = values["study_date"]
     values["study_date"] = date.fromisoformat(day) if day else None
+    values["study_instance_uid"] = _unuid(values["study_instance_uid"])
     for name in ("patient_pseudonym", "accession_pseudonym"):
         values[name] = _unpacked(values[name])
     for name in ("first_ingest_time", "last_ingest_time", "last_access_time"):

@@ -192,3 +192,29 @@ def test_only_partitions_with_small_files_to_merge_are_compacted(tmp_path: Path)
     assert crowded_partitions(table, 128 * 2**20) == ["2026-01-01"]
     # Files of a quarter of the target or more are not small: nothing to merge.
     assert crowded_partitions(table, 1024) == []
+
+
+_TEXT = st.text(alphabet=st.sampled_from(".0123456789abcdefXYZ-' "), max_size=70)
+
+
+@given(st.lists(_TEXT, min_size=2, max_size=6))
+def test_uids_and_hex_packed_in_the_index_come_back_and_sort_alike(values: list[str]) -> None:
+    from cluster.catalog.index import _packed, _uid, _unpacked, _unuid
+
+    for value in values:
+        assert _unuid(_uid(value)) == value
+        assert _unpacked(_packed(value)) == value
+    uids = [v for v in values if isinstance(_uid(v), bytes)]
+    # Packed UIDs compare (as SQLite compares blobs: bytewise) as the UIDs do.
+    assert sorted(uids, key=_uid) == sorted(uids)  # type: ignore[arg-type,return-value]
+
+
+def test_a_uid_takes_half_its_length_and_other_text_is_kept() -> None:
+    from cluster.catalog.index import _packed, _uid
+
+    uid = "1.2.826.0.1.3680043.10.543.20261202.7.123"
+    assert isinstance(_uid(uid), bytes) and len(_uid(uid)) == (len(uid) + 1) // 2
+    assert _uid("unknown.study") == "unknown.study" and _uid("") == ""
+    assert _packed("0f" * 16) == bytes.fromhex("0f" * 16)
+    assert _packed("0F" * 16) == "0F" * 16  # upper case would not come back as it was
+    assert _packed("abc") == "abc"  # not whole bytes
