@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pyarrow as pa
+import ray
 from deltalake import DeltaTable, write_deltalake
 from rich.console import Console
 from rich.table import Table
@@ -61,6 +62,7 @@ from rich.table import Table
 from cluster import catalog
 from cluster.catalog.maintenance import MaintenancePolicy
 from cluster.minio_server import MinioServer, ensure_minio_binary
+from cluster.ray_runtime import init_local_ray
 from workers import store
 from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored, StoreSettings
 
@@ -303,6 +305,36 @@ async def child_main(config: dict) -> None:
     )
 
 
+def ray_lookups(settings: StoreSettings, bucket: str, index: Path, rows: int) -> dict[str, float]:
+    """Median ms of 200 lookups by SHA-256 and 200 by SOP Instance UID as the doors make
+    them: calls to the writer as a Ray actor (local Ray, started once for the run)."""
+    if not ray.is_initialized():
+        init_local_ray(address=None, num_cpus=1, namespace=None)
+    actor = (
+        ray.remote(catalog.CatalogWriter)
+        .options(num_cpus=0)
+        .remote(settings, bucket, index_path=str(index))
+    )
+    ray.get(actor.stats.remote())  # opened
+    rng = random.Random(3)
+    found = {}
+    for kind in ("sha", "sop"):
+        samples = []
+        for _ in range(200):
+            record = synthetic(rng.randrange(rows), 10)
+            started = time.perf_counter()
+            call = (
+                actor.lookup_sha256.remote(record.sha256)
+                if kind == "sha"
+                else actor.latest.remote(record.sop_instance_uid)
+            )
+            assert ray.get(call) is not None, "a lookup missed a row"
+            samples.append((time.perf_counter() - started) * 1000)
+        found[kind] = statistics.median(samples)
+    ray.kill(actor)
+    return found
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, not inherited
     from the parent across fork and exec)."""
@@ -443,6 +475,11 @@ async def synthetic_part(settings: StoreSettings, sizes: list[int], work: Path) 
         writer = catalog.CatalogWriter(settings, bucket, index_path=str(index))
         found = await reads(writer, settings, bucket, size, 10, random.Random(2))
         await writer.close()
+        via_ray = await asyncio.to_thread(ray_lookups, settings, bucket, index, size)
+        console.print(
+            f"synthetic: {size:,} rows: lookups as the doors make them (a call to the writer "
+            f"as a Ray actor): SHA-256 {via_ray['sha']:.3f} ms, SOP {via_ray['sop']:.3f} ms"
+        )
         results.append(
             Row(
                 part="synthetic",
@@ -518,6 +555,8 @@ async def run(args: argparse.Namespace, work: Path) -> list[Row]:
             results += await synthetic_part(minio.settings, sizes, work)
         return results
     finally:
+        if ray.is_initialized():
+            ray.shutdown()
         minio.stop()
 
 
