@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 
 # Builds the pinned MinIO server with `go install` into ~/.cache/strata once.
 minio: $(STAMP)
-	$(BIN)/python -m cluster.minio_server install
+	$(BIN)/python -m cluster.ops.minio install
 
 # DCMTK and GDCM from Debian: independent readers the interop tests check our files with.
 peers:
@@ -36,7 +36,7 @@ peers:
 
 # Regenerates cluster/rpc from proto/ (tests/unit/test_proto_stubs.py fails when stale).
 proto: $(STAMP)
-	$(BIN)/python -m cluster.protogen
+	$(BIN)/python -m cluster.dev.protogen
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy cluster workers

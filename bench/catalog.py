@@ -61,9 +61,9 @@ from rich.table import Table
 
 from cluster import catalog
 from cluster.catalog.maintenance import MaintenancePolicy
-from cluster.minio_server import MinioServer, ensure_minio_binary
-from cluster.ray_runtime import init_local_ray
-from workers import store
+from cluster.ops.minio import MinioServer, ensure_minio_binary
+from cluster.ops.ray_runtime import init_local_ray
+from workers.objects import store
 from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored, StoreSettings
 
 console = Console(width=200)

@@ -3,8 +3,8 @@
     .venv/bin/python bench/codecs.py [--rounds 5] [--min-round 0.1]
 
 1. Reads the native CT, MR, CR, US and multi-frame images of pydicom-data and splits
-   each with workers.split.split_file, as ingest does.
-2. For every lossless codec registered in workers.codec: encode_verified once (every
+   each with workers.dicom.split.split_file, as ingest does.
+2. For every lossless codec registered in workers.codecs.lossless: encode_verified once (every
    frame decoded back and compared bit for bit), which proves the codec lossless on the
    image and gives the codestreams; then times
    - encode: the codec's encoder over every frame, without the verifying decode that
@@ -40,7 +40,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from workers.codec import (
+from workers.codecs.lossless import (
     _CODECS,  # the registry: timing a codec's encoder alone needs it
     EncodedPixels,
     _frames,
@@ -48,8 +48,8 @@ from workers.codec import (
     encode_verified,
     lossless_transfer_syntaxes,
 )
+from workers.dicom.split import PixelLayout, split_file
 from workers.records import HTJ2K_LOSSLESS
-from workers.split import PixelLayout, split_file
 
 console = Console()
 DATA = Path(data_store.__file__).parent / "data"

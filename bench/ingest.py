@@ -32,10 +32,10 @@ from rich.table import Table
 
 from cluster import config as config_module
 from cluster.client import StrataClient
-from cluster.samples import SeriesPlan, generate
-from cluster.stack import Stack
-from workers.codec import encode_verified
-from workers.split import split_file
+from cluster.dev.samples import SeriesPlan, generate
+from cluster.ops.node import Stack
+from workers.codecs.lossless import encode_verified
+from workers.dicom.split import split_file
 
 console = Console()
 SOURCES = {

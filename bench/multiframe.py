@@ -3,8 +3,9 @@
     .venv/bin/python bench/multiframe.py [--frames 2000] [--size 256]
 
 Builds a tomosynthesis-like instance (frames cut from the real 1024 x 1024 MR of
-pydicom-data), then times workers.codec.encode_verified on one core (the baseline) and
-workers.fanout.FrameFanout on a local Ray with every core, and prints both and the speed-up.
+pydicom-data), then times workers.codecs.lossless.encode_verified on one core (the
+baseline) and workers.pipeline.fanout.FrameFanout on a local Ray with every core, and prints
+both and the speed-up.
 On a 2-core machine the ideal speed-up is 2.
 """
 
@@ -25,11 +26,11 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from cluster.samples import pydicom_data_dir
-from workers.codec import encode_verified
-from workers.fanout import FrameFanout
+from cluster.dev.samples import pydicom_data_dir
+from workers.codecs.lossless import encode_verified
+from workers.dicom.split import PixelLayout
+from workers.pipeline.fanout import FrameFanout
 from workers.records import HTJ2K_LOSSLESS
-from workers.split import PixelLayout
 
 
 def main() -> None:

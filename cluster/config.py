@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cluster.security.exposure import exposure_problem
+
 MiB = 1024 * 1024
 # The wire limit on one IngestChunk's data. gRPC holds up to about one chunk and one flow
 # control window per open stream beyond what the byte budget counts, so the chunk is kept
@@ -53,6 +55,18 @@ class Config:
     # Ingest streams and retrievals served at once; more are refused RESOURCE_EXHAUSTED.
     # Each open stream may hold about 3 MiB outside the byte budget.
     max_concurrent_calls: int = 100
+    # The DIMSE door (0: off). Peers are "AE=HOST:PORT" (a table in TOML): the calling AE
+    # titles admitted, each from its host, and where C-MOVE sends and storage commitment
+    # reports go. With none, only callers on loopback are admitted. On any address but
+    # loopback the door needs TLS (certificate and key) and peers; a CA makes TLS mutual.
+    dimse_port: int = 0
+    dimse_host: str = "127.0.0.1"
+    dimse_ae_title: str = "STRATA"
+    dimse_peers: tuple[tuple[str, str], ...] = ()
+    dimse_max_associations: int = 10
+    dimse_tls_cert: str = ""
+    dimse_tls_key: str = ""
+    dimse_tls_ca: str = ""
     # Storage
     data_dir: Path = field(default_factory=lambda: _data_home() / "strata")
     key_file: Path = field(default_factory=lambda: _config_home() / "strata" / "keys.json")
@@ -165,6 +179,24 @@ class Config:
             )
         if self.orphan_grace_s < 0:
             raise ConfigError(f"orphan_grace_s must not be negative, not {self.orphan_grace_s}")
+        if not 0 <= self.dimse_port < 65536:
+            raise ConfigError(f"dimse_port must be 0 (off) or 1..65535, not {self.dimse_port}")
+        if not 0 < len(self.dimse_ae_title) <= 16:
+            raise ConfigError(
+                f"dimse_ae_title must be 1 to 16 characters, not {self.dimse_ae_title!r}"
+            )
+        if self.dimse_port:
+            problem = exposure_problem(
+                "DIMSE",
+                self.dimse_host,
+                {
+                    "dimse_tls_cert": self.dimse_tls_cert,
+                    "dimse_tls_key": self.dimse_tls_key,
+                    "dimse_peers": self.dimse_peers,
+                },
+            )
+            if problem:
+                raise ConfigError(problem)
         if self.worker_cpus < 0:
             raise ConfigError(f"worker_cpus must be 0 (all) or more, not {self.worker_cpus}")
         return self
@@ -187,8 +219,8 @@ TIERS = ("hot", "warm", "cold")
 
 
 def _available_codecs() -> list[str]:
-    """Codec names whose encoder is installed and registered in workers.codec."""
-    from workers.codec import lossless_transfer_syntaxes
+    """Codec names whose encoder is installed and registered in workers.codecs.lossless."""
+    from workers.codecs.lossless import lossless_transfer_syntaxes
 
     registered = lossless_transfer_syntaxes()
     return [name for name, uid in CODECS.items() if uid in registered]
@@ -224,6 +256,17 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
 
 
 def _convert(name: str, value: Any, default: Any) -> Any:
+    if name == "dimse_peers":
+        table = _pairs(name, value, "AE=HOST:PORT")
+        for ae_title, address in table:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"dimse_peers[{ae_title!r}] must be HOST:PORT, not {address!r}")
+            if not 0 < len(ae_title) <= 16:
+                raise ConfigError(
+                    f"dimse_peers: {ae_title!r} is not an AE title (1 to 16 characters)"
+                )
+        return table
     if name == "codec_policy":
         if isinstance(value, str):
             pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
@@ -235,6 +278,8 @@ def _convert(name: str, value: Any, default: Any) -> Any:
         return tuple(sorted((str(key), str(codec)) for key, codec in value.items()))
     if isinstance(default, Path):
         return Path(os.path.expanduser(str(value)))
+    if isinstance(default, tuple):
+        return _pairs(name, value, "KEY=VALUE")
     if isinstance(default, bool):
         return str(value).lower() in ("1", "true", "yes")
     if isinstance(default, int):
@@ -243,3 +288,15 @@ def _convert(name: str, value: Any, default: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
     return str(value)
+
+
+def _pairs(name: str, value: Any, shape: str) -> tuple[tuple[str, str], ...]:
+    """A table (TOML) or ``K=V,K=V`` (environment) as sorted pairs."""
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ConfigError(f"{name} must read {shape},..., not {value!r}")
+        value = {key.strip(): item.strip() for key, item in pairs}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a table of {shape.replace('=', ' = ')}")
+    return tuple(sorted((str(key), str(item)) for key, item in value.items()))

@@ -6,7 +6,8 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    """Why an instance was not stored. The values are part of the wire API."""
+    """Why the archive refused a file or a call: one set for every door, each of which maps
+    a reason to its own status. The values are part of the wire API."""
 
     NOT_DICOM = "not_dicom"
     TRUNCATED = "truncated"
@@ -26,6 +27,13 @@ class Reason(StrEnum):
     # The sender sent nothing for longer than the idle timeout while holding budget.
     IDLE_TIMEOUT = "idle_timeout"
     INTERNAL = "internal_error"
+    # Reads and searches (every door maps these to its own status).
+    NOT_FOUND = "not_found"  # no stored instance (or frame) answers the request
+    NO_SUCH_FRAME = "no_such_frame"  # the instance has fewer frames than the number asked
+    TRANSCODE_REFUSED = "transcode_refused"  # the stored form cannot become the syntax asked
+    DATA_LOSS = "data_loss"  # the stored object cannot be read back or failed its checks
+    TIMEOUT = "timeout"  # a step did not answer within its deadline
+    BUSY = "busy"  # as many calls are being served as the archive may serve at once
 
 
 class RejectError(Exception):

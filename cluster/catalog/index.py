@@ -65,8 +65,8 @@ from cluster.catalog.schema import (
     table_dataset,
     table_root,
 )
+from workers.objects.store import object_key_for
 from workers.records import InstanceRecord
-from workers.store import object_key_for
 
 log = logging.getLogger("strata.catalog")
 

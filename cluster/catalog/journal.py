@@ -28,7 +28,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers import store
+from workers.objects import store
 from workers.records import StoreSettings
 
 PREFIX = "journal"

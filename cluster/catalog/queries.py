@@ -34,7 +34,7 @@ from cluster.catalog.schema import (
     study_from_row,
     table_dataset,
 )
-from workers import store
+from workers.objects import store
 from workers.records import InstanceRecord, StoreSettings
 
 

@@ -1,7 +1,7 @@
 """Rebuilding a lost catalog from the objects in the store alone.
 
 ``rebuild_catalog`` lists every tier bucket, reads each object back into its row of
-``instances`` (``workers.recover``: header, manifest and prefix by ranged GETs), numbers
+``instances`` (``workers.pipeline.recover``: header, manifest and prefix by ranged GETs), numbers
 the versions, appends the rows to the ``instances`` table in batches, and then opens the
 catalog writer on it, whose index derives and writes the ``studies`` rows as it does
 whenever it is rebuilt. An object that cannot be read is reported by its key and left
@@ -56,12 +56,12 @@ from cluster.catalog.schema import (
     utc,
 )
 from cluster.catalog.writer import CatalogWriter
-from workers import store
-from workers.envelope import EnvelopeError
 from workers.errors import RejectError
-from workers.keys import FileKeyProvider, KeyFileError
+from workers.objects import store
+from workers.objects.envelope import EnvelopeError
+from workers.objects.keys import FileKeyProvider, KeyFileError
+from workers.pipeline.recover import RecoveredRow, UnreadableObjectError, read_row
 from workers.records import InstanceRecord, StoreSettings
-from workers.recover import RecoveredRow, UnreadableObjectError, read_row
 
 # Objects read at once. The work is mostly waiting on ranged GETs (AES-GCM and zstd
 # release the GIL), so threads in this process suffice and need no Ray: the node, and

@@ -31,8 +31,8 @@ import pyarrow.fs as pa_fs
 from deltalake import DeltaTable
 
 from cluster.catalog.placements import PLACEMENTS_SCHEMA
+from workers.objects.store import ensure_bucket
 from workers.records import InstanceRecord, StoreSettings
-from workers.store import ensure_bucket
 
 DEFAULT_BUCKET = "strata-catalog"
 INSTANCES = "instances"

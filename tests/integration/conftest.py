@@ -20,9 +20,9 @@ import ray
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from cluster.minio_server import MinioServer
-from cluster.ray_runtime import init_local_ray
-from tests.integration.node import Node
+from cluster.ops.minio import MinioServer
+from cluster.ops.ray_runtime import init_local_ray
+from tests.integration.node import Node, free_port
 from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored
 
 _HERE = Path(__file__).parent
@@ -76,8 +76,23 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         max_file_bytes=str(NODE_MAX_FILE),
         max_inflight_bytes=str(NODE_INFLIGHT),
         fanout_min_bytes=str(MiB),  # so that test_multiframe's 3 MB instance fans out
+        dimse_port=str(free_port()),
+        dimse_peers=",".join(f"{ae}=127.0.0.1:{port}" for ae, port in DIMSE_PEERS.items()),
     ) as node:
         yield node
+
+
+# The calling AE titles the shared node's DIMSE door admits, with the ports where those
+# that take C-MOVE sub-operations or commitment reports listen (DCMTK's tools call with
+# their own names; TESTSCU is the tests' own SCU and SCP).
+DIMSE_PEERS = {
+    "ECHOSCU": 1,
+    "STORESCU": 1,
+    "FINDSCU": 1,
+    "GETSCU": 1,
+    "MOVESCU": free_port(),
+    "TESTSCU": free_port(),
+}
 
 
 def ct_instances(count: int, tag: str, *, frames: int = 0) -> list[tuple[str, bytes]]:

@@ -44,6 +44,11 @@ class Node:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def dimse_port(self) -> int:
+        """The DIMSE door's port (configured as ``dimse_port``)."""
+        return int(self.settings["dimse_port"])
+
+    @property
     def pid(self) -> int:
         """The process id of the running `strata serve` (the Ray driver)."""
         if self._process is None or self._process.poll() is not None:

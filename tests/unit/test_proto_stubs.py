@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster import protogen
+from cluster.dev import protogen
 
 
 def test_stubs_are_fresh(tmp_path: Path) -> None:

@@ -1,0 +1,454 @@
+"""The ``strata`` command: serve, ingest, get, query, catalog rebuild, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from cluster import config as config_module
+from cluster.config import CODECS, Config, ConfigError
+
+if TYPE_CHECKING:
+    from workers.records import StoreSettings
+
+console = Console(stderr=True, soft_wrap=True)  # one failure, one line
+# Retrieval-only targets (never chosen at ingest), beside the codecs of cluster.config.
+OTHER_TARGETS = {
+    "rle": "1.2.840.10008.1.2.5",
+    "explicit": "1.2.840.10008.1.2.1",
+    "deflated": "1.2.840.10008.1.2.1.99",
+}
+
+
+class CommandError(Exception):
+    """A failure the command explains in one sentence (no traceback, nothing internal)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code.
+
+    Every failure ends in one line that says what failed and what to do, and a non-zero
+    exit; the detail goes to the log (``strata serve``) or is shown with ``--debug``.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except ConfigError as error:
+        console.print(f"[red]configuration error:[/red] {error}")
+        return 2
+    except grpc.RpcError as error:
+        console.print(f"[red]{_rpc_failure(error, getattr(args, 'server', ''))}[/red]")
+        return 1
+    except CommandError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        console.print(
+            f"[red]strata {args.command} failed ({type(error).__name__}); run it again with "
+            "--debug for the details[/red]"
+        )
+        return 1
+
+
+def _rpc_failure(error: grpc.RpcError, server: str) -> str:
+    """One sentence for a failed call: the server's own words, or why it was not reached."""
+    code = error.code()
+    details = error.details() or ""
+    # gRPC's own texts (connection refused, name resolution, deadline) carry addresses and
+    # socket errors; Strata's servers answer with sentences written for people.
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        "failed to connect" in details.lower() or "connection" in details.lower()
+    ):
+        return (
+            f"no Strata node answers at {server}: start one with `strata serve`, or name "
+            "the right one with --server HOST:PORT"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and details.lower().startswith("deadline"):
+        return (
+            f"the node at {server} did not answer in time; it may be overloaded or "
+            "restarting a component, try again (or raise --timeout)"
+        )
+    return f"the node answered {code.name}: {details}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strata", description=__doc__)
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument(
+        "--debug", action="store_true", help="show a traceback when a command fails"
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
+
+    serve = commands.add_parser("serve", help="run the gRPC front end")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    serve.add_argument("--dimse-port", type=int, help="DIMSE port (default: no DIMSE door)")
+    serve.add_argument("--dimse-ae-title", help="the DIMSE door's AE title (default STRATA)")
+    serve.add_argument("--embedded", action="store_true", help="also start local Ray and MinIO")
+    serve.add_argument("--data-dir", type=Path, help="where embedded MinIO keeps its drives")
+    serve.set_defaults(run=_serve)
+
+    ingest = commands.add_parser("ingest", help="send files and folders (recursive)")
+    ingest.add_argument("paths", nargs="+", type=Path)
+    ingest.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    ingest.set_defaults(run=_ingest)
+
+    get = commands.add_parser("get", help="retrieve one instance")
+    get.add_argument("sop_instance_uid")
+    get.add_argument("--out", type=Path, required=True, help="file to write")
+    get.add_argument(
+        "--syntax",
+        default="original",
+        choices=["original", "stored", *CODECS, *OTHER_TARGETS],
+        help="original: the file as received, byte for byte; stored: the compressed form "
+        f"Strata keeps; {', '.join(CODECS)}, rle: transcoded losslessly to that codec; "
+        "explicit, deflated: uncompressed Explicit VR Little Endian, or deflated",
+    )
+    get.add_argument("--version", type=int, default=0, help="0 = latest")
+    get.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    get.add_argument(
+        "--timeout", type=float, default=600, help="seconds to wait for the whole file"
+    )
+    get.set_defaults(run=_get)
+
+    query = commands.add_parser("query", help="SQL over the catalog (DuckDB)")
+    query.add_argument("sql", help='e.g. "SELECT modality, count(*) FROM instances GROUP BY 1"')
+    query.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
+    query.set_defaults(run=_query)
+
+    catalog = commands.add_parser("catalog", help="catalog maintenance")
+    actions = catalog.add_subparsers(required=True, metavar="ACTION", dest="action")
+    rebuild = actions.add_parser(
+        "rebuild",
+        help="rebuild a lost catalog from the objects in the store (with the node stopped)",
+    )
+    rebuild.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
+    rebuild.add_argument(
+        "--force",
+        action="store_true",
+        help="if the catalog's tables hold rows (or cannot be read), delete them first",
+    )
+    rebuild.set_defaults(run=_catalog_rebuild)
+
+    demo = commands.add_parser("demo", help="ingest sample studies end to end and report")
+    demo.add_argument("--work-dir", type=Path, help="keep the demo's files here")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _load(args: argparse.Namespace, **overrides: object) -> Config:
+    return config_module.load(args.config, **overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.doors.grpc.server import PortUnavailableError
+    from cluster.ops.minio import MinioServerError
+    from cluster.ops.node import Stack
+
+    config = _load(
+        args,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        dimse_port=args.dimse_port,
+        dimse_ae_title=args.dimse_ae_title,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def run() -> None:
+        stack = Stack(config, embedded=args.embedded)
+        try:
+            await stack.start()
+        except PortUnavailableError as error:
+            raise CommandError(f"strata serve could not start: {error}") from None
+        except MinioServerError as error:
+            logging.getLogger("strata.serve").error("MinIO did not start: %s", error)
+            raise CommandError(
+                "strata serve could not start its object store (MinIO); the log above says why"
+            ) from None
+        except Exception as error:
+            logging.getLogger("strata.serve").error(
+                "start-up failed: %s: %s", type(error).__name__, error, exc_info=args.debug
+            )
+            raise CommandError(
+                f"strata serve could not start ({type(error).__name__}): is the object store "
+                "reachable and the data directory writable? The log above has the details"
+            ) from None
+        doors = f"gRPC {stack.address}"
+        if stack.dimse is not None:
+            doors += f", DIMSE {config.dimse_ae_title}@{config.dimse_host}:{stack.dimse.port}"
+        console.print(f"strata serving: {doors}  (Ctrl-C to stop)")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await stack.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from cluster.client import StrataClient, expand_paths
+
+    missing = [p for p in args.paths if not p.exists()]
+    for path in missing:
+        console.print(f"[red]no such file or folder:[/red] {path}")
+    files = expand_paths(p for p in args.paths if p.exists())
+    total = sum(path.stat().st_size for path in files)
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    bytes_stored = 0
+    with StrataClient(args.server) as client, _progress() as progress:
+        sent = progress.add_task("sent", total=total)
+        done = progress.add_task("answered", total=len(files))
+        for outcome in client.ingest_files(files, on_sent=lambda n: progress.advance(sent, n)):
+            counts[outcome.status] += 1
+            bytes_stored += outcome.bytes_stored
+            progress.advance(done)
+            if outcome.status == "rejected":
+                reasons[outcome.reason] += 1
+                progress.console.print(
+                    f"[yellow]rejected[/yellow] {outcome.source}: {outcome.reason}: "
+                    f"{outcome.message}"
+                )
+    table = Table(title="ingest summary")
+    for column in ("files", "stored", "duplicate", "rejected", "MB sent", "MB stored"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(len(files)),
+        str(counts["stored"]),
+        str(counts["duplicate"]),
+        str(counts["rejected"]),
+        f"{total / 1e6:.1f}",
+        f"{bytes_stored / 1e6:.1f}",
+    )
+    Console().print(table)
+    for reason, count in reasons.most_common():
+        Console().print(f"  rejected {count} × {reason}")
+    return 1 if counts["rejected"] or missing else 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    from cluster.client import IntegrityError, StrataClient
+
+    targets = {**CODECS, **OTHER_TARGETS}
+    with StrataClient(args.server) as client:
+        try:
+            retrieved = client.retrieve_to(
+                args.out,
+                args.sop_instance_uid,
+                stored=args.syntax == "stored",
+                version=args.version,
+                transfer_syntax=targets.get(args.syntax, ""),
+                timeout=args.timeout,
+            )
+        except IntegrityError as error:
+            raise CommandError(f"{error}; nothing was written, try again") from None
+    console.print(
+        f"wrote {args.out} ({args.out.stat().st_size} bytes, transfer syntax "
+        f"{retrieved.transfer_syntax}, sha256 {retrieved.sha256[:16]}…)"
+    )
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    import duckdb
+    from deltalake.exceptions import DeltaError
+
+    from cluster import catalog
+    from cluster.ops.node import node_store_settings
+
+    config = _load(args, data_dir=args.data_dir)
+    try:
+        settings = node_store_settings(config)
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    try:
+        connection = catalog.connect(settings, bucket=config.catalog_bucket)
+    except (OSError, DeltaError):
+        raise CommandError(
+            "the catalog cannot be read: its object store does not answer (is the node "
+            "running?) or the catalog tables do not exist yet"
+        ) from None
+    try:
+        result = connection.execute(args.sql)
+    except duckdb.Error as error:
+        # DuckDB's own sentence names the bad column or syntax; its first line is enough.
+        raise CommandError(f"the query failed: {str(error).splitlines()[0]}") from None
+    columns = [d[0] for d in result.description]
+    table = Table()
+    for column in columns:
+        table.add_column(column)
+    for row in result.fetchall():
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)
+    return 0
+
+
+def _catalog_rebuild(args: argparse.Namespace) -> int:
+    from cluster.catalog.rebuild import CatalogNotEmptyError, RebuildProgress, rebuild_catalog
+    from cluster.config import TIERS
+    from cluster.ops.node import catalog_index_path
+    from workers.objects.keys import KeyFileError, load_key_file
+    from workers.objects.store import StoreError
+
+    config = _load(args, data_dir=args.data_dir)
+    try:
+        keys = load_key_file(config.key_file)
+    except KeyFileError as error:
+        raise CommandError(f"{error}; without it no object can be read") from None
+    with _store_of_stopped_node(config) as settings, _counting() as progress:
+        read = progress.add_task("read", total=None)
+        written = progress.add_task("written", total=None)
+
+        def show(counts: RebuildProgress) -> None:
+            progress.update(read, completed=counts.read, total=counts.listed)
+            progress.update(written, completed=counts.written, total=counts.to_write or None)
+
+        try:
+            report = rebuild_catalog(
+                settings,
+                keys,
+                index_path=catalog_index_path(config),
+                tiers=TIERS,
+                bucket=config.catalog_bucket,
+                force=args.force,
+                on_progress=show,
+            )
+        except CatalogNotEmptyError as error:
+            raise CommandError(str(error)) from None
+        except StoreError as error:
+            raise CommandError(
+                f"the object store failed during the rebuild ({error}); run it again, with "
+                "--force if it had begun writing the catalog"
+            ) from None
+    for failure in report.failures:
+        console.print(
+            f"[yellow]not rebuilt[/yellow] {failure.bucket}/{failure.key}: {failure.reason}"
+        )
+    table = Table(title=f"catalog rebuild ({config.catalog_bucket})")
+    for column in ("objects read", "rows written", "studies", "failed", "legacy"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(report.objects_read),
+        str(report.rows_written),
+        str(report.studies),
+        str(len(report.failures)),
+        str(report.legacy),
+    )
+    Console().print(table)
+    if report.legacy:
+        Console().print(
+            f"  {report.legacy} objects predate manifests with ingest_time: their rows have "
+            "the object's last-modified time as ingest_time and an empty storage_note"
+        )
+    return 1 if report.failures else 0
+
+
+@contextlib.contextmanager
+def _store_of_stopped_node(config: Config) -> Iterator[StoreSettings]:
+    """The object store to rebuild from: ``minio_endpoint``, or else the embedded MinIO
+    under ``data_dir``, started for the rebuild; refused while that node runs."""
+    from cluster.ops.minio import MinioServer, MinioServerError
+    from cluster.ops.node import NODE_FILE
+    from workers.records import StoreSettings
+
+    if config.minio_endpoint:
+        yield StoreSettings(config.minio_endpoint, config.minio_access_key, config.minio_secret_key)
+        return
+    node_file = config.data_dir / NODE_FILE
+    if node_file.exists() and _answers(json.loads(node_file.read_text())["grpc"]):
+        raise CommandError(
+            f"a node is running under {config.data_dir}; stop it before rebuilding its catalog "
+            "(its catalog writer and orphan reconciler must not run meanwhile)"
+        )
+    drives = config.data_dir / "minio"
+    if not drives.is_dir():
+        raise CommandError(
+            f"there is no embedded object store under {config.data_dir}; name the node's "
+            "--data-dir, or set minio_endpoint"
+        )
+    server = MinioServer(drives, drives=config.minio_drives)
+    try:
+        server.start()
+    except MinioServerError as error:
+        raise CommandError(f"the embedded object store did not start: {error}") from None
+    try:
+        yield server.settings
+    finally:
+        server.stop()
+
+
+def _answers(address: str) -> bool:
+    """Whether something accepts connections at ``HOST:PORT``."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cluster.cli.demo import run_demo
+
+    return run_demo(_load(args), work_dir=args.work_dir)
+
+
+def _counting() -> Progress:
+    return Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Who may reach the archive: exposure rules for the doors, authentication, audit."""

@@ -1,0 +1,395 @@
+"""The per-instance ingest pipeline: parse, split, encode, verify, encrypt, store.
+
+``ingest_batch`` is what a Ray task runs: plain data in, plain data out. Which files go in
+one batch, and how many batches run at once, is decided in ``cluster/dispatch.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import imagecodecs
+import ray
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from workers.codecs.lossless import (
+    NotLossless,
+    decode_to_native,
+    encode_verified,
+    lossless_transfer_syntaxes,
+    values_fit_bits_stored,
+)
+from workers.dicom.split import (
+    InstanceHeader,
+    PixelLayout,
+    SplitFile,
+    sample_bytes,
+    split_file,
+    swap_pairs,
+)
+from workers.errors import Reason, RejectError
+from workers.objects import store
+from workers.objects.envelope import seal
+from workers.objects.keys import Pseudonymizer, cached_key_file
+from workers.objects.manifest import Manifest
+from workers.pipeline.fanout import FrameFanout
+from workers.records import (
+    HTJ2K_LOSSLESS,
+    IngestItem,
+    InstanceRecord,
+    Outcome,
+    Rejected,
+    Stored,
+    StoreSettings,
+    syntax_name,
+)
+
+log = logging.getLogger("strata.workers.ingest")
+
+# A codec (or zstd) must make the pixel data at least 5 % smaller to be worth storing.
+MIN_SAVING = 0.95
+ZSTD_LEVEL = 3  # fast enough to stay well below the codec's cost, most of the gain
+# When the policy's codec cannot hold a layout, the next one tried (best ratio first).
+_CODEC_PREFERENCE = (
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    HTJ2K_LOSSLESS,
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14 (predictor 4)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Process 14, selection value 1
+)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Everything a worker needs to store an instance; passed to every task."""
+
+    store: StoreSettings
+    key_file: str
+    tier: str = "hot"
+    transfer_syntax: str = HTJ2K_LOSSLESS  # the tier's codec
+    # Per-modality exceptions for this tier: (modality, transfer syntax) pairs.
+    modality_codecs: tuple[tuple[str, str], ...] = ()
+    fanout: FrameFanout = field(default_factory=FrameFanout)
+    # A codec or zstd is used only if the result is at most this fraction of the input.
+    min_saving: float = MIN_SAVING
+    # The most bytes a data set may take once inflated or decoded (max_file_bytes): a
+    # small deflated or compressed file that would expand past it is refused unexpanded.
+    max_file_bytes: int | None = None
+
+    def codecs_for(self, modality: str) -> list[str]:
+        """Lossless syntaxes to try, in order: the policy's choice, then the others."""
+        first = dict(self.modality_codecs).get(modality, self.transfer_syntax)
+        others = sorted(lossless_transfer_syntaxes() - {first}, key=_preference)
+        return [first, *others]
+
+
+def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Outcome]:
+    """Store every item it can; one outcome per item, in order. One bad file never stops
+    the others."""
+    outcomes: list[Outcome] = []
+    for item in items:
+        try:
+            whole = _gathered(item)
+        except Exception as error:  # noqa: BLE001 - this file's parts are gone, not the batch's
+            log.error("file %s: its parts could not be read: %s", _short(item.sha256), error)
+            outcomes.append(Rejected(item.file_id, Reason.STORAGE_FAILED.value, _PARTS_LOST))
+            continue
+        try:
+            outcomes.append(ingest_one(whole, settings))
+        except RejectError as error:
+            outcomes.append(Rejected(item.file_id, error.reason.value, error.message))
+        except StorageError as error:
+            log.error("file %s: the object store refused it: %s", _short(item.sha256), error)
+            outcomes.append(
+                Rejected(
+                    item.file_id,
+                    Reason.STORAGE_FAILED.value,
+                    "the object store did not accept this file (it is unavailable or "
+                    "restarting); nothing was committed for it, send it again",
+                )
+            )
+        except Exception as error:
+            log.exception("file %s failed in the pipeline", _short(item.sha256))
+            outcomes.append(
+                Rejected(
+                    item.file_id,
+                    Reason.INTERNAL.value,
+                    f"the pipeline failed with {type(error).__name__}; nothing was stored "
+                    "for this file and the error was logged",
+                )
+            )
+    return outcomes
+
+
+def _gathered(item: IngestItem) -> IngestItem:
+    """``item`` with the whole file in ``data``: its parts fetched from Ray's object store."""
+    if not item.parts:
+        return item
+    parts = ray.get(list(item.parts), timeout=PARTS_TIMEOUT_S)
+    data = b"".join([*parts, item.data])
+    del parts
+    return IngestItem(item.file_id, data, item.sha256)
+
+
+PARTS_TIMEOUT_S = 60.0
+_PARTS_LOST = (
+    "the archive lost part of this file before storing it (a component restarted); nothing "
+    "was committed for it, send it again"
+)
+
+
+class StorageError(Exception):
+    """Writing a prepared object to the store failed; the file itself was fine."""
+
+
+def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
+    """Store one file and return its catalog row (not yet committed)."""
+    blob, record = prepare(item, settings)
+    try:
+        store.put(settings.store, store.tier_bucket(settings.tier), record.object_key, blob)
+    except Exception as error:
+        raise StorageError(f"{type(error).__name__}: {error}") from error
+    return Stored(item.file_id, record)
+
+
+def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, InstanceRecord]:
+    """The sealed object for one file and its catalog row; no I/O but the key file."""
+    data = bytes(item.data)  # already bytes in a worker: no copy
+    split = split_file(data, max_dataset_bytes=settings.max_file_bytes)
+    header = split.header
+    codecs = settings.codecs_for(header.modality)
+    manifest, segments, note = _encode(
+        data, split, item.sha256, codecs, settings.fanout, settings.min_saving
+    )
+    if manifest.kind == "whole":
+        # A split object is proven by its rebuild hash; a whole one by hashing it here.
+        _check_received(data, item.sha256)
+
+    keys = cached_key_file(settings.key_file)
+    object_key = store.object_key_for(
+        header.study_instance_uid, header.sop_instance_uid, item.sha256
+    )
+    manifest = replace(
+        manifest,
+        sop_instance_uid=header.sop_instance_uid,
+        ingest_time=datetime.now(UTC),
+        storage_note=note,
+    )
+    blob = seal(
+        [manifest.to_bytes(), *segments],
+        object_key=object_key,
+        sop_instance_uid=header.sop_instance_uid,
+        keys=keys,
+    )
+    record = instance_record(
+        header,
+        split.layout,
+        manifest,
+        pseudonyms=keys.pseudonymizer(),
+        object_key=object_key,
+        bytes_stored=len(blob),
+        tier=settings.tier,
+        key_id=keys.active_key_id,
+    )
+    return blob, record
+
+
+def instance_record(
+    header: InstanceHeader,
+    layout: PixelLayout | None,
+    manifest: Manifest,
+    *,
+    pseudonyms: Pseudonymizer,
+    object_key: str,
+    bytes_stored: int,
+    tier: str,
+    key_id: str,
+) -> InstanceRecord:
+    """The catalog row of a stored object (``version`` still 0), from the file's header and
+    pixel layout, the object's manifest, and where and how the object is stored.
+
+    Ingest and the catalog rebuild (``workers.pipeline.recover``) both build rows here, so that a
+    rebuilt row is computed the way the lost one was.
+    """
+    if manifest.ingest_time is None:
+        raise ValueError("the manifest has no ingest_time; a catalog row needs one")
+    return InstanceRecord(
+        sop_instance_uid=header.sop_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        modality=header.modality,
+        body_part=header.body_part,
+        study_date=header.study_date,
+        patient_pseudonym=pseudonyms.pseudonym("patient_id", header.patient_id),
+        accession_pseudonym=pseudonyms.pseudonym("accession_number", header.accession_number),
+        transfer_syntax_in=header.transfer_syntax,
+        transfer_syntax_stored=manifest.transfer_syntax_stored,
+        storage_action=manifest.storage_action,
+        storage_note=manifest.storage_note,
+        frames=layout.frames if layout else 0,
+        rows=layout.rows if layout else 0,
+        columns=layout.columns if layout else 0,
+        bits_allocated=layout.bits_allocated if layout else 0,
+        bits_stored=layout.bits_stored if layout else 0,
+        samples_per_pixel=layout.samples_per_pixel if layout else 0,
+        photometric_interpretation=layout.photometric_interpretation if layout else "",
+        bytes_in=manifest.original_length,
+        bytes_stored=bytes_stored,
+        sha256=manifest.sha256,
+        object_key=object_key,
+        tier=tier,
+        key_id=key_id,
+        ingest_time=manifest.ingest_time,
+    )
+
+
+def _encode(
+    data: bytes,
+    split: SplitFile,
+    sha256: str,
+    codecs: Sequence[str],
+    fanout: FrameFanout | None = None,
+    min_saving: float = MIN_SAVING,
+) -> tuple[Manifest, list[bytes | memoryview], str]:
+    """Choose the stored form and say why, in one sentence.
+
+    In order: the first of ``codecs`` (the tier's choice for this modality first) that
+    holds the pixel data exactly; else zstd of the file when it has native pixels and
+    zstd saves at least 5 %; else the file as received. Encapsulated pixel data is never
+    re-encoded: its original codestream could not be given back byte for byte.
+    """
+    header = split.header
+    layout = split.layout
+    if layout is None:
+        if split.native_pixels:
+            reason = "Float or Double Float Pixel Data, which no lossless image codec holds"
+            return _zstd_or_whole(data, sha256, header.transfer_syntax, reason)
+        if split.encapsulated:
+            note = (
+                f"pixel data arrived encapsulated ({syntax_name(header.transfer_syntax)}); "
+                "kept as received because its codestream could not be regenerated byte for "
+                "byte from decoded pixels"
+            )
+        elif header.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            note = "deflated data set, already compressed; kept as received"
+        else:
+            note = "no pixel data; kept as received"
+        return _whole(data, sha256, header.transfer_syntax), [data], note
+
+    view = memoryview(data)
+    prefix = view[: split.pixel_start]
+    pixels = memoryview(sample_bytes(data, split))
+    suffix = view[split.pixel_end :]
+    if not values_fit_bits_stored(pixels, layout):
+        reason = (
+            f"samples use bits above Bits Stored {layout.bits_stored} (overlay or stray "
+            "high bits), which a compressed DICOM file would show as pixels"
+        )
+        return _zstd_or_whole(data, sha256, header.transfer_syntax, reason)
+    refusals: list[str] = []
+    spread = ""
+    for transfer_syntax in codecs:
+        # The proof: the file rebuilt from what is stored (prefix, every frame as decoded
+        # back from its codestream, pad byte, suffix) hashes to what the front end
+        # received. It also proves the bytes did not change on the way to this worker.
+        rebuilt = hashlib.sha256(prefix)
+        try:
+            if split.pairs_swapped:
+                # Frames are verified against the samples in order; the file hash is taken
+                # over the value swapped back, as the file holds it.
+                encoded = encode_verified(pixels, layout, transfer_syntax)
+                rebuilt.update(swap_pairs(decode_to_native(encoded, layout)))
+                encoded = replace(encoded, trailing=b"")
+            elif fanout is not None and not refusals and fanout.applies(layout):
+                encoded, tasks = fanout.encode(pixels, layout, transfer_syntax)
+                # Each task proved its decoded frames equal these bytes bit for bit, so
+                # hashing them is hashing the decoded frames.
+                rebuilt.update(pixels[: layout.expected_length])
+                spread = f", {layout.frames} frames encoded by {tasks} parallel tasks"
+            else:
+                encoded = encode_verified(pixels, layout, transfer_syntax, digest=rebuilt)
+        except NotLossless as error:
+            refusals.append(str(error))
+            continue
+        coded = sum(map(len, encoded.frames))
+        if coded > min_saving * layout.expected_length:
+            refusals.append(
+                f"{syntax_name(transfer_syntax)} saved nothing on this image "
+                f"({coded} bytes for {layout.expected_length})"
+            )
+            break  # the other codecs would not do better on so small or noisy an image
+        rebuilt.update(encoded.trailing)
+        rebuilt.update(suffix)
+        if rebuilt.hexdigest() != sha256:
+            log.error("lossless check failed for file %s", _short(sha256))
+            refusals.append(f"{syntax_name(transfer_syntax)} did not rebuild the original")
+            continue
+        manifest = Manifest(
+            kind="split",
+            sha256=sha256,
+            original_length=len(data),
+            transfer_syntax_in=header.transfer_syntax,
+            transfer_syntax_stored=encoded.transfer_syntax,
+            layout=layout,
+            trailing=bytes(pixels[layout.expected_length :]),
+            frame_count=len(encoded.frames),
+            pairs_swapped=split.pairs_swapped,
+        )
+        note = f"pixel data re-encoded as {syntax_name(encoded.transfer_syntax)}, verified{spread}"
+        if refusals:
+            note += f" ({_first(refusals)})"
+        return manifest, [prefix, *encoded.frames, suffix], note
+    return _zstd_or_whole(data, sha256, header.transfer_syntax, _first(refusals))
+
+
+def _first(refusals: list[str]) -> str:
+    """The first codec's refusal, and how many others refused too: one short sentence."""
+    others = len(refusals) - 1
+    return refusals[0] + (f"; {others} other codec(s) could not either" if others > 0 else "")
+
+
+def _whole(data: bytes, sha256: str, transfer_syntax: str, compression: str = "") -> Manifest:
+    return Manifest(
+        kind="whole",
+        sha256=sha256,
+        original_length=len(data),
+        transfer_syntax_in=transfer_syntax,
+        transfer_syntax_stored=transfer_syntax,
+        compression=compression,
+    )
+
+
+def _zstd_or_whole(
+    data: bytes, sha256: str, transfer_syntax: str, reason: str
+) -> tuple[Manifest, list[bytes | memoryview], str]:
+    """The file zstd-compressed when that saves 5 % or more, else as received."""
+    packed = bytes(imagecodecs.zstd_encode(data, level=ZSTD_LEVEL))
+    if len(packed) <= MIN_SAVING * len(data) and imagecodecs.zstd_decode(packed) == data:
+        saved = 100 * (1 - len(packed) / len(data))
+        note = f"{reason}; stored zstd-compressed ({saved:.0f} % smaller), verified"
+        return _whole(data, sha256, transfer_syntax, "zstd"), [packed], note
+    return _whole(data, sha256, transfer_syntax), [data], f"{reason}; kept as received"
+
+
+def _preference(transfer_syntax: str) -> int:
+    """Place in the fallback order; a codec registered later and not listed comes last."""
+    if transfer_syntax in _CODEC_PREFERENCE:
+        return _CODEC_PREFERENCE.index(transfer_syntax)
+    return len(_CODEC_PREFERENCE)
+
+
+def _check_received(data: bytes, sha256: str) -> None:
+    """Refuse bytes that are not the ones the front end hashed."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RejectError(
+            Reason.BAD_REQUEST, "the file changed between the front end and the worker"
+        )
+
+
+def _short(sha256: str) -> str:
+    return sha256[:12]
