@@ -67,6 +67,14 @@ class Config:
     dimse_tls_cert: str = ""
     dimse_tls_key: str = ""
     dimse_tls_ca: str = ""
+    # The DICOMweb door (0: off): bearer tokens (comma-separated) checked on every request;
+    # with none, one is generated at start-up into <data_dir>/http-token (mode 0600). On
+    # any address but loopback it needs TLS (certificate and key) and configured tokens.
+    http_port: int = 0
+    http_host: str = "127.0.0.1"
+    http_tokens: str = ""
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
     # Storage
     data_dir: Path = field(default_factory=lambda: _data_home() / "strata")
     key_file: Path = field(default_factory=lambda: _config_home() / "strata" / "keys.json")
@@ -193,6 +201,20 @@ class Config:
                     "dimse_tls_cert": self.dimse_tls_cert,
                     "dimse_tls_key": self.dimse_tls_key,
                     "dimse_peers": self.dimse_peers,
+                },
+            )
+            if problem:
+                raise ConfigError(problem)
+        if not 0 <= self.http_port < 65536:
+            raise ConfigError(f"http_port must be 0 (off) or 1..65535, not {self.http_port}")
+        if self.http_port:
+            problem = exposure_problem(
+                "DICOMweb",
+                self.http_host,
+                {
+                    "http_tls_cert": self.http_tls_cert,
+                    "http_tls_key": self.http_tls_key,
+                    "http_tokens": self.http_tokens,
                 },
             )
             if problem:

@@ -109,6 +109,9 @@ class Stored:
 
     file_id: str
     record: InstanceRecord
+    # Its row of the identity index (workers.dicom.identity.IdentityRow); None where none
+    # could be made (a row rebuilt without its file).
+    identity: Any = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from cryptography.exceptions import InvalidTag
 
 from cluster.archive.admission import ByteBudget
 from cluster.archive.dispatch import (
@@ -37,10 +38,14 @@ from cluster.archive.dispatch import (
     cause_of,
     within,
 )
+from cluster.archive.find import UNIQUE, FindError, Found, Query
+from cluster.archive.find import find as find_matches
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import StudyRow
+from workers.dicom.identity import IdentityKeys
 from workers.errors import Reason
 from workers.objects import store
+from workers.objects.keys import cached_key_file
 from workers.pipeline.frames import FrameData, NoSuchFrameError, read_frames
 from workers.pipeline.ingest import PipelineSettings
 from workers.pipeline.restore import (
@@ -478,6 +483,82 @@ class Archive:
         )
         return rows
 
+    async def study_boxes(self, study_uids: list[str]) -> dict[str, tuple[str, bytes]]:
+        """Each study's latest SOP Instance UID and sealed identity box."""
+        if not study_uids:
+            return {}
+        boxes: dict[str, tuple[str, bytes]] = await self._searching(
+            self._catalog.study_boxes.remote(study_uids)
+        )
+        return boxes
+
+    async def identities(self, sha256s: list[str]) -> dict[str, bytes]:
+        """The sealed identity boxes of these files, by SHA-256."""
+        if not sha256s:
+            return {}
+        boxes: dict[str, bytes] = await self._searching(self._catalog.identities.remote(sha256s))
+        return boxes
+
+    async def find(self, query: Query, limit: int = 1000) -> Found:
+        """C-FIND and QIDO: what matches ``query`` (``cluster.archive.find``), identity
+        included: a door calls it only for a caller it has admitted."""
+        self.check_available()
+        try:
+            return await find_matches(self, query, limit, self._identity_keys())
+        except FindError as error:
+            raise ArchiveError(error.reason, error.message) from None
+        except InvalidTag:
+            log.error("an identity box failed authentication: the index or its key changed")
+            raise ArchiveError(Reason.DATA_LOSS, _IDENTITY_UNREADABLE) from None
+
+    async def retrievable(self, query: Query) -> list[InstanceRecord]:
+        """C-MOVE and C-GET: the current version of every instance the unique keys of
+        ``query`` name (Study, Series, SOP Instance UIDs down to its level)."""
+        self.check_available()
+        studies = [uid for uid in query.value("StudyInstanceUID").split("\\") if uid]
+        series: list[str | None] = [
+            uid for uid in query.value("SeriesInstanceUID").split("\\") if uid
+        ]
+        sops = {uid for uid in query.value("SOPInstanceUID").split("\\") if uid}
+        needed = {"STUDY": studies, "SERIES": series, "IMAGE": sops}
+        if query.level == "PATIENT":
+            if not query.value("PatientID"):
+                raise ArchiveError(
+                    Reason.BAD_REQUEST, "a PATIENT-level retrieve needs a Patient ID"
+                )
+            found = await self.find(Query("STUDY", {"PatientID": query.value("PatientID")}, True))
+            studies = [match["StudyInstanceUID"] for match in found.matches]
+        elif not needed[query.level]:
+            raise ArchiveError(
+                Reason.BAD_REQUEST,
+                f"a {query.level}-level retrieve needs the {UNIQUE[query.level]} of what to send",
+            )
+        records: list[InstanceRecord] = []
+        if query.level == "IMAGE" and not studies:
+            for sop in sops:
+                records.append(await self.instance(sop))
+            return records
+        if not studies:
+            raise ArchiveError(
+                Reason.BAD_REQUEST, "a retrieve below the STUDY level needs its Study Instance UID"
+            )
+        for study in studies:
+            for one_series in series or [None]:
+                records += await self.find_instances(
+                    InstanceFilters(study_uid=study, series_uid=one_series), limit=1_000_000
+                )
+        latest: dict[str, InstanceRecord] = {}
+        for record in records:
+            if sops and record.sop_instance_uid not in sops:
+                continue
+            held = latest.get(record.sop_instance_uid)
+            if held is None or record.version > held.version:
+                latest[record.sop_instance_uid] = record
+        return list(latest.values())
+
+    def _identity_keys(self) -> IdentityKeys:
+        return IdentityKeys(cached_key_file(self._settings.key_file).pseudonymizer())
+
     async def _searching(self, call: Any) -> Any:
         """Await a catalog search within its deadline; a failure as ArchiveError."""
         try:
@@ -521,6 +602,10 @@ _PARTS_LOST = (
 )
 _CATALOG_DOWN = "the catalog is not answering; try again shortly"
 _SEARCH_TIMEOUT = "the catalog search did not finish in time; narrow it or try again"
+_IDENTITY_UNREADABLE = (
+    "the identity index could not be read (a box failed its check); the search was not "
+    "answered, and an operator has been told"
+)
 _STORE_DOWN = "the object store is not answering; try again shortly"
 _WORKERS_DOWN = "the archive's workers are restarting; try again shortly"
 _READ_FAILED = "the instance could not be read; the error was logged for the operators"

@@ -54,6 +54,8 @@ from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
     ACCESS,
     ACCESS_SCHEMA,
+    IDENTITY,
+    IDENTITY_SCHEMA,
     INSTANCES,
     JOURNALED,
     PLACEMENTS,
@@ -71,7 +73,7 @@ from workers.records import InstanceRecord
 log = logging.getLogger("strata.catalog")
 
 # The index's own schema; a file with another one is rebuilt.
-FORMAT = 8
+FORMAT = 9
 CACHE_KIB = 64 * 1024  # SQLite's page cache: the index's whole memory
 _BATCH = 50_000
 # Studies derived by one statement when the index is rebuilt.
@@ -159,6 +161,11 @@ _TABLES = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
     "CREATE TABLE IF NOT EXISTS journal (source TEXT NOT NULL, seq INTEGER NOT NULL, "
     "rows INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (source, seq));\n"
+    # The identity index: each file's sealed box, and each blind token's studies.
+    "CREATE TABLE IF NOT EXISTS identity (sha256 BLOB PRIMARY KEY, sealed BLOB NOT NULL)"
+    " WITHOUT ROWID;\n"
+    "CREATE TABLE IF NOT EXISTS identity_tokens (token INTEGER NOT NULL, study BLOB NOT NULL,"
+    " PRIMARY KEY (token, study)) WITHOUT ROWID;\n"
 )
 # Created after a rebuild's bulk insert (faster than keeping them up to date row by row).
 _INDEXES = (
@@ -235,7 +242,11 @@ _CLEAN = "UPDATE studies SET dirty = 0 WHERE study_instance_uid = ? AND dirty = 
 _NOT_PENDING = "UPDATE studies SET fold = NULL WHERE study_instance_uid = ?"
 _SELECT_STUDY = f"SELECT {', '.join(_STUDY_COLUMNS)} FROM studies"
 # The tables the index reads (``studies`` it derives itself).
-SOURCES = (INSTANCES, PLACEMENTS, ACCESS)
+SOURCES = (INSTANCES, PLACEMENTS, ACCESS, IDENTITY)
+# The tables whose rows belong to studies, whose rows they change.
+_OF_STUDIES = (INSTANCES, PLACEMENTS)
+_IDENTIFY = "INSERT OR REPLACE INTO identity (sha256, sealed) VALUES (?, ?)"
+_TOKEN = "INSERT OR IGNORE INTO identity_tokens (token, study) VALUES (?, ?)"
 
 
 class CatalogIndex:
@@ -346,6 +357,9 @@ class CatalogIndex:
             encoded = self._placement_rows(batch)
             with self._db:
                 self._db.executemany(_PLACE, encoded)
+        for batch in _batches(tables[IDENTITY], options, None, IDENTITY_SCHEMA.names):
+            with self._db:
+                self._write(IDENTITY, self._encode(IDENTITY, batch))
         self._derive_all_studies()
         with self._db:
             for batch in _batches(tables[ACCESS], options, None, ACCESS_SCHEMA.names):
@@ -399,7 +413,7 @@ class CatalogIndex:
         for batch in _batches(table, options, paths, JOURNALED[name].names):
             count += batch.num_rows
             encoded.append(self._encode(name, batch))
-            if name != ACCESS:
+            if name in _OF_STUDIES:
                 touched.update(batch.column("study_instance_uid").to_pylist())
         with self._db:
             for rows in encoded:
@@ -415,7 +429,7 @@ class CatalogIndex:
         journal object), kept until flushed, and the study rows they change, in one
         transaction. Applying a group twice changes nothing."""
         encoded = [self._encode(name, batch) for batch in rows.to_batches()]
-        touched = set(rows.column("study_instance_uid").to_pylist()) if name != ACCESS else ()
+        touched = set(rows.column("study_instance_uid").to_pylist()) if name in _OF_STUDIES else ()
         with self._db:
             for batch in encoded:
                 self._write(name, batch)
@@ -518,6 +532,30 @@ class CatalogIndex:
                     found[uid] = int(version)
         return found
 
+    def identities(self, sha256s: Sequence[str]) -> dict[str, bytes]:
+        """The sealed identity boxes of these files (those it has), by SHA-256."""
+        found: dict[str, bytes] = {}
+        for chunk, marks in _in_lists([_packed(sha) for sha in sha256s]):
+            sql = f"SELECT sha256, sealed FROM identity WHERE sha256 IN ({marks})"
+            for sha, sealed in self._db.execute(sql, chunk):
+                found[_unpacked(sha)] = bytes(sealed)
+        return found
+
+    def study_boxes(self, study_uids: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+        """For each of these studies, its latest file's SOP Instance UID and sealed identity
+        box (what a study-level search returns); studies without one are left out."""
+        sql = (
+            "SELECT i.sop_instance_uid, d.sealed FROM instances i JOIN identity d"
+            " ON d.sha256 = i.sha256 WHERE i.study_key = ? AND i.study_instance_uid = ?"
+            " ORDER BY i.id DESC LIMIT 1"
+        )
+        found: dict[str, tuple[str, bytes]] = {}
+        for uid in study_uids:
+            row = self._db.execute(sql, (uid_key(uid), _uid(uid))).fetchone()
+            if row is not None:
+                found[uid] = (_unuid(row[0]), bytes(row[1]))
+        return found
+
     def study(self, study_instance_uid: str) -> StudyRow | None:
         row = self._db.execute(
             _SELECT_STUDY + " WHERE study_instance_uid = ?", (_uid(study_instance_uid),)
@@ -539,6 +577,10 @@ class CatalogIndex:
             ("tier = ?", filters.tier),
             ("study_date >= ?", filters.date_from.isoformat() if filters.date_from else None),
             ("study_date <= ?", filters.date_to.isoformat() if filters.date_to else None),
+        ]
+        conditions += [
+            ("study_instance_uid IN (SELECT study FROM identity_tokens WHERE token = ?)", key)
+            for key in map(token_key, filters.tokens)
         ]
         where, values = _where(conditions)
         sql = f"{_SELECT_STUDY} WHERE {where} ORDER BY study_instance_uid LIMIT ? OFFSET ?"
@@ -667,9 +709,15 @@ class CatalogIndex:
             return self._instance_rows(batch)
         if name == PLACEMENTS:
             return self._placement_rows(batch)
+        if name == IDENTITY:
+            return list(_identity_rows(batch))
         return list(_access_rows(batch))
 
     def _write(self, name: str, rows: list[tuple[Any, ...]]) -> None:
+        if name == IDENTITY:
+            self._db.executemany(_IDENTIFY, [(sha, sealed) for sha, sealed, _ in rows])
+            self._db.executemany(_TOKEN, [token for _, _, tokens in rows for token in tokens])
+            return
         statement = {INSTANCES: _INSERT, PLACEMENTS: _PLACE, ACCESS: _ACCESSED}[name]
         self._db.executemany(statement, rows)
 
@@ -870,7 +918,17 @@ def _connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
-_OWN_TABLES = ("instances", "codes", "placements", "studies", "meta", "journal", "files")
+_OWN_TABLES = (
+    "instances",
+    "codes",
+    "placements",
+    "studies",
+    "meta",
+    "journal",
+    "files",
+    "identity",
+    "identity_tokens",
+)
 
 
 # Timestamps are integer microseconds since the epoch (UTC) in the index, dates ISO text
@@ -890,6 +948,26 @@ def _days(day: date | None) -> int | None:
 
 def _from_micros(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def token_key(token: str) -> int:
+    """A blind token (hex) as the 47-bit integer the index keeps of it."""
+    return int(token[:12], 16) >> 1
+
+
+def _identity_rows(
+    batch: pa.RecordBatch,
+) -> Iterator[tuple[bytes | str, bytes, list[tuple[int, bytes | str]]]]:
+    """(SHA-256, sealed box, [(token key, study)]) of each identity row."""
+    for sha, study, tokens, sealed in zip(
+        batch.column("sha256").to_pylist(),
+        batch.column("study_instance_uid").to_pylist(),
+        batch.column("tokens").to_pylist(),
+        batch.column("sealed").to_pylist(),
+        strict=True,
+    ):
+        packed = _uid(study)
+        yield _packed(sha), sealed, [(token_key(token), packed) for token in tokens]
 
 
 def _access_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:

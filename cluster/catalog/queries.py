@@ -49,6 +49,8 @@ class StudyFilters:
     tier: str | None = None
     date_from: date | None = None
     date_to: date | None = None
+    # Blind tokens of the identity index (workers.dicom.identity) a study must hold.
+    tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

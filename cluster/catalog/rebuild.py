@@ -46,16 +46,19 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 from cluster.catalog import journal
 from cluster.catalog.schema import (
     DEFAULT_BUCKET,
+    IDENTITY,
     INSTANCES,
     JOURNALED,
     STUDIES,
     TABLES,
     create_tables,
+    identity_table,
     instances_table,
     open_table,
     utc,
 )
 from cluster.catalog.writer import CatalogWriter
+from workers.dicom.identity import IdentityRow
 from workers.errors import RejectError
 from workers.objects import store
 from workers.objects.envelope import EnvelopeError
@@ -254,7 +257,7 @@ def _read_objects(
                 tally.add(read=1, failed=1)
                 continue
             row = future.result()
-            if not staging.add(row.record):
+            if not staging.add(row.record, row.identity):
                 reason = "another copy of this file (same SHA-256) was read from another bucket"
                 tally.failures.append(ObjectFailure(bucket, key, reason))
                 tally.add(read=1, failed=1)
@@ -296,9 +299,13 @@ def _write_instances(
     ``ingest_date`` partition), ``BATCH_ROWS`` per commit."""
     create_tables(settings, bucket)
     table = open_table(settings, bucket, INSTANCES)
+    identities = open_table(settings, bucket, IDENTITY)
     tally.add(to_write=staging.count())
     for batch in staging.batches(BATCH_ROWS):
-        write_deltalake(table, instances_table(batch), mode="append")
+        # Identity rows first, as the writer does: one is read only through its instance.
+        rows = [(identity, utc(record.ingest_time).date()) for record, identity in batch]
+        write_deltalake(identities, identity_table(rows), mode="append")
+        write_deltalake(table, instances_table([record for record, _ in batch]), mode="append")
         tally.add(written=len(batch))
 
 
@@ -325,15 +332,16 @@ class _Staging:
             "CREATE INDEX rows_order ON rows (ingest_us, sha256);\n"
         )
 
-    def add(self, record: InstanceRecord) -> bool:
-        """Stage one row (as version 1); False if a file with its SHA-256 is staged."""
+    def add(self, record: InstanceRecord, identity: IdentityRow) -> bool:
+        """Stage one row and its identity row (as version 1); False if a file with its
+        SHA-256 is staged."""
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO rows VALUES (?, ?, ?, 1, ?)",
             (
                 record.sha256,
                 record.sop_instance_uid,
                 _microseconds(record.ingest_time),
-                pickle.dumps(record),
+                pickle.dumps((record, identity)),
             ),
         )
         return cursor.rowcount == 1
@@ -361,11 +369,16 @@ class _Staging:
                     [(version, sha256) for sha256, version in versions.items()],
                 )
 
-    def batches(self, size: int) -> Iterator[list[InstanceRecord]]:
-        """The staged rows with their versions, oldest first, ``size`` at a time."""
+    def batches(self, size: int) -> Iterator[list[tuple[InstanceRecord, IdentityRow]]]:
+        """The staged rows with their versions and identity rows, oldest first, ``size`` at
+        a time."""
         cursor = self._db.execute("SELECT record, version FROM rows ORDER BY ingest_us, sha256")
         while chunk := cursor.fetchmany(size):
-            yield [replace(pickle.loads(blob), version=version) for blob, version in chunk]
+            staged = [(pickle.loads(blob), version) for blob, version in chunk]
+            yield [
+                (replace(record, version=version), identity)
+                for (record, identity), version in staged
+            ]
 
     def close(self) -> None:
         self._db.close()

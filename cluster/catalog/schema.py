@@ -31,6 +31,7 @@ import pyarrow.fs as pa_fs
 from deltalake import DeltaTable
 
 from cluster.catalog.placements import PLACEMENTS_SCHEMA
+from workers.dicom.identity import IdentityRow
 from workers.objects.store import ensure_bucket
 from workers.records import InstanceRecord, StoreSettings
 
@@ -39,7 +40,10 @@ INSTANCES = "instances"
 STUDIES = "studies"
 ACCESS = "access"
 PLACEMENTS = "placements"
-TABLES = (INSTANCES, STUDIES, ACCESS, PLACEMENTS)
+IDENTITY = "identity"
+TABLES = (INSTANCES, STUDIES, ACCESS, PLACEMENTS, IDENTITY)
+# What analysts read (``strata query``): not ``identity``, whose rows are sealed anyway.
+ANALYST_TABLES = (INSTANCES, STUDIES, ACCESS, PLACEMENTS)
 
 INSTANCES_SCHEMA = pa.schema(
     [
@@ -102,9 +106,27 @@ ACCESS_SCHEMA = pa.schema(
 )
 
 
+# The identity index (workers.dicom.identity): per stored file, the blind tokens of the
+# values searches match exactly and the sealed box of what they return. No identity in
+# the clear; opened only by a door answering an authorised search.
+IDENTITY_SCHEMA = pa.schema(
+    [
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("study_instance_uid", pa.string(), nullable=False),
+        pa.field("tokens", pa.list_(pa.string()), nullable=False),
+        pa.field("sealed", pa.binary(), nullable=False),
+        pa.field("ingest_date", pa.date32(), nullable=False),
+    ]
+)
+
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(InstanceRecord))
 # The tables whose rows go through the journal, and their schemas.
-JOURNALED = {INSTANCES: INSTANCES_SCHEMA, PLACEMENTS: PLACEMENTS_SCHEMA, ACCESS: ACCESS_SCHEMA}
+JOURNALED = {
+    INSTANCES: INSTANCES_SCHEMA,
+    PLACEMENTS: PLACEMENTS_SCHEMA,
+    ACCESS: ACCESS_SCHEMA,
+    IDENTITY: IDENTITY_SCHEMA,
+}
 
 
 class CatalogCommitFailedError(Exception):
@@ -282,6 +304,12 @@ _TABLE_SPECS = {
         "Where objects moved to and which key wraps them; latest wins; append-only.",
         True,
     ),
+    IDENTITY: (
+        IDENTITY_SCHEMA,
+        "ingest_date",
+        "Per stored file: blind tokens and sealed search attributes; append-only.",
+        True,
+    ),
 }
 
 
@@ -326,6 +354,25 @@ def instances_table(records: Sequence[InstanceRecord]) -> pa.Table:
         row["ingest_date"] = utc(record.ingest_time).date()
         rows.append(row)
     return checked(pa.Table.from_pylist(rows, schema=INSTANCES_SCHEMA))
+
+
+def identity_table(rows: Sequence[tuple[IdentityRow, date]]) -> pa.Table:
+    """Identity index rows, each with the ingest date of its instance (its partition)."""
+    return checked(
+        pa.Table.from_pylist(
+            [
+                {
+                    "sha256": row.sha256,
+                    "study_instance_uid": row.study_instance_uid,
+                    "tokens": list(row.tokens),
+                    "sealed": row.sealed,
+                    "ingest_date": day,
+                }
+                for row, day in rows
+            ],
+            schema=IDENTITY_SCHEMA,
+        )
+    )
 
 
 def checked(rows: pa.Table) -> pa.Table:

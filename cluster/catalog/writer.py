@@ -26,6 +26,7 @@ from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
     ACCESS,
     DEFAULT_BUCKET,
+    IDENTITY,
     INSTANCES,
     JOURNALED,
     PLACEMENTS,
@@ -37,6 +38,7 @@ from cluster.catalog.schema import (
     StudyRow,
     access_table,
     create_tables,
+    identity_table,
     instances_table,
     open_table,
     sql_string_literal,
@@ -334,6 +336,18 @@ class CatalogWriter:
         assert self._index is not None
         return self._index.find_instances(filters, limit, offset)
 
+    async def identities(self, sha256s: list[str]) -> dict[str, bytes]:
+        """The sealed identity boxes of these files (those it has), by SHA-256."""
+        await self.ready()
+        assert self._index is not None
+        return self._index.identities(sha256s)
+
+    async def study_boxes(self, study_uids: list[str]) -> dict[str, tuple[str, bytes]]:
+        """Each study's latest file's SOP Instance UID and sealed identity box."""
+        await self.ready()
+        assert self._index is not None
+        return self._index.study_boxes(study_uids)
+
     async def record_access(self, study_uids: list[str]) -> None:
         """Record that these studies were read now, with the next group commit (journaled
         for ``access``; the index's last access follows). Unknown study UIDs are recorded
@@ -471,6 +485,16 @@ class CatalogWriter:
             self._index.reserve(self._reserved)
 
         if new_records:
+            # The identity rows first: one whose instance row then fails to land is never
+            # read (rows are found through their instance), and a resend writes it again.
+            boxes = {item.record.sha256: item.identity for item in stored if item.identity}
+            identity = [
+                (boxes[record.sha256], utc(record.ingest_time).date())
+                for record in new_records
+                if record.sha256 in boxes
+            ]
+            if identity:
+                await self._journal(IDENTITY, seq, identity_table(identity))
             await self._journal(INSTANCES, seq, instances_table(new_records))
             self._stats["commits"] += 1
             self._stats["rows_written"] += len(new_records)

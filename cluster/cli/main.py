@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--dimse-port", type=int, help="DIMSE port (default: no DIMSE door)")
     serve.add_argument("--dimse-ae-title", help="the DIMSE door's AE title (default STRATA)")
+    serve.add_argument("--http-port", type=int, help="DICOMweb port (default: no DICOMweb door)")
     serve.add_argument("--embedded", action="store_true", help="also start local Ray and MinIO")
     serve.add_argument("--data-dir", type=Path, help="where embedded MinIO keeps its drives")
     serve.set_defaults(run=_serve)
@@ -181,8 +182,11 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         dimse_port=args.dimse_port,
         dimse_ae_title=args.dimse_ae_title,
+        http_port=args.http_port,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # pynetdicom writes each query's identifier (names, IDs, birth dates) at INFO: PHI.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
     async def run() -> None:
         stack = Stack(config, embedded=args.embedded)

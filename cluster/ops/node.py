@@ -31,6 +31,7 @@ from cluster.config import CODECS, Config, ConfigError
 from cluster.doors.dimse import DimseDoor, DimseSettings, Peer
 from cluster.doors.grpc.server import PortUnavailableError, start_server
 from cluster.doors.grpc.servicer import ArchiveService, CatalogService
+from cluster.doors.web import WebDoor, WebSettings
 from cluster.ops.minio import MinioServer, ensure_minio_binary
 from cluster.ops.ray_runtime import init_local_ray
 from cluster.ops.reconcile import ReconcileReport, remove_orphans
@@ -62,6 +63,7 @@ class Stack:
         self._archive: Any = None
         self._health: Any = None
         self.dimse: DimseDoor | None = None
+        self.web: WebDoor | None = None
         self._keepers: list[asyncio.Task[None]] = []
         self._reconcile_soon = asyncio.Event()
         self._ray_down = ""  # what died, while a Ray restart has not yet succeeded
@@ -173,6 +175,9 @@ class Stack:
                 self._archive, dimse_settings(config), asyncio.get_running_loop()
             )
             self.dimse.start()
+        if config.http_port:
+            self.web = WebDoor(self._archive, web_settings(config), config.data_dir)
+            await self.web.start()
         if self.embedded:
             _write_node_file(config.data_dir, self.address, self.store_settings)
         self._keepers = [
@@ -312,6 +317,9 @@ class Stack:
         if self.dimse is not None:
             await asyncio.to_thread(self.dimse.stop)
             self.dimse = None
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -338,6 +346,16 @@ class Stack:
     async def catalog_stats(self) -> dict[str, int]:
         result: dict[str, int] = await self._catalog.stats.remote()
         return result
+
+
+def web_settings(config: Config) -> WebSettings:
+    return WebSettings(
+        host=config.http_host,
+        port=config.http_port,
+        tokens=tuple(token.strip() for token in config.http_tokens.split(",") if token.strip()),
+        tls_cert=config.http_tls_cert,
+        tls_key=config.http_tls_key,
+    )
 
 
 def dimse_settings(config: Config) -> DimseSettings:

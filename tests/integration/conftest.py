@@ -78,6 +78,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         fanout_min_bytes=str(MiB),  # so that test_multiframe's 3 MB instance fans out
         dimse_port=str(free_port()),
         dimse_peers=",".join(f"{ae}=127.0.0.1:{port}" for ae, port in DIMSE_PEERS.items()),
+        http_port=str(free_port()),
     ) as node:
         yield node
 

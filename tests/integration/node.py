@@ -49,6 +49,16 @@ class Node:
         return int(self.settings["dimse_port"])
 
     @property
+    def http_url(self) -> str:
+        """The DICOMweb door's base URL (configured as ``http_port``)."""
+        return f"http://127.0.0.1:{self.settings['http_port']}/dicomweb"
+
+    @property
+    def http_token(self) -> str:
+        """The bearer token the node generated at start-up (``http-token``)."""
+        return (self.data_dir / "http-token").read_text().strip()
+
+    @property
     def pid(self) -> int:
         """The process id of the running `strata serve` (the Ray driver)."""
         if self._process is None or self._process.poll() is not None:

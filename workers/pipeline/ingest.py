@@ -23,6 +23,7 @@ from workers.codecs.lossless import (
     lossless_transfer_syntaxes,
     values_fit_bits_stored,
 )
+from workers.dicom.identity import IdentityKeys, IdentityRow
 from workers.dicom.split import (
     InstanceHeader,
     PixelLayout,
@@ -148,16 +149,19 @@ class StorageError(Exception):
 
 def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
     """Store one file and return its catalog row (not yet committed)."""
-    blob, record = prepare(item, settings)
+    blob, record, identity = prepare(item, settings)
     try:
         store.put(settings.store, store.tier_bucket(settings.tier), record.object_key, blob)
     except Exception as error:
         raise StorageError(f"{type(error).__name__}: {error}") from error
-    return Stored(item.file_id, record)
+    return Stored(item.file_id, record, identity)
 
 
-def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, InstanceRecord]:
-    """The sealed object for one file and its catalog row; no I/O but the key file."""
+def prepare(
+    item: IngestItem, settings: PipelineSettings
+) -> tuple[bytes, InstanceRecord, IdentityRow]:
+    """The sealed object for one file, its catalog row and its identity index row; no I/O
+    but the key file."""
     data = bytes(item.data)  # already bytes in a worker: no copy
     split = split_file(data, max_dataset_bytes=settings.max_file_bytes)
     header = split.header
@@ -195,7 +199,10 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> tuple[bytes, Instan
         tier=settings.tier,
         key_id=keys.active_key_id,
     )
-    return blob, record
+    identity = IdentityKeys(keys.pseudonymizer()).row(
+        item.sha256, header.study_instance_uid, header.sop_instance_uid, data[: split.pixel_start]
+    )
+    return blob, record, identity
 
 
 def instance_record(

@@ -22,6 +22,7 @@ from datetime import datetime
 import imagecodecs
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap
 
+from workers.dicom.identity import IdentityKeys, IdentityRow
 from workers.dicom.split import InstanceHeader, PixelLayout, prefix_header, split_file
 from workers.objects import store
 from workers.objects.envelope import (
@@ -53,6 +54,7 @@ class RecoveredRow:
     """The row of one object, as ingest built it (``version`` 0: the catalog numbers them)."""
 
     record: InstanceRecord
+    identity: IdentityRow
     # Written before manifests recorded ingest_time and storage_note: the row's
     # ingest_time is the object's last-modified time and its storage_note is empty.
     legacy: bool
@@ -118,7 +120,7 @@ def row_from_object(
             "altered, or the key file holds another key under that id"
         ) from None
     manifest = _manifest(opener.segment(0, manifest_sealed))
-    file_header, layout = _stored_header(manifest, opener.segment(1, file_sealed))
+    file_header, layout, header_bytes = _stored_header(manifest, opener.segment(1, file_sealed))
     named = object_key_for(
         file_header.study_instance_uid, file_header.sop_instance_uid, manifest.sha256
     )
@@ -143,7 +145,10 @@ def row_from_object(
         tier=tier,
         key_id=header.key_id,
     )
-    return RecoveredRow(record, legacy)
+    identity = IdentityKeys(keys.pseudonymizer()).row(
+        manifest.sha256, file_header.study_instance_uid, file_header.sop_instance_uid, header_bytes
+    )
+    return RecoveredRow(record, identity, legacy)
 
 
 def _segment(blob: bytes, header: EnvelopeHeader, index: int) -> memoryview:
@@ -181,11 +186,12 @@ def _manifest(plaintext: bytes) -> Manifest:
 
 def _stored_header(
     manifest: Manifest, plaintext: bytes
-) -> tuple[InstanceHeader, PixelLayout | None]:
-    """The stored file's header and pixel layout, as ``split_file`` gave them at ingest."""
+) -> tuple[InstanceHeader, PixelLayout | None, bytes]:
+    """The stored file's header and pixel layout, as ``split_file`` gave them at ingest,
+    and the file's bytes before its Pixel Data."""
     if manifest.kind == "split":
         # For a split object, the manifest's layout is the one split_file gave.
-        return prefix_header(plaintext), manifest.layout
+        return prefix_header(plaintext), manifest.layout, bytes(plaintext)
     if manifest.kind != "whole":
         raise UnreadableObjectError(f"manifest kind {manifest.kind!r} is not known")
     data = plaintext
@@ -194,4 +200,4 @@ def _stored_header(
     elif manifest.compression:
         raise UnreadableObjectError(f"compression {manifest.compression!r} is not known")
     split = split_file(data)
-    return split.header, split.layout
+    return split.header, split.layout, bytes(data[: split.pixel_start])

@@ -1,5 +1,5 @@
-"""The DIMSE door (pynetdicom): C-ECHO, C-STORE and Storage Commitment, translated into
-calls on the archive core.
+"""The DIMSE door (pynetdicom): C-ECHO, C-STORE, Storage Commitment, C-FIND, C-MOVE and
+C-GET, translated into calls on the archive core.
 
 pynetdicom serves each association in a thread of its own and calls the handlers there;
 the archive lives on the node's event loop. A handler hands its call to the loop and
@@ -16,25 +16,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
 from typing import Any, TypeVar
 
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.multival import MultiValue
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    QueryRetrievePresentationContexts,
+    _config,
+    build_context,
+    evt,
+)
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StorageCommitmentPushModel,
     Verification,
 )
 
 from cluster.archive import Archive, ArchiveError
+from cluster.archive.find import FindError, Query, vr_of
 from cluster.doors.dimse import status
 from cluster.security.exposure import exposure_problem, is_loopback
 from workers.errors import Reason
+from workers.pipeline.restore import transcode_targets
+from workers.records import InstanceRecord
 
 log = logging.getLogger("strata.dimse")
 T = TypeVar("T")
@@ -44,6 +72,27 @@ T = TypeVar("T")
 _CALL_TIMEOUT_S = 900.0
 _REPORT_DELAY_S = 0.2  # let the N-ACTION response go out first
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+# A data set given to send_c_store as a path is sent as the file's bytes (_send_as_held).
+_config.STORE_SEND_CHUNKED_DATASET = True
+_PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+}
+# Matches one C-FIND answers at most (the rest: a warning in the log, as other archives).
+FIND_LIMIT = 1000
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# The order in which the door picks one of the transfer syntaxes a caller proposes for a
+# context (pynetdicom takes the acceptor's first that the caller proposed): encapsulated
+# ones first, so that a file arrives as the modality holds it rather than decompressed by
+# the sender, then explicit VR little endian, implicit, big endian (retired), deflated.
+ACCEPTED_SYNTAXES = [
+    *(syntax for syntax in ALL_TRANSFER_SYNTAXES if UID(syntax).is_encapsulated),
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+]
 
 
 @dataclass(frozen=True)
@@ -106,8 +155,14 @@ class DimseDoor:
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            # Both roles: callers store to the archive, and take C-GET sub-operations.
+            ae.add_supported_context(
+                context.abstract_syntax, ACCEPTED_SYNTAXES, scu_role=True, scp_role=True
+            )
         ae.add_supported_context(StorageCommitmentPushModel)
+        for context in QueryRetrievePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax)
         self._ae = ae
 
     @property
@@ -120,6 +175,9 @@ class DimseDoor:
             (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_N_ACTION, self._commit),
+            (evt.EVT_C_FIND, self._find),
+            (evt.EVT_C_GET, self._get),
+            (evt.EVT_C_MOVE, self._move),
             (evt.EVT_REQUESTED, self._admit),
         ]
         self._server = self._ae.start_server(
@@ -290,6 +348,230 @@ class DimseDoor:
             else:
                 committed.append((sop_class, sop_instance))
         return committed, failed
+
+    # -- C-FIND, C-GET, C-MOVE ---------------------------------------------------------
+
+    def _find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        try:
+            query = _query(event)
+            found = self._call(self._archive.find(query, FIND_LIMIT))
+        except ArchiveError as error:
+            yield _failure(status.query_status(error.reason), error.message), None
+            return
+        if found.truncated:
+            log.warning("C-FIND: more than %d matches; the first were answered", FIND_LIMIT)
+        for match in found.matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield status.PENDING, _identifier(query.level, match, self.settings.ae_title)
+        log.info("C-FIND at %s level: %d matches", query.level, len(found.matches))
+
+    def _get(self, event: Event) -> Iterator[Any]:
+        """C-GET: the matches go back as C-STORE sub-operations on the same association."""
+        try:
+            records = self._call(self._archive.retrievable(_query(event)))
+        except ArchiveError as error:
+            yield 1  # pynetdicom wants a count first; then the failure with its comment
+            yield _failure(status.query_status(error.reason, retrieve=True), error.message), None
+            return
+        yield len(records)
+        _send_as_held(event.assoc)
+        yield from self._send(event, records, lambda: event.assoc)
+
+    def _move(self, event: Event) -> Iterator[Any]:
+        """C-MOVE: to a configured peer (dimse_peers), on a new association."""
+        request: Any = event.request
+        destination = self.settings.peer(str(request.MoveDestination).strip())
+        if destination is None:
+            log.warning("C-MOVE refused: the move destination is not a configured peer")
+            yield None, None  # 0xA801, move destination unknown
+            return
+        # A search that fails ends the handler before it names the destination; pynetdicom
+        # answers that with 0xC514, one of "unable to process" (the log says why).
+        records = self._call(self._archive.retrievable(_query(event)))
+        established: dict[str, Any] = {}
+
+        def opened(opened_event: Event) -> None:
+            _send_as_held(opened_event.assoc)
+            established["assoc"] = opened_event.assoc
+
+        contexts = _contexts_for(records)
+        yield (
+            destination.host,
+            destination.port,
+            {
+                "contexts": contexts,
+                "ae_title": destination.ae_title,
+                "evt_handlers": [(evt.EVT_ESTABLISHED, opened)],
+            },
+        )
+        yield len(records)
+        yield from self._send(event, records, lambda: established.get("assoc"))
+
+    def _send(self, event: Event, records: list[InstanceRecord], target: Any) -> Iterator[Any]:
+        """One (status, data set) per record for pynetdicom to send: the original bytes
+        when the peer accepted their transfer syntax, else transcoded losslessly to one it
+        accepted, else a failed sub-operation."""
+        sent = failed = 0
+        for record in records:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            assoc = target()
+            accepted = _accepted(assoc, record.sop_class_uid)
+            form = _form_for(record.transfer_syntax_in, accepted)
+            if form is None:
+                log.warning(
+                    "retrieve: the peer accepts no transfer syntax this instance can be sent "
+                    "in (%s held as %s; accepted %s of %d contexts)",
+                    record.sop_class_uid,
+                    record.transfer_syntax_in,
+                    accepted,
+                    len(assoc.accepted_contexts) if assoc is not None else 0,
+                )
+                failed += 1
+                yield status.PENDING, "no acceptable presentation context"  # counted failed
+                continue
+            try:
+                _, data = self._call(self._archive.read_all(record, form))
+            except ArchiveError as error:
+                log.error("retrieve: an instance could not be read (%s)", error.reason)
+                failed += 1
+                yield status.PENDING, "unreadable"  # counted as a failed sub-operation
+                continue
+            sent += 1
+            dataset = dcmread(BytesIO(data))
+            dataset._strata_file = data  # sent as these bytes (_send_as_held)
+            yield status.PENDING, dataset
+        log.info("retrieve: %d instances handed over, %d could not be", sent, failed)
+
+
+def _send_as_held(assoc: Any) -> None:
+    """Make ``assoc`` send a data set read from a file by the file's bytes, not as pydicom
+    encodes it again (which, for one, turns defined-length sequences into undefined-length
+    ones): what is retrieved is what was stored, byte for byte.
+
+    pynetdicom sends a file's bytes unchanged only when given a path to it (with
+    ``STORE_SEND_CHUNKED_DATASET``), and its C-GET and C-MOVE services call
+    ``send_c_store`` with what the handler yields; so this association's ``send_c_store``
+    writes the bytes to a file of its own in memory (/dev/shm, mode 0600, removed as soon
+    as sent) and passes its path. Data sets without those bytes go as before."""
+    if getattr(assoc, "_strata_sends_as_held", False):
+        return
+    original = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        data = getattr(dataset, "_strata_file", None)
+        if data is None or not _accepts_as_is(assoc, dataset):
+            return original(dataset, *args, **kwargs)
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(dir=folder, prefix="strata-send-") as file:
+            file.write(data)
+            file.flush()
+            return original(Path(file.name), *args, **kwargs)
+
+    assoc.send_c_store = send_c_store
+    assoc._strata_sends_as_held = True
+
+
+def _accepts_as_is(assoc: Any, dataset: Dataset) -> bool:
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
+    return syntax in _accepted(assoc, str(dataset.get("SOPClassUID", "")))
+
+
+def _query(event: Event) -> Query:
+    """The search an identifier asks for (ArchiveError when it cannot be read)."""
+    request: Any = event.request
+    try:
+        identifier = event.identifier
+    except Exception:  # noqa: BLE001 - any decoding failure is the caller's malformed data
+        raise ArchiveError(Reason.BAD_REQUEST, "the identifier cannot be decoded") from None
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    keys = {}
+    for element in identifier:
+        if element.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", ""):
+            continue
+        keys[element.keyword] = _text(element)
+    patient_root = str(request.AffectedSOPClassUID) in _PATIENT_ROOT
+    try:
+        return Query(level, keys, patient_root)
+    except FindError as error:
+        raise ArchiveError(error.reason, error.message) from None
+
+
+def _text(element: DataElement) -> str:
+    value = element.value
+    if element.VR == "SQ" or value is None:
+        return ""
+    if isinstance(value, MultiValue | list):
+        return "\\".join(str(item) for item in value)
+    return str(value)
+
+
+def _identifier(level: str, match: dict[str, str], retrieve_ae: str) -> Dataset:
+    """One C-FIND match as a response identifier."""
+    answer = Dataset()
+    answer.QueryRetrieveLevel = level
+    if any(not value.isascii() for value in match.values()):
+        answer.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in match.items():
+        vr = vr_of(keyword)
+        if vr in ("US", "UL", "SS", "SL"):
+            setattr(answer, keyword, int(value) if value else None)
+        elif vr == "SQ":
+            setattr(answer, keyword, [])
+        else:
+            setattr(answer, keyword, value or None)
+    answer.RetrieveAETitle = retrieve_ae
+    return answer
+
+
+def _failure(code: int, message: str) -> Dataset:
+    answer = Dataset()
+    answer.Status = code
+    answer.ErrorComment = status.error_comment(message)
+    return answer
+
+
+def _accepted(assoc: Any, sop_class: str) -> list[str]:
+    """The transfer syntaxes ``assoc`` accepted for storing ``sop_class``."""
+    if assoc is None:
+        return []
+    return [
+        str(context.transfer_syntax[0])
+        for context in assoc.accepted_contexts
+        if context.abstract_syntax == sop_class and context.transfer_syntax
+    ]
+
+
+def _form_for(syntax_in: str, accepted: list[str]) -> str | None:
+    """What to send an instance received in ``syntax_in`` as: ``original`` when accepted,
+    else a transfer syntax accepted that the archive transcodes to losslessly."""
+    if syntax_in in accepted:
+        return "original"
+    for syntax in accepted:
+        if syntax in transcode_targets():
+            return syntax
+    if ImplicitVRLittleEndian in accepted and not UID(syntax_in).is_compressed:
+        return ExplicitVRLittleEndian  # pynetdicom re-encodes explicit as implicit
+    return None
+
+
+def _contexts_for(records: list[InstanceRecord]) -> list[Any]:
+    """Presentation contexts to propose to a move destination: per SOP Class, each
+    transfer syntax it is held in, then the uncompressed ones to fall back to."""
+    syntaxes: dict[str, list[str]] = {}
+    for record in records:
+        held = syntaxes.setdefault(record.sop_class_uid, [])
+        if record.transfer_syntax_in not in held:
+            held.append(record.transfer_syntax_in)
+    contexts = []
+    for sop_class, held in syntaxes.items():
+        for syntax in held:
+            contexts.append(build_context(sop_class, syntax))
+        contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
+    return contexts[:128]  # PS3.8: at most 128 presentation contexts
 
 
 def _event_information(

@@ -62,3 +62,23 @@ def error_comment(message: str) -> str:
     text = " ".join(message.replace("×", "x").split())
     text = text.encode("ascii", "replace").decode("ascii")
     return text if len(text) <= 64 else text[:61] + "..."
+
+
+# C-FIND, C-MOVE and C-GET (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)
+OUT_OF_RESOURCES_MATCHES = 0xA701
+OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702
+_QUERY = {
+    Reason.BAD_REQUEST: IDENTIFIER_DOES_NOT_MATCH,
+    Reason.BUSY: OUT_OF_RESOURCES,
+    Reason.UNAVAILABLE: OUT_OF_RESOURCES,
+    Reason.TIMEOUT: OUT_OF_RESOURCES,
+}
+
+
+def query_status(reason: Reason, retrieve: bool = False) -> int:
+    """The status of a C-FIND (or, with ``retrieve``, C-MOVE / C-GET) the archive could
+    not answer for ``reason``."""
+    found = _QUERY.get(reason, UNABLE_TO_PROCESS)
+    if found == OUT_OF_RESOURCES:
+        return OUT_OF_RESOURCES_MATCHES if retrieve else OUT_OF_RESOURCES
+    return found

@@ -12,7 +12,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from cluster import catalog
-from cluster.catalog.index import CatalogIndex
+from cluster.catalog.index import SOURCES, CatalogIndex
 from cluster.catalog.schema import instances_table
 from cluster.ops.minio import MinioServer
 from tests.integration.conftest import STUDY_A, STUDY_B, make_record
@@ -39,7 +39,8 @@ def _open(path: Path, table: DeltaTable, minio: MinioServer) -> CatalogIndex:
     root = table.table_uri.rstrip("/").rsplit("/", 1)[0]
     tables = {
         name: DeltaTable(f"{root}/{name}", storage_options=options)
-        for name in (catalog.PLACEMENTS, catalog.ACCESS)
+        for name in SOURCES
+        if name != catalog.INSTANCES
     }
     return CatalogIndex.open(path, {catalog.INSTANCES: table, **tables}, options)
 

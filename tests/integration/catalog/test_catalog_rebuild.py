@@ -25,7 +25,7 @@ from deltalake import DeltaTable
 from pydicom.data import get_testdata_file
 
 from cluster import catalog, cli
-from cluster.catalog.index import CatalogIndex
+from cluster.catalog.index import SOURCES, CatalogIndex
 from cluster.catalog.queries import dataset
 from cluster.client import StrataClient
 from cluster.ops.minio import MinioServer
@@ -239,7 +239,7 @@ def test_the_writer_index_left_by_the_rebuild_is_current(rebuilt: Rebuilt) -> No
         options = catalog.storage_options(server.settings)
         tables = {
             name: DeltaTable(catalog.table_uri(CATALOG, name), storage_options=options)
-            for name in (catalog.INSTANCES, catalog.PLACEMENTS, catalog.ACCESS)
+            for name in SOURCES
         }
         index = CatalogIndex(sqlite3.connect(path))
         try:

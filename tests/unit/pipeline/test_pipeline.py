@@ -125,7 +125,7 @@ def test_every_file_comes_back_bit_for_bit(image: tuple[bytes, bool], key_file: 
     data, clean = image
     item = IngestItem("f", data, hashlib.sha256(data).hexdigest())
     # The images are tiny; transcode them even where the codec saves nothing, to test it.
-    blob, record = prepare(item, _settings(key_file, min_saving=float("inf")))
+    blob, record, _ = prepare(item, _settings(key_file, min_saving=float("inf")))
     assert b"PROPERTY^TEST" not in blob and b"PROP-0001" not in blob and b"DICM" not in blob
     ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
     keys = load_key_file(key_file)
@@ -149,7 +149,7 @@ def test_layout_no_codec_holds_falls_back_to_zstd(key_file: Path) -> None:
     buffer = io.BytesIO()
     dataset.save_as(buffer)
     data = buffer.getvalue()
-    blob, record = prepare(
+    blob, record, _ = prepare(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
     assert record.storage_action in ("zstd", "as_received")
@@ -166,7 +166,7 @@ def test_modality_policy_picks_the_codec(key_file: Path) -> None:
         str(key_file),
         modality_codecs=(("CT", "1.2.840.10008.1.2.4.90"),),
     )
-    _, record = prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings_)
+    _, record, _ = prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings_)
     assert record.transfer_syntax_stored == "1.2.840.10008.1.2.4.90"
     assert "JPEG 2000" in record.storage_note
 
@@ -192,7 +192,7 @@ def test_retrieval_transcodes_lossless_inputs_to_any_lossless_syntax(
     name: str, target: str, key_file: Path
 ) -> None:
     data = Path(pydicom.data.get_testdata_file(name)).read_bytes()
-    blob, record = prepare(
+    blob, record, _ = prepare(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
     ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
@@ -207,7 +207,7 @@ def test_retrieval_transcodes_lossless_inputs_to_any_lossless_syntax(
 
 def test_unknown_target_is_refused_naming_every_syntax_strata_writes(key_file: Path) -> None:
     data = Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes()
-    blob, record = prepare(
+    blob, record, _ = prepare(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
     ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
@@ -224,7 +224,7 @@ def test_rle_refuses_a_layout_it_cannot_write_naming_the_element(key_file: Path)
     buffer = io.BytesIO()
     dataset.save_as(buffer)
     data = buffer.getvalue()
-    blob, record = prepare(
+    blob, record, _ = prepare(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
     ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
@@ -234,7 +234,7 @@ def test_rle_refuses_a_layout_it_cannot_write_naming_the_element(key_file: Path)
 
 def test_lossy_original_is_never_transcoded(key_file: Path) -> None:
     data = Path(pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes()
-    blob, record = prepare(
+    blob, record, _ = prepare(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
     ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)

@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from tests.unit.conftest import PHI, make_file
+from workers.dicom.identity import IdentityKeys
 from workers.objects.envelope import EnvelopeError, open_object, read_header, seal
 from workers.objects.keys import FileKeyProvider, create_key_file, load_key_file
 from workers.objects.manifest import Manifest
@@ -51,7 +52,28 @@ def keys(key_file: Path) -> FileKeyProvider:
 
 def _stored(data: bytes, key_file: Path) -> tuple[bytes, InstanceRecord]:
     settings = PipelineSettings(StoreSettings("127.0.0.1:1", "unused", "unused"), str(key_file))
-    return prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings)
+    blob, record, _ = prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings)
+    return blob, record
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_identity_row_read_back_opens_to_what_ingest_sealed(
+    name: str, key_file: Path, keys: FileKeyProvider
+) -> None:
+    data = FILES[name]()
+    settings = PipelineSettings(StoreSettings("127.0.0.1:1", "unused", "unused"), str(key_file))
+    blob, record, sealed = prepare(
+        IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings
+    )
+    recovered = row_from_object(
+        blob, object_key=record.object_key, size=len(blob), tier=record.tier, keys=keys,
+        last_modified=None,
+    ).identity  # fmt: skip
+    opener = IdentityKeys(keys.pseudonymizer())
+    assert recovered.tokens == sealed.tokens and recovered.sha256 == sealed.sha256
+    assert opener.open(recovered.sealed, record.sop_instance_uid) == opener.open(
+        sealed.sealed, record.sop_instance_uid
+    )
 
 
 def _read_back(

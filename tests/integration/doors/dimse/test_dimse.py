@@ -15,10 +15,11 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from cluster.client import StrataClient
+from cluster.doors.dimse.door import ACCEPTED_SYNTAXES
 from tests.integration.conftest import DIMSE_PEERS, ct_instances
 from tests.integration.node import Node, free_port
 
@@ -69,7 +70,7 @@ def on_the_wire(runs: list[list[str]]) -> dict[str, bytes]:
     ae = AE(ae_title="STRATA")
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_SYNTAXES)  # as the door
     port = free_port()
     server = ae.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)]
