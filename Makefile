@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: demo test setup minio peers proto lint typecheck bench clean
 
-demo: setup
+demo: setup peers
 	$(BIN)/strata demo
 
 test: setup peers

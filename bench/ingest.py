@@ -71,14 +71,16 @@ async def ingest(files: list[Path], work: Path, worker_cpus: int) -> tuple[float
         # server's interpreter would make the two fight over one GIL.
         context = multiprocessing.get_context("spawn")
         with context.Pool(1) as pool:
-            return await asyncio.to_thread(pool.apply, send, (stack.address, files))
+            return await asyncio.to_thread(
+                pool.apply, send, (stack.address, stack.tokens.first, files)
+            )
     finally:
         await stack.stop()
 
 
-def send(address: str, files: list[Path]) -> tuple[float, int, int, int]:
+def send(address: str, token: str, files: list[Path]) -> tuple[float, int, int, int]:
     """Ingest ``files`` over one stream; (seconds, stored, bytes in, bytes stored)."""
-    with StrataClient(address) as client:
+    with StrataClient(address, token) as client:
         client.wait_ready()
         started = time.perf_counter()
         outcomes = list(client.ingest_files(files))

@@ -7,11 +7,13 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import grpc
 
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
+from cluster.security import tokens
 
 CHUNK_BYTES = 1024 * 1024  # the server refuses larger chunks (cluster.config.CHUNK_LIMIT)
 STATUS_NAMES = {
@@ -51,22 +53,76 @@ class IntegrityError(Exception):
     """What arrived is not what the server said it sent."""
 
 
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """``authorization: Bearer <token>`` on every call. (gRPC's own call credentials
+    need a TLS channel; the loopback door is plain TCP.)"""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> _CallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
 class StrataClient:
     """Ingest, retrieve and find against one Strata node."""
 
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 8 * 1024 * 1024),
-            ],
-        )
+    def __init__(
+        self, address: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str = ""
+    ) -> None:
+        """``token``: the bearer token to send (default: ``STRATA_TOKEN``); ``tls_ca``: the
+        CA certificate to check a TLS door's certificate against (empty: plain TCP)."""
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 8 * 1024 * 1024),
+        ]
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        token = token or tokens.for_client()
+        self._channel = grpc.intercept_channel(channel, BearerToken(token)) if token else channel
+        self._raw_channel = channel
         self.archive = pb_grpc.ArchiveStub(self._channel)
         self.catalog = pb_grpc.CatalogStub(self._channel)
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> StrataClient:
         return self
@@ -76,7 +132,7 @@ class StrataClient:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the server accepts connections."""
-        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
 
     def ingest_files(
         self,

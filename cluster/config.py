@@ -67,12 +67,16 @@ class Config:
     dimse_tls_cert: str = ""
     dimse_tls_key: str = ""
     dimse_tls_ca: str = ""
-    # The DICOMweb door (0: off): bearer tokens (comma-separated) checked on every request;
-    # with none, one is generated at start-up into <data_dir>/http-token (mode 0600). On
-    # any address but loopback it needs TLS (certificate and key) and configured tokens.
+    # Bearer tokens (comma-separated) the gRPC and DICOMweb doors check on every request;
+    # with none, one is generated at start-up into <data_dir>/access-token (mode 0600).
+    access_tokens: str = ""
+    # TLS for the gRPC door; on any address but loopback it needs TLS and access_tokens.
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    # The DICOMweb door (0: off); on any address but loopback it needs TLS and
+    # access_tokens.
     http_port: int = 0
     http_host: str = "127.0.0.1"
-    http_tokens: str = ""
     http_tls_cert: str = ""
     http_tls_key: str = ""
     # Storage
@@ -214,11 +218,22 @@ class Config:
                 {
                     "http_tls_cert": self.http_tls_cert,
                     "http_tls_key": self.http_tls_key,
-                    "http_tokens": self.http_tokens,
+                    "access_tokens": self.access_tokens,
                 },
             )
             if problem:
                 raise ConfigError(problem)
+        problem = exposure_problem(
+            "gRPC",
+            self.host,
+            {
+                "grpc_tls_cert": self.grpc_tls_cert,
+                "grpc_tls_key": self.grpc_tls_key,
+                "access_tokens": self.access_tokens,
+            },
+        )
+        if problem:
+            raise ConfigError(problem)
         if self.worker_cpus < 0:
             raise ConfigError(f"worker_cpus must be 0 (all) or more, not {self.worker_cpus}")
         return self

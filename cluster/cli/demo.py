@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import shutil
+import socket
+import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pydicom
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -32,6 +39,7 @@ class DemoReport:
     verified: list[str] = field(default_factory=list)
     catalog_rows: list[tuple[object, ...]] = field(default_factory=list)
     studies: int = 0
+    doors: list[tuple[str, str]] = field(default_factory=list)  # (what was done, outcome)
 
 
 def run_demo(config: Config, work_dir: Path | None = None) -> int:
@@ -44,6 +52,8 @@ def run_demo(config: Config, work_dir: Path | None = None) -> int:
             key_file=base / "keys" / "keys.json",
             port=0,
             minio_endpoint="",
+            dimse_port=config.dimse_port or _free_port(),
+            http_port=config.http_port or _free_port(),
         )
         with console.status("generating sample studies from pydicom-data…"):
             files = samples.generate(base / "samples")
@@ -66,9 +76,19 @@ async def _run(config: Config, files: list[Path]) -> DemoReport:
     with console.status("starting MinIO (4 drives, erasure coded), Ray and the gRPC server…"):
         await stack.start()
     minio = stack.minio.settings.endpoint if stack.minio else "external"
-    console.print(f"node up: gRPC {stack.address}, MinIO {minio}")
+    console.print(
+        f"node up: gRPC {stack.address}, DIMSE {config.dimse_ae_title}@127.0.0.1:"
+        f"{config.dimse_port}, DICOMweb http://127.0.0.1:{config.http_port}/dicomweb, "
+        f"MinIO {minio}"
+    )
     try:
-        report = await asyncio.to_thread(_client_work, stack.address, files)
+        report = await asyncio.to_thread(_client_work, stack.address, stack.tokens.first, files)
+        report.doors = await asyncio.to_thread(
+            _through_the_other_doors,
+            config,
+            stack.tokens.first,
+            [path for path in files if path.parent.name != "rejects"],
+        )
         assert stack.store_settings is not None
         await stack.flush_catalog()  # analysts read Delta: flushed every few minutes
         report.catalog_rows, report.studies = await asyncio.to_thread(
@@ -80,9 +100,9 @@ async def _run(config: Config, files: list[Path]) -> DemoReport:
             await stack.stop()
 
 
-def _client_work(address: str, files: list[Path]) -> DemoReport:
+def _client_work(address: str, token: str, files: list[Path]) -> DemoReport:
     report = DemoReport()
-    with StrataClient(address) as client:
+    with StrataClient(address, token) as client:
         client.wait_ready()
         progress = Progress(
             TextColumn("ingesting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
@@ -107,6 +127,78 @@ def _client_work(address: str, files: list[Path]) -> DemoReport:
                 raise RuntimeError(f"{path} came back different")
             report.verified.append(f"{path.parent.name}/{path.name}")
     return report
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _through_the_other_doors(
+    config: Config, token: str, files: list[Path]
+) -> list[tuple[str, str]]:
+    """One study found and fetched back through DIMSE (DCMTK's findscu and getscu, when
+    installed) and DICOMweb (QIDO-RS and WADO-RS): what each door did."""
+    done: list[tuple[str, str]] = []
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study_uid = str(first.StudyInstanceUID)
+    sent = {
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): path.read_bytes()
+        for path in files
+        if pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID == study_uid
+    }
+    port = str(config.dimse_port)
+    if shutil.which("findscu") and shutil.which("getscu"):
+        with tempfile.TemporaryDirectory(prefix="strata-demo-dimse-") as folder:
+            found = subprocess.run(
+                ["findscu", "-S", "-aec", config.dimse_ae_title, "-X", "-od", folder,
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                 "-k", "ModalitiesInStudy", "127.0.0.1", port],
+                capture_output=True, check=False, timeout=120,
+            )  # fmt: skip
+            studies = len(list(Path(folder).glob("rsp*.dcm")))
+            done.append(("DIMSE C-FIND (findscu), every study", f"{studies} matches"))
+        with tempfile.TemporaryDirectory(prefix="strata-demo-dimse-") as folder:
+            subprocess.run(
+                ["getscu", "-S", "+B", "-aec", config.dimse_ae_title, "-od", folder,
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                 "127.0.0.1", port],
+                capture_output=True, check=False, timeout=300,
+            )  # fmt: skip
+            same = sum(
+                1
+                for path in Path(folder).iterdir()
+                if _dataset(path.read_bytes())
+                == _dataset(sent.get(str(pydicom.dcmread(path).SOPInstanceUID), b""))
+            )
+            done.append(
+                ("DIMSE C-GET (getscu), one study", f"{same} of {len(sent)} byte-identical")
+            )
+        if found.returncode != 0:
+            done.append(("findscu", "failed (see its output)"))
+    else:
+        done.append(("DIMSE", "DCMTK not installed: findscu/getscu skipped"))
+    base = f"http://127.0.0.1:{config.http_port}/dicomweb"
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/dicom+json"}
+    request = urllib.request.Request(f"{base}/studies", headers=headers)
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        count = len(json.loads(answer.read() or b"[]"))
+    done.append(("DICOMweb QIDO-RS /studies", f"{count} studies"))
+    try:
+        urllib.request.urlopen(f"{base}/studies", timeout=120)
+        refused = 200
+    except urllib.error.HTTPError as error:
+        refused = error.code
+    done.append(("DICOMweb without a token", f"HTTP {refused}"))
+    return done
+
+
+def _dataset(data: bytes) -> bytes:
+    """A Part 10 file's data set, without its preamble and file meta."""
+    if data[128:132] != b"DICM":
+        return data
+    return data[144 + int.from_bytes(data[140:144], "little") :]
 
 
 def _query_catalog(stack: Stack, bucket: str) -> tuple[list[tuple[object, ...]], int]:
@@ -160,3 +252,9 @@ def _print(report: DemoReport, good_files: list[Path]) -> None:
         summary.add_row(f"  {reason}", str(count))
     summary.add_row("retrieved and byte-identical", f"{len(report.verified)} (one per study)")
     console.print(summary)
+    doors = Table(title="the other doors")
+    doors.add_column("what")
+    doors.add_column("outcome", justify="right")
+    for what, outcome in report.doors:
+        doors.add_row(what, outcome)
+    console.print(doors)

@@ -170,6 +170,18 @@ def _load(args: argparse.Namespace, **overrides: object) -> Config:
     return config_module.load(args.config, **overrides)
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token to call a node with: STRATA_TOKEN, or the one the local node
+    (the configuration's data_dir) generated."""
+    from cluster.security import tokens
+
+    try:
+        data_dir: Path | None = _load(args).data_dir
+    except config_module.ConfigError:
+        data_dir = None
+    return tokens.for_client(data_dir)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cluster.doors.grpc.server import PortUnavailableError
     from cluster.ops.minio import MinioServerError
@@ -235,7 +247,7 @@ def _ingest(args: argparse.Namespace) -> int:
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     bytes_stored = 0
-    with StrataClient(args.server) as client, _progress() as progress:
+    with StrataClient(args.server, _token(args)) as client, _progress() as progress:
         sent = progress.add_task("sent", total=total)
         done = progress.add_task("answered", total=len(files))
         for outcome in client.ingest_files(files, on_sent=lambda n: progress.advance(sent, n)):
@@ -269,7 +281,7 @@ def _get(args: argparse.Namespace) -> int:
     from cluster.client import IntegrityError, StrataClient
 
     targets = {**CODECS, **OTHER_TARGETS}
-    with StrataClient(args.server) as client:
+    with StrataClient(args.server, _token(args)) as client:
         try:
             retrieved = client.retrieve_to(
                 args.out,

@@ -35,6 +35,7 @@ from cluster.doors.web import WebDoor, WebSettings
 from cluster.ops.minio import MinioServer, ensure_minio_binary
 from cluster.ops.ray_runtime import init_local_ray
 from cluster.ops.reconcile import ReconcileReport, remove_orphans
+from cluster.security import tokens as access
 from workers.objects import store
 from workers.objects.keys import create_key_file, load_key_file
 from workers.pipeline.fanout import FrameFanout
@@ -164,11 +165,14 @@ class Stack:
         )
         if holder is not None:
             holder.close()  # the server binds it next
+        self.tokens = access.for_node(config.access_tokens, config.data_dir)
         self._server, self.port, self._health = await start_server(
             ArchiveService(self._archive),
             CatalogService(lambda: self._archive),
             config.host,
             config.port,
+            self.tokens,
+            tls=(config.grpc_tls_cert, config.grpc_tls_key),
         )
         if config.dimse_port:
             self.dimse = DimseDoor(
@@ -176,7 +180,7 @@ class Stack:
             )
             self.dimse.start()
         if config.http_port:
-            self.web = WebDoor(self._archive, web_settings(config), config.data_dir)
+            self.web = WebDoor(self._archive, web_settings(config), self.tokens)
             await self.web.start()
         if self.embedded:
             _write_node_file(config.data_dir, self.address, self.store_settings)
@@ -352,9 +356,9 @@ def web_settings(config: Config) -> WebSettings:
     return WebSettings(
         host=config.http_host,
         port=config.http_port,
-        tokens=tuple(token.strip() for token in config.http_tokens.split(",") if token.strip()),
         tls_cert=config.http_tls_cert,
         tls_key=config.http_tls_key,
+        tokens_configured=bool(access.configured(config.access_tokens)),
     )
 
 

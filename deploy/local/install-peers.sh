@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs the independent DICOM readers that tests/integration/test_interop.py checks
 # Strata's compressed files against: DCMTK (dcmdump, dcmdjpls, dcmdrle) and GDCM's
-# command-line tools (gdcmconv, gdcminfo), from Debian's packages.
+# command-line tools (gdcmconv, gdcminfo), and Orthanc (the DIMSE door and bench/vs_orthanc.py
+# are compared with it), from Debian's packages.
 #
 # Safe to run again: installs only the packages that are missing, and refreshes the
 # package lists only when apt has no candidate for one of them or the install fails on
 # stale lists. Non-interactive; uses sudo when not run as root.
 set -euo pipefail
 
-packages=(dcmtk libgdcm-tools)
+packages=(dcmtk libgdcm-tools orthanc)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -93,6 +93,7 @@ DIMSE_PEERS = {
     "GETSCU": 1,
     "MOVESCU": free_port(),
     "TESTSCU": free_port(),
+    "ORTHANC": free_port(),  # Orthanc from Debian, forwarding to Strata (test_orthanc)
 }
 
 

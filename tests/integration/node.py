@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,11 +16,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minio import Minio
 
+from cluster.security import tokens
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# The bearer token every test node takes, and (as STRATA_TOKEN) every client in the tests
+# and the CLI they run sends; a node started with ``access_tokens=""`` generates its own.
+TEST_TOKEN = secrets.token_urlsafe(24)
+os.environ.setdefault(tokens.ENVIRONMENT, TEST_TOKEN)
+TEST_TOKEN = os.environ[tokens.ENVIRONMENT]
 
 
 class _PortTakenError(Exception):
@@ -35,7 +45,7 @@ class Node:
         self.key_file = root / "keys" / "keys.json"
         self.log_path = root / "serve.log"
         self.port = free_port()
-        self.settings = settings
+        self.settings = {"access_tokens": TEST_TOKEN, **settings}
         self._process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -55,8 +65,8 @@ class Node:
 
     @property
     def http_token(self) -> str:
-        """The bearer token the node generated at start-up (``http-token``)."""
-        return (self.data_dir / "http-token").read_text().strip()
+        """The bearer token the node takes (``access_tokens``)."""
+        return self.settings["access_tokens"]
 
     @property
     def pid(self) -> int:
@@ -116,9 +126,18 @@ class Node:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _channel(self) -> grpc.Channel:
+        """A channel to the gRPC door: over TLS (trusting its own certificate) when the
+        node was given one."""
+        certificate = self.settings.get("grpc_tls_cert")
+        if not certificate:
+            return grpc.insecure_channel(self.address)
+        credentials = grpc.ssl_channel_credentials(Path(certificate).read_bytes())
+        return grpc.secure_channel(self.address, credentials)
+
     def healthy(self) -> bool:
         try:
-            with grpc.insecure_channel(self.address) as channel:
+            with self._channel() as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                 return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,8 +16,57 @@ from cluster.config import CHUNK_LIMIT
 from cluster.doors.grpc.servicer import ArchiveService, CatalogService
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
+from cluster.security.tokens import Tokens
 
 log = logging.getLogger("strata.server")
+# Callable without a token: what orchestrators' probes call (they carry no token).
+OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+class BearerTokens(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every call but a health check carries ``authorization: Bearer <token>``, or is
+    answered UNAUTHENTICATED before the servicer sees it."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self._tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = str(details.method)
+        metadata = dict(details.invocation_metadata or ())
+        if handler is None or method.startswith(OPEN_METHODS):
+            return handler
+        if self._tokens.admits(str(metadata.get("authorization", ""))):
+            return handler
+        log.warning("gRPC call refused: no valid bearer token")
+        return _refusal(handler)
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "a bearer token is required (metadata authorization: Bearer ...)",
+        )
+
+    shape = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return shape(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
 
 MiB = 1024 * 1024
 # A chunk plus its framing must fit one received message; a larger one is refused by gRPC
@@ -37,14 +89,18 @@ async def start_server(
     catalog: CatalogService,
     host: str,
     port: int,
+    tokens: Tokens,
+    tls: tuple[str, str] = ("", ""),
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start serving on ``host:port`` (0 picks a free port).
+    """Start serving on ``host:port`` (0 picks a free port), every call but health checks
+    with one of ``tokens``, over TLS when ``tls`` names a certificate and key.
 
     Returns the server, its port, and the health servicer, through which the node says
     NOT_SERVING while it restarts a component.
     """
     give_large_blocks_back()
     server = grpc.aio.server(
+        interceptors=[BearerTokens(tokens)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_SENT_MESSAGE),
@@ -69,8 +125,15 @@ async def start_server(
         ),
         server,
     )
+    cert, key = tls
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(key).read_bytes(), Path(cert).read_bytes())]
+            )
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpc raises RuntimeError("Failed to bind ...") on a taken port
         bound = 0
     if bound == 0:

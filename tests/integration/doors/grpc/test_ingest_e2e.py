@@ -21,7 +21,7 @@ import pytest
 from pydicom.data import get_testdata_files
 from pydicom.uid import generate_uid
 
-from cluster.client import IngestOutcome, StrataClient
+from cluster.client import BearerToken, IngestOutcome, StrataClient
 from cluster.rpc import strata_pb2 as pb
 from tests.integration.conftest import NODE_INFLIGHT, NODE_MAX_FILE, MiB
 from tests.integration.node import Node
@@ -354,7 +354,9 @@ def test_health_and_reflection(node: Node) -> None:
         ProtoReflectionDescriptorDatabase,
     )
 
-    with grpc.insecure_channel(node.address) as channel:
+    # Reflection, like every call but health checks, takes the bearer token.
+    with grpc.insecure_channel(node.address) as plain:
+        channel = grpc.intercept_channel(plain, BearerToken(node.http_token))
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"strata.v1.Archive", "strata.v1.Catalog", "grpc.health.v1.Health"} <= services
 
