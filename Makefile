@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 minio: $(STAMP)
 	$(BIN)/python -m cluster.ops.minio install
 
-# DCMTK and GDCM from Debian: independent readers the interop tests check our files with.
+# DCMTK, GDCM and Orthanc from Debian: independent readers and peers the tests check against.
 peers:
 	bash deploy/local/install-peers.sh
 
