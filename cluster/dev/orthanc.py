@@ -17,6 +17,9 @@ from typing import Any
 import requests
 
 BINARY = "Orthanc"
+# Orthanc's own transcoder (DCMTK) writes no JPEG 2000: its GDCM plugin (Debian's
+# orthanc-gdcm) does.
+GDCM_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")
 
 
 def available() -> bool:
@@ -64,7 +67,12 @@ class Orthanc:
             "Plugins": [],
         }
         if ingest_transcoding:
+            if not GDCM_PLUGIN.exists():
+                raise RuntimeError(
+                    f"transcoding at ingest needs Orthanc's GDCM plugin ({GDCM_PLUGIN})"
+                )
             configuration["IngestTranscoding"] = ingest_transcoding
+            configuration["Plugins"] = [str(GDCM_PLUGIN)]
         self.configuration = configuration
 
     def start(self, timeout: float = 60.0) -> Orthanc:

@@ -9,7 +9,7 @@
 # stale lists. Non-interactive; uses sudo when not run as root.
 set -euo pipefail
 
-packages=(dcmtk libgdcm-tools orthanc)
+packages=(dcmtk libgdcm-tools orthanc orthanc-gdcm)
 
 missing=()
 for package in "${packages[@]}"; do
