@@ -17,7 +17,8 @@ Routes, under ``/dicomweb``:
   header names another ``transfer-syntax`` (then transcoded losslessly, HTJ2K included);
 - ``…/metadata``: the instances' attributes as DICOM JSON, Pixel Data as a BulkDataURI;
 - ``…/instances/{sop}/frames/{numbers}``: frames, native (``application/octet-stream``)
-  or as stored (``image/jphc`` for HTJ2K, or ``transfer-syntax=*``).
+  or as stored (``image/jphc`` for HTJ2K, or ``transfer-syntax=*``);
+- ``…/instances/{sop}/bulkdata/{tag}``: the other bulk data elements metadata refers to.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def create_app(archive: Archive, tokens: Tokens, base_url: str = "") -> ASGIApp:
         Route(PREFIX + series + "/metadata", web.metadata, methods=["GET"]),
         Route(PREFIX + instance + "/metadata", web.metadata, methods=["GET"]),
         Route(PREFIX + instance + "/frames/{frames}", web.frames, methods=["GET"]),
+        Route(PREFIX + instance + "/bulkdata/{tag}", web.bulkdata, methods=["GET"]),
         Route(PREFIX + study, web.instances, methods=["GET"]),
         Route(PREFIX + series, web.instances, methods=["GET"]),
         Route(PREFIX + instance, web.instances, methods=["GET"]),
@@ -194,7 +196,7 @@ class _Web:
         for number, (data, result) in enumerate(zip(parts, results, strict=True), 1):
             record = result.record
             if result.status in ("stored", "duplicate") and record is not None:
-                referenced.append(_referenced_item(record, self._instance_url(record)))
+                referenced.append(_referenced_item(record, self._instance_url(request, record)))
             else:
                 sop_class, sop_instance, _ = _uids_of(data)
                 code = _FAILURE_REASON.get(Reason(result.reason), 0x0110)
@@ -206,7 +208,10 @@ class _Web:
         if failed:
             answer["00081198"] = {"vr": "SQ", "Value": failed}
         if wanted_study:
-            answer["00081190"] = {"vr": "UR", "Value": [f"{self._base}/studies/{wanted_study}"]}
+            answer["00081190"] = {
+                "vr": "UR",
+                "Value": [f"{self._root(request)}/studies/{wanted_study}"],
+            }
         status = 200 if not failed else (202 if referenced else 409)
         return JSONResponse(answer, status_code=status, media_type=DICOM_JSON)
 
@@ -222,7 +227,9 @@ class _Web:
             except ValueError as error:
                 return _error(400, str(error))
             matches = found.matches[offset : offset + limit]
-            body = [_dicom_json(match, fields, query.level, self._base) for match in matches]
+            body = [
+                _dicom_json(match, fields, query.level, self._root(request)) for match in matches
+            ]
             headers = {"Warning": '299 strata "there are more matches"'} if found.truncated else {}
             if not body:
                 return Response(status_code=204)
@@ -262,7 +269,7 @@ class _Web:
             answer = []
             for record in records:
                 _, data = await self._archive.read_all(record)
-                answer.append(_metadata(data, self._instance_url(record)))
+                answer.append(_metadata(data, self._instance_url(request, record)))
         except ArchiveError as error:
             return _error(_HTTP.get(error.reason, 500), error.message)
         return JSONResponse(answer, media_type=DICOM_JSON)
@@ -290,6 +297,32 @@ class _Web:
         media = f'multipart/related; type="{media_type}"; boundary={boundary}'
         return Response(b"".join(parts), media_type=media)
 
+    async def bulkdata(self, request: Request) -> Response:
+        """The value of one bulk data element of an instance (a metadata BulkDataURI),
+        as ``application/octet-stream`` in a multipart/related body."""
+        try:
+            tag = int(request.path_params["tag"], 16)
+        except ValueError:
+            return _error(400, "a bulk data tag is 8 hexadecimal digits")
+        try:
+            [record] = await self._records(request)
+            _, data = await self._archive.read_all(record)
+        except ArchiveError as error:
+            return _error(_HTTP.get(error.reason, 500), error.message)
+        dataset = pydicom.dcmread(BytesIO(data))
+        if tag not in dataset or not isinstance(dataset[tag].value, bytes):
+            return _error(404, f"the instance has no bulk data element {tag:08X}")
+        boundary = secrets.token_hex(16)
+        body = b"".join(
+            [
+                _part_head(boundary, "application/octet-stream"),
+                dataset[tag].value,
+                f"\r\n--{boundary}--\r\n".encode(),
+            ]
+        )
+        media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+        return Response(body, media_type=media)
+
     async def _records(self, request: Request) -> list[InstanceRecord]:
         """The current version of each instance the URL names."""
         params = request.path_params
@@ -311,9 +344,14 @@ class _Web:
             raise ArchiveError(Reason.NOT_FOUND, "no stored instance matches that URL")
         return list(latest.values())
 
-    def _instance_url(self, record: InstanceRecord) -> str:
+    def _root(self, request: Request) -> str:
+        """The absolute URL of the DICOMweb root, as the caller reached it (PS3.18 URIs
+        are absolute), unless a base URL was configured."""
+        return self._base if self._base != PREFIX else str(request.base_url).rstrip("/") + PREFIX
+
+    def _instance_url(self, request: Request, record: InstanceRecord) -> str:
         return (
-            f"{self._base}/studies/{record.study_instance_uid}/series/"
+            f"{self._root(request)}/studies/{record.study_instance_uid}/series/"
             f"{record.series_instance_uid}/instances/{record.sop_instance_uid}"
         )
 

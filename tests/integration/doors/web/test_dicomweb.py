@@ -36,7 +36,9 @@ class Study:
         self.datasets: list[pydicom.Dataset] = []
         for number, (_, data) in enumerate(ct_instances(3, f"web-{tag}"), 1):
             self._add(pydicom.dcmread(BytesIO(data)), number)
-        self._add(pydicom.dcmread(get_testdata_file("emri_small.dcm")), 4)  # 10 frames
+        multi = pydicom.dcmread(get_testdata_file("emri_small.dcm"))  # 10 frames
+        multi.add_new(0x60003000, "OW", bytes(range(256)) * 16)  # Overlay Data: bulk data
+        self._add(multi, 4)
 
     def _add(self, dataset: pydicom.Dataset, number: int) -> None:
         dataset.PatientName = f"{self.family}^BRUNO"
@@ -186,6 +188,20 @@ def test_metadata_lists_every_instance_with_pixel_data_by_reference(
     for item in metadata:
         assert "InlineBinary" not in item["7FE00010"]
         assert "/frames/" in item["7FE00010"]["BulkDataURI"]
+    # Other bulk data (here Overlay Data) comes from the URI metadata gives for it, as
+    # the server wrote it (dicomweb-client rewrites BulkDataURIs it returns, dropping the
+    # port: the metadata is read here as sent).
+    sent = requests.get(
+        f"{client.base_url}/studies/{study.study_uid}/series/{study.series_uid}/metadata",
+        headers={"Authorization": client._session.headers["Authorization"]},
+        timeout=60,
+    ).json()
+    uri = next(item["60003000"]["BulkDataURI"] for item in sent if "60003000" in item)
+    [value] = client.retrieve_bulkdata(uri)
+    tag = int(uri.rsplit("/", 1)[1], 16)
+    sop = uri.split("/instances/")[1].split("/")[0]
+    original = pydicom.dcmread(BytesIO(study.files[sop]))
+    assert value == original[tag].value
 
 
 def test_the_requests_ohif_makes(node: Node, study: Study) -> None:
