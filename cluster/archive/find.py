@@ -28,6 +28,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
 
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import StudyRow
@@ -348,6 +349,23 @@ async def _below_study(
         if _all_match(query, values, checked):
             answers.append(_answer(query, values))
     return answers
+
+
+def as_dataset(match: Mapping[str, str]) -> Dataset:
+    """A match as a data set (each value in its attribute's VR; empty ones present but
+    empty, as a search returns a key it has no value for)."""
+    dataset = Dataset()
+    if any(not value.isascii() for value in match.values()):
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in match.items():
+        vr = vr_of(keyword)
+        if vr in ("US", "UL", "SS", "SL"):
+            setattr(dataset, keyword, int(value) if value else None)
+        elif vr == "SQ":
+            setattr(dataset, keyword, [])
+        else:
+            setattr(dataset, keyword, value or None)
+    return dataset
 
 
 def _latest(records: Iterable[InstanceRecord]) -> list[InstanceRecord]:

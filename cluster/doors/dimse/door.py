@@ -57,7 +57,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from cluster.archive import Archive, ArchiveError
-from cluster.archive.find import FindError, Query, vr_of
+from cluster.archive.find import FindError, Query, as_dataset
 from cluster.doors.dimse import status
 from cluster.security.exposure import exposure_problem, is_loopback
 from workers.errors import Reason
@@ -511,18 +511,8 @@ def _text(element: DataElement) -> str:
 
 def _identifier(level: str, match: dict[str, str], retrieve_ae: str) -> Dataset:
     """One C-FIND match as a response identifier."""
-    answer = Dataset()
+    answer = as_dataset(match)
     answer.QueryRetrieveLevel = level
-    if any(not value.isascii() for value in match.values()):
-        answer.SpecificCharacterSet = "ISO_IR 192"
-    for keyword, value in match.items():
-        vr = vr_of(keyword)
-        if vr in ("US", "UL", "SS", "SL"):
-            setattr(answer, keyword, int(value) if value else None)
-        elif vr == "SQ":
-            setattr(answer, keyword, [])
-        else:
-            setattr(answer, keyword, value or None)
     answer.RetrieveAETitle = retrieve_ae
     return answer
 

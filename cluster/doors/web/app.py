@@ -34,7 +34,6 @@ from typing import Any
 
 import pydicom
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from pydicom.dataset import Dataset
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -42,7 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.archive import Archive, ArchiveError
-from cluster.archive.find import Query, vr_of
+from cluster.archive.find import Query, as_dataset
 from cluster.catalog.queries import InstanceFilters
 from cluster.security.tokens import Tokens
 from workers.errors import Reason
@@ -464,15 +463,7 @@ def _qido_query(level: str, request: Request) -> tuple[Query, list[str], int, in
 
 def _dicom_json(match: dict[str, str], fields: list[str], level: str, base: str) -> dict[str, Any]:
     """One QIDO match as DICOM JSON (PS3.18 F.2)."""
-    dataset = Dataset()
-    for keyword, value in match.items():
-        vr = vr_of(keyword)
-        if vr in ("US", "UL", "SS", "SL"):
-            setattr(dataset, keyword, int(value) if value else None)
-        elif vr == "SQ":
-            setattr(dataset, keyword, [])
-        else:
-            setattr(dataset, keyword, value or None)
+    dataset = as_dataset(match)
     study = match.get("StudyInstanceUID", "")
     url = f"{base}/studies/{study}"
     if level in ("SERIES", "IMAGE"):
