@@ -206,7 +206,9 @@ def test_metadata_lists_every_instance_with_pixel_data_by_reference(
 
 def test_the_requests_ohif_makes(node: Node, study: Study) -> None:
     """The request set of OHIF v3's DICOMweb data source (qidoRoot and wadoRoot both at
-    /dicomweb, as in its default-config), one by one."""
+    /dicomweb, as in its default-config), one by one: the study list's QIDO with OHIF's
+    parameters (limit 101, offset, fuzzymatching, includefield 00081030,00080060, keys
+    wrapped in wildcards), the study's series, each series' metadata, a frame."""
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {node.http_token}"
     root = node.http_url
@@ -216,7 +218,10 @@ def test_the_requests_ohif_makes(node: Node, study: Study) -> None:
         f"{root}/studies",
         params={
             "limit": "101", "offset": "0", "fuzzymatching": "false",
-            "includefield": "00081030,00080060", "00100020": study.patient_id,
+            "includefield": "00081030,00080060",
+            # OHIF wraps what the user typed in wildcards (withWildcard).
+            "PatientName": f"*{study.family[3:]}*", "00100020": f"*{study.patient_id}*",
+            "StudyDate": "19000101-20991231",
         },
         headers=json_accept, timeout=60,
     )  # fmt: skip
