@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
@@ -19,7 +20,9 @@ import pytest
 import ray
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from cluster.doors.dimse.door import ACCEPTED_SYNTAXES
 from cluster.ops.minio import MinioServer
 from cluster.ops.ray_runtime import init_local_ray
 from tests.integration.node import Node, free_port
@@ -173,3 +176,45 @@ def make_record(
 
 def stored(record: InstanceRecord, file_id: str | None = None) -> Stored:
     return Stored(file_id or f"file-{record.sha256[:8]}", record)
+
+
+# -- DIMSE helpers: DCMTK's tools, and what they put on the wire ---------------------
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """A Part 10 file's data set, without its preamble and file meta (which the receiver
+    writes itself)."""
+    assert data[128:132] == b"DICM"
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length :]
+
+
+def on_the_wire(runs: list[list[str]]) -> dict[str, bytes]:
+    """The data sets storescu sends with these arguments, by SOP Instance UID, as a
+    listener of the tests' own receives them: DCMTK sends what it re-encodes (it leaves
+    out trailing padding, corrects a wrong VR), not the file's bytes."""
+    seen: dict[str, bytes] = {}
+
+    def keep(event: evt.Event) -> int:
+        seen[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=False)
+        return 0x0000
+
+    ae = AE(ae_title="STRATA")
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_SYNTAXES)  # as the door
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)]
+    )
+    try:
+        for arguments in runs:
+            done = dcmtk("storescu", "-aec", "STRATA", "127.0.0.1", str(port), *arguments)
+            assert done.returncode == 0, done.stderr
+    finally:
+        server.shutdown()
+    return seen
+
+
+def dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)

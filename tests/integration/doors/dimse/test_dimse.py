@@ -15,13 +15,18 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from cluster.client import StrataClient
-from cluster.doors.dimse.door import ACCEPTED_SYNTAXES
-from tests.integration.conftest import DIMSE_PEERS, ct_instances
-from tests.integration.node import Node, free_port
+from tests.integration.conftest import (
+    DIMSE_PEERS,
+    ct_instances,
+    dataset_bytes,
+    dcmtk,
+    on_the_wire,
+)
+from tests.integration.node import Node
 
 pytestmark = pytest.mark.skipif(
     shutil.which("storescu") is None, reason="DCMTK is not installed (make test installs it)"
@@ -38,14 +43,6 @@ SENT = (
 )
 
 
-def dataset_bytes(data: bytes) -> bytes:
-    """A Part 10 file's data set, without its preamble and file meta (which the receiver
-    writes itself)."""
-    assert data[128:132] == b"DICM"
-    group_length = int.from_bytes(data[140:144], "little")
-    return data[144 + group_length :]
-
-
 def fresh_copy(name: str, folder: Path) -> Path:
     """pydicom's file ``name`` with a SOP Instance UID of its own (the shared node holds
     the original already)."""
@@ -55,37 +52,6 @@ def fresh_copy(name: str, folder: Path) -> Path:
     path = folder / name
     dataset.save_as(path, enforce_file_format=True)
     return path
-
-
-def on_the_wire(runs: list[list[str]]) -> dict[str, bytes]:
-    """The data sets storescu sends with these arguments, by SOP Instance UID, as a
-    listener of the tests' own receives them: DCMTK sends what it re-encodes (it leaves
-    out trailing padding, corrects a wrong VR), not the file's bytes."""
-    seen: dict[str, bytes] = {}
-
-    def keep(event: evt.Event) -> int:
-        seen[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=False)
-        return 0x0000
-
-    ae = AE(ae_title="STRATA")
-    for context in AllStoragePresentationContexts:
-        assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, ACCEPTED_SYNTAXES)  # as the door
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)]
-    )
-    try:
-        for arguments in runs:
-            done = dcmtk("storescu", "-aec", "STRATA", "127.0.0.1", str(port), *arguments)
-            assert done.returncode == 0, done.stderr
-    finally:
-        server.shutdown()
-    return seen
-
-
-def dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_echo(node: Node) -> None:

@@ -12,8 +12,7 @@ import pytest
 
 from cluster.client import StrataClient
 from cluster.dev import orthanc
-from tests.integration.conftest import DIMSE_PEERS, ct_instances
-from tests.integration.doors.dimse.test_dimse import dataset_bytes
+from tests.integration.conftest import DIMSE_PEERS, ct_instances, dataset_bytes
 from tests.integration.node import Node, free_port
 
 pytestmark = pytest.mark.skipif(

@@ -16,8 +16,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.integration.conftest import DIMSE_PEERS, ct_instances
-from tests.integration.doors.dimse.test_dimse import dataset_bytes, dcmtk, on_the_wire
+from tests.integration.conftest import DIMSE_PEERS, ct_instances, dataset_bytes, dcmtk, on_the_wire
 from tests.integration.node import Node
 
 pytestmark = pytest.mark.skipif(
