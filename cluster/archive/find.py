@@ -260,7 +260,8 @@ async def find(archive: Archive, query: Query, limit: int, keys: IdentityKeys) -
             continue
         sop, sealed = boxes[row.study_instance_uid]
         held = _study_values(row, keys.open(sealed, sop))
-        if _all_match(query, held, (*PATIENT_ATTRIBUTES, *STUDY_ATTRIBUTES, "StudyInstanceUID")):
+        keywords = (*PATIENT_ATTRIBUTES, *STUDY_ATTRIBUTES, "StudyInstanceUID")
+        if _all_match(query, held, keywords) and _modalities_match(query, held):
             study_level.append((row, held))
     if query.level == "PATIENT":
         patients: dict[str, dict[str, str]] = {}
@@ -302,12 +303,12 @@ async def _below_study(
         records += await archive.find_instances(
             InstanceFilters(study_uid=row.study_instance_uid, series_uid=series), limit=1_000_000
         )
-    latest = _latest(records)
-    boxes = await archive.identities([record.sha256 for record in latest])
+    current = latest(records)
+    boxes = await archive.identities([record.sha256 for record in current])
     answers = []
     if query.level == "SERIES":
         by_series: dict[str, list[InstanceRecord]] = {}
-        for record in latest:
+        for record in current:
             by_series.setdefault(record.series_instance_uid, []).append(record)
         for series, members in by_series.items():
             last = max(members, key=lambda r: r.ingest_time)
@@ -324,7 +325,7 @@ async def _below_study(
                 answers.append(_answer(query, values))
         return answers
     wanted_sops = {uid for uid in query.value("SOPInstanceUID").split("\\") if uid}
-    for record in latest:
+    for record in current:
         if wanted_sops and record.sop_instance_uid not in wanted_sops:
             continue
         opened = (
@@ -368,7 +369,7 @@ def as_dataset(match: Mapping[str, str]) -> Dataset:
     return dataset
 
 
-def _latest(records: Iterable[InstanceRecord]) -> list[InstanceRecord]:
+def latest(records: Iterable[InstanceRecord]) -> list[InstanceRecord]:
     """The current version of each instance, in the order first met."""
     latest: dict[str, InstanceRecord] = {}
     for record in records:
@@ -390,18 +391,19 @@ def _study_values(row: StudyRow, opened: Mapping[str, str]) -> dict[str, str]:
 
 
 def _all_match(query: Query, held: Mapping[str, str], keywords: Sequence[str]) -> bool:
-    """Whether every key of ``query`` among ``keywords`` (and the study's modalities)
-    matches what is held."""
+    """Whether every key of ``query`` among ``keywords`` matches what is held."""
     for keyword in keywords:
         wanted = query.value(keyword)
         if wanted and not matches(keyword, wanted, held.get(keyword, "")):
             return False
-    wanted = query.value("ModalitiesInStudy")
-    if wanted and keywords[0] == PATIENT_ATTRIBUTES[0]:
-        modalities = held.get("ModalitiesInStudy", "").split("\\")
-        if not any(matches("Modality", wanted, modality) for modality in modalities):
-            return False
     return True
+
+
+def _modalities_match(query: Query, held: Mapping[str, str]) -> bool:
+    """Whether one of the study's modalities matches the query's Modalities in Study."""
+    wanted = query.value("ModalitiesInStudy")
+    modalities = held.get("ModalitiesInStudy", "").split("\\")
+    return not wanted or any(matches("Modality", wanted, modality) for modality in modalities)
 
 
 def _answer(query: Query, held: Mapping[str, str]) -> dict[str, str]:

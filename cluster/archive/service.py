@@ -38,11 +38,11 @@ from cluster.archive.dispatch import (
     cause_of,
     within,
 )
-from cluster.archive.find import UNIQUE, FindError, Found, Query
+from cluster.archive.find import UNIQUE, FindError, Found, Query, latest
 from cluster.archive.find import find as find_matches
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import StudyRow
-from workers.dicom.identity import IdentityKeys
+from workers.dicom.identity import IdentityKeys, identity_keys
 from workers.errors import Reason
 from workers.objects import store
 from workers.objects.keys import cached_key_file
@@ -547,17 +547,10 @@ class Archive:
                 records += await self.find_instances(
                     InstanceFilters(study_uid=study, series_uid=one_series), limit=1_000_000
                 )
-        latest: dict[str, InstanceRecord] = {}
-        for record in records:
-            if sops and record.sop_instance_uid not in sops:
-                continue
-            held = latest.get(record.sop_instance_uid)
-            if held is None or record.version > held.version:
-                latest[record.sop_instance_uid] = record
-        return list(latest.values())
+        return [r for r in latest(records) if not sops or r.sop_instance_uid in sops]
 
     def _identity_keys(self) -> IdentityKeys:
-        return IdentityKeys(cached_key_file(self._settings.key_file).pseudonymizer())
+        return identity_keys(cached_key_file(self._settings.key_file).pseudonymizer())
 
     async def _searching(self, call: Any) -> Any:
         """Await a catalog search within its deadline; a failure as ArchiveError."""

@@ -141,12 +141,12 @@ def _through_the_other_doors(
     """One study found and fetched back through DIMSE (DCMTK's findscu and getscu, when
     installed) and DICOMweb (QIDO-RS and WADO-RS): what each door did."""
     done: list[tuple[str, str]] = []
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    study_uid = str(first.StudyInstanceUID)
+    read = [(path, pydicom.dcmread(path, stop_before_pixels=True)) for path in files]
+    study_uid = str(read[0][1].StudyInstanceUID)
     sent = {
-        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): path.read_bytes()
-        for path in files
-        if pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID == study_uid
+        str(header.SOPInstanceUID): path.read_bytes()
+        for path, header in read
+        if header.StudyInstanceUID == study_uid
     }
     port = str(config.dimse_port)
     if shutil.which("findscu") and shutil.which("getscu"):

@@ -25,7 +25,7 @@ import secrets
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from io import BytesIO
 from typing import Any
 
@@ -168,6 +168,13 @@ class IdentityKeys:
             tokens=self.tokens(attributes),
             sealed=self.seal(attributes, sop_instance_uid),
         )
+
+
+@lru_cache(maxsize=4)
+def identity_keys(pseudonyms: Pseudonymizer) -> IdentityKeys:
+    """The identity keys of a key file's pseudonym key, derived once per process (ingest
+    seals every file with them; HKDF per file would be work for nothing)."""
+    return IdentityKeys(pseudonyms)
 
 
 def _derive(root: bytes, label: bytes) -> bytes:

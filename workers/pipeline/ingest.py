@@ -23,7 +23,7 @@ from workers.codecs.lossless import (
     lossless_transfer_syntaxes,
     values_fit_bits_stored,
 )
-from workers.dicom.identity import IdentityKeys, IdentityRow
+from workers.dicom.identity import IdentityRow, identity_keys
 from workers.dicom.split import (
     InstanceHeader,
     PixelLayout,
@@ -199,7 +199,7 @@ def prepare(
         tier=settings.tier,
         key_id=keys.active_key_id,
     )
-    identity = IdentityKeys(keys.pseudonymizer()).row(
+    identity = identity_keys(keys.pseudonymizer()).row(
         item.sha256, header.study_instance_uid, header.sop_instance_uid, data[: split.pixel_start]
     )
     return blob, record, identity

@@ -22,7 +22,7 @@ from datetime import datetime
 import imagecodecs
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap
 
-from workers.dicom.identity import IdentityKeys, IdentityRow
+from workers.dicom.identity import IdentityRow, identity_keys
 from workers.dicom.split import InstanceHeader, PixelLayout, prefix_header, split_file
 from workers.objects import store
 from workers.objects.envelope import (
@@ -145,7 +145,7 @@ def row_from_object(
         tier=tier,
         key_id=header.key_id,
     )
-    identity = IdentityKeys(keys.pseudonymizer()).row(
+    identity = identity_keys(keys.pseudonymizer()).row(
         manifest.sha256, file_header.study_instance_uid, file_header.sop_instance_uid, header_bytes
     )
     return RecoveredRow(record, identity, legacy)

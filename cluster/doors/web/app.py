@@ -41,7 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.archive import Archive, ArchiveError
-from cluster.archive.find import Query, as_dataset
+from cluster.archive.find import Query, as_dataset, latest
 from cluster.catalog.queries import InstanceFilters
 from cluster.security.tokens import Tokens
 from workers.errors import Reason
@@ -180,11 +180,14 @@ class _Web:
         referenced, failed = [], []
         if wanted_study:
             # PS3.18 10.5.1: an instance of another study than the URL's is not stored.
-            others = [data for data in parts if _uids_of(data)[2] != wanted_study]
-            for data in others:
-                sop_class, sop_instance, _ = _uids_of(data)
-                failed.append(_failed_item(sop_class, sop_instance, 0xA900))
-            parts = [data for data in parts if data not in others]
+            kept = []
+            for data in parts:
+                sop_class, sop_instance, study = _uids_of(data)
+                if study == wanted_study:
+                    kept.append(data)
+                else:
+                    failed.append(_failed_item(sop_class, sop_instance, 0xA900))
+            parts = kept
         # All parts at once: they spread over the workers as a batch would.
         results = await asyncio.gather(
             *(
@@ -219,16 +222,14 @@ class _Web:
     def qido(self, level: str) -> Callable[[Request], Awaitable[Response]]:
         async def search(request: Request) -> Response:
             try:
-                query, fields, limit, offset = _qido_query(level, request)
+                query, limit, offset = _qido_query(level, request)
                 found = await self._archive.find(query, limit=offset + limit)
             except ArchiveError as error:
                 return _error(_HTTP.get(error.reason, 500), error.message)
             except ValueError as error:
                 return _error(400, str(error))
             matches = found.matches[offset : offset + limit]
-            body = [
-                _dicom_json(match, fields, query.level, self._root(request)) for match in matches
-            ]
+            body = [_dicom_json(match, query.level, self._root(request)) for match in matches]
             headers = {"Warning": '299 strata "there are more matches"'} if found.truncated else {}
             if not body:
                 return Response(status_code=204)
@@ -333,15 +334,10 @@ class _Web:
                 raise ArchiveError(Reason.NOT_FOUND, "no such instance in that series")
             return [record]
         filters = InstanceFilters(study_uid=params["study"], series_uid=params.get("series"))
-        found = await self._archive.find_instances(filters, limit=1_000_000)
-        latest: dict[str, InstanceRecord] = {}
-        for record in found:
-            held = latest.get(record.sop_instance_uid)
-            if held is None or record.version > held.version:
-                latest[record.sop_instance_uid] = record
-        if not latest:
+        current = latest(await self._archive.find_instances(filters, limit=1_000_000))
+        if not current:
             raise ArchiveError(Reason.NOT_FOUND, "no stored instance matches that URL")
-        return list(latest.values())
+        return current
 
     def _root(self, request: Request) -> str:
         """The absolute URL of the DICOMweb root, as the caller reached it (PS3.18 URIs
@@ -427,7 +423,7 @@ def _keyword(name: str) -> str:
     raise ValueError(f"{name!r} is not an attribute keyword or tag")
 
 
-def _qido_query(level: str, request: Request) -> tuple[Query, list[str], int, int]:
+def _qido_query(level: str, request: Request) -> tuple[Query, int, int]:
     params = request.query_params
     keys: dict[str, str] = {}
     for name, value in params.multi_items():
@@ -455,13 +451,12 @@ def _qido_query(level: str, request: Request) -> tuple[Query, list[str], int, in
         for name in ("PatientName", "ReferringPhysicianName"):
             if keys.get(name) and not keys[name].endswith("*"):
                 keys[name] = keys[name] + "*"
-    wanted = [*_DEFAULT_FIELDS[level], *fields]
-    for keyword in wanted:
+    for keyword in [*_DEFAULT_FIELDS[level], *fields]:
         keys.setdefault(keyword, "")
-    return Query(level, keys), wanted, limit, offset
+    return Query(level, keys), limit, offset
 
 
-def _dicom_json(match: dict[str, str], fields: list[str], level: str, base: str) -> dict[str, Any]:
+def _dicom_json(match: dict[str, str], level: str, base: str) -> dict[str, Any]:
     """One QIDO match as DICOM JSON (PS3.18 F.2)."""
     dataset = as_dataset(match)
     study = match.get("StudyInstanceUID", "")
