@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import shutil
 import statistics
@@ -279,13 +280,14 @@ def child(settings: StoreSettings, bucket: str, index: Path, sha: str) -> dict:
     output = subprocess.run(
         [sys.executable, __file__, "--child", config],
         check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,  # stderr passes through: the rebuild's phases show
         text=True,
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 async def child_main(config: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="  child: %(message)s")
     started = time.perf_counter()
     writer = catalog.CatalogWriter(
         StoreSettings(**config["settings"]), config["bucket"], index_path=config["index"]
