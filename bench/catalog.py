@@ -135,11 +135,24 @@ def synthetic(n: int, per_study: int = 30) -> InstanceRecord:
         bytes_in=525_000 + n % 1000,
         bytes_stored=180_000 + n % 997,
         sha256=sha,
-        object_key=store.object_key_for(f"{ROOT}.{study}", sop, sha),
+        object_key=synthetic_pack(f"{ROOT}.{study}"),
         tier="hot",
         key_id="kek-1",
         ingest_time=START + timedelta(milliseconds=250 * n),
+        byte_offset=synthetic_offset(n, per_study),
+        byte_length=180_000 + n % 997,
     )
+
+
+def synthetic_pack(study_instance_uid: str) -> str:
+    """One pack per study, named as ingest names packs (16 bytes, here derived)."""
+    suffix = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:32]
+    return store.study_prefix(study_instance_uid) + suffix
+
+
+def synthetic_offset(n: Any, per_study: int) -> Any:
+    """Where row ``n`` (an int or an array) lies in its study's pack."""
+    return 4096 + (n % per_study) * 200_000
 
 
 def synthetic_columns(first: int, count: int, per_study: int) -> pa.Table:
@@ -185,10 +198,9 @@ def synthetic_columns(first: int, count: int, per_study: int) -> pa.Table:
         "bytes_in": 525_000 + n % 1000,
         "bytes_stored": 180_000 + n % 997,
         "sha256": shas,
-        "object_key": [
-            store.object_key_for(uid, sop, sha)
-            for uid, sop, sha in zip(study_uids.tolist(), sops, shas, strict=True)
-        ],
+        "object_key": [synthetic_pack(uid) for uid in study_uids.tolist()],
+        "byte_offset": synthetic_offset(n, per_study),
+        "byte_length": 180_000 + n % 997,
         "ingest_time": times,
         "ingest_date": times.astype("datetime64[D]"),
     }

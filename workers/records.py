@@ -63,7 +63,10 @@ def _item(
 
 @dataclass(frozen=True)
 class InstanceRecord:
-    """One stored object: the row of the catalog table ``instances``.
+    """One stored instance: the row of the catalog table ``instances``.
+
+    It lives in bytes ``byte_offset`` .. ``byte_offset + byte_length`` of the pack
+    ``object_key`` (docs/object-format.md); ``bytes_stored`` is that length.
 
     Identity attributes of the patient appear only as keyed HMAC pseudonyms; names and
     birth dates are never carried here.
@@ -101,6 +104,9 @@ class InstanceRecord:
     # Assigned by the catalog writer: 1 for the first file with this SOP Instance UID,
     # n + 1 for each later different file with the same UID.
     version: int = 0
+    # Where in the pack its member lies (set when the pack is built).
+    byte_offset: int = 0
+    byte_length: int = 0
 
 
 @dataclass(frozen=True)

@@ -375,7 +375,7 @@ class Archive:
         ``stored``, or a transfer syntax UID to transcode to losslessly); the worker stops
         as soon as the block is left, whether the caller read everything or not."""
         self.check_available()
-        ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
+        ref = ObjectRef.of(record)
         stream = _restore_stream.remote(ref, form, self._settings_ref, RETRIEVE_CHUNK)
         try:
             head: RestoredHead = await self._reading(_next(stream), record)
@@ -408,7 +408,7 @@ class Archive:
         if not numbers:
             raise ArchiveError(Reason.BAD_REQUEST, "no frame numbers given")
         self.check_available()
-        ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
+        ref = ObjectRef.of(record)
         task = _frames_task.remote(ref, list(numbers), self._settings_ref, decoded)
         frames: list[FrameData] = await self._reading(task, record)  # cancelled there if late
         self.record_access(record.study_instance_uid)

@@ -28,9 +28,9 @@ Why rows look as they do (about 0.25 KB an instance; docs/catalog.md measures it
 repeated across instances (SOP Class, transfer syntaxes, notes, tier, key) are kept once in
 ``codes`` and as small integers in each row; lowercase hex (SHA-256, pseudonyms) as the bytes
 it spells; UIDs four bits a character; the B-trees over UIDs hold a 47-bit hash of the UID
-(``*_key``), not the UID, and each search compares the UID itself too; an object key that
-is the one ingest derives from the UIDs and the SHA-256 (``store.object_key_for``) is not
-stored at all.
+(``*_key``), not the UID, and each search compares the UID itself too; a pack key named
+the way ingest names them (``store.pack_key_for``: the study's hash prefix and 16 random
+bytes) only as those 16 bytes.
 """
 
 from __future__ import annotations
@@ -68,13 +68,13 @@ from cluster.catalog.schema import (
     table_dataset,
     table_root,
 )
-from workers.objects.store import object_key_for
+from workers.objects.store import pack_id_of, pack_key_from
 from workers.records import InstanceRecord
 
 log = logging.getLogger("strata.catalog")
 
 # The index's own schema; a file with another one is rebuilt.
-FORMAT = 9
+FORMAT = 10
 CACHE_KIB = 64 * 1024  # SQLite's page cache: the index's whole memory
 _BATCH = 50_000
 # Studies derived by one statement when the index is rebuilt.
@@ -114,6 +114,8 @@ _PLAIN = (
     "bytes_in",
     "bytes_stored",
     "version",
+    "byte_offset",
+    "byte_length",
 )
 # The columns of the index's ``instances``, in order (``id`` before them).
 _INSTANCE_COLUMNS = (
@@ -130,11 +132,11 @@ _INSTANCE_COLUMNS = (
     "patient_pseudonym",
     "accession_pseudonym",
     *(name for name in _PLAIN if name != "version"),
-    "object_key",  # NULL: store.object_key_for(study, SOP Instance, SHA-256)
+    "object_key",  # the 16 random bytes of a pack key of the row's study, else the key
     "ingest_time",  # microseconds since the epoch, UTC
 )
 # What a placement overrides in an instance's record.
-_PLACED = ("tier", "object_key", "key_id")
+_PLACED = ("tier", "object_key", "byte_offset", "byte_length", "key_id")
 _PLACEMENT_COLUMNS = (
     "sha256",
     "tier",
@@ -765,14 +767,8 @@ class CatalogIndex:
         values["study_date"] = batch.column("study_date").cast(pa.int32()).to_pylist()
         values["ingest_time"] = _micros(batch.column("ingest_time"))
         values["object_key"] = [
-            None if key == object_key_for(study, sop, sha) else key
-            for key, study, sop, sha in zip(
-                values["object_key"],
-                values["study_instance_uid"],
-                values["sop_instance_uid"],
-                batch.column("sha256").to_pylist(),
-                strict=True,
-            )
+            pack_id_of(key, study) or key
+            for key, study in zip(values["object_key"], values["study_instance_uid"], strict=True)
         ]
         for uid in _KEYS:
             values[uid] = [_uid(value) for value in values[uid]]
@@ -797,10 +793,8 @@ class CatalogIndex:
         days = values["study_date"]
         values["study_date"] = None if days is None else _EPOCH_DAY + timedelta(days=days)
         values["ingest_time"] = _from_micros(values["ingest_time"])
-        if values["object_key"] is None:
-            values["object_key"] = object_key_for(
-                values["study_instance_uid"], values["sop_instance_uid"], values["sha256"]
-            )
+        if isinstance(values["object_key"], bytes):
+            values["object_key"] = pack_key_from(values["object_key"], values["study_instance_uid"])
         return InstanceRecord(**values)
 
     def _meta(self) -> dict[str, str]:

@@ -20,12 +20,9 @@ What the objects cannot say, and what the rebuild assumes instead:
 - ``studies.last_access_time`` is kept only in the catalog: null after a rebuild.
 - ``tier`` is the tier of the bucket the object is in now and ``key_id`` the key that wraps
   it now: the values of ingest until tiering moves an object or a rotation re-wraps it.
-- An object written before manifests carried ``ingest_time`` and ``storage_note`` (counted
-  as ``legacy``) gets the object's last-modified time (the PUT's end, milliseconds after
-  the true one) and an empty ``storage_note``.
-- A file re-sent while the writer could not answer the duplicate check was stored again
-  under the same key, with a later ``ingest_time`` than its row kept; that row comes back
-  with the later time.
+- A file re-sent while the writer could not answer the duplicate check was stored again,
+  in another pack; the rebuild keeps whichever copy it reads first (both hold the same
+  bytes) and reports the other.
 """
 
 from __future__ import annotations
@@ -63,14 +60,20 @@ from workers.errors import RejectError
 from workers.objects import store
 from workers.objects.envelope import EnvelopeError
 from workers.objects.keys import FileKeyProvider, KeyFileError
-from workers.pipeline.recover import RecoveredRow, UnreadableObjectError, read_row
+from workers.pipeline.recover import (
+    MemberFailure,
+    RecoveredRow,
+    UnreadableObjectError,
+    is_pack,
+    read_pack,
+)
 from workers.records import InstanceRecord, StoreSettings
 
 # Objects read at once. The work is mostly waiting on ranged GETs (AES-GCM and zstd
 # release the GIL), so threads in this process suffice and need no Ray: the node, and
 # with it its Ray runtime, is stopped during a rebuild. Past what one machine's network
-# reads in acceptable time, the same read_row would run in Ray tasks, one per first-level
-# key prefix (v1/<2 hex>/).
+# reads in acceptable time, the same read_pack would run in Ray tasks, one per first-level
+# key prefix (v2/<2 hex>/).
 READERS = 16
 _IN_FLIGHT = 4 * READERS  # submitted but not collected: bounds memory while listing
 # Rows per Delta append: few commits, a few tens of MB of rows in memory at a time.
@@ -105,10 +108,10 @@ class RebuildProgress:
 class RebuildReport:
     """What a rebuild read and wrote."""
 
-    objects_read: int  # listed and read, failures included
+    objects_read: int  # packs listed and read, failures included
     rows_written: int  # to instances
     studies: int  # rows of studies afterwards
-    legacy: int  # rows whose ingest_time is the object's last-modified time
+    copies_left_out: int  # later copies of files stored twice (members no row names)
     failures: tuple[ObjectFailure, ...]
 
 
@@ -217,7 +220,7 @@ def rebuild_catalog(
         objects_read=tally.progress.read,
         rows_written=tally.progress.written,
         studies=studies,
-        legacy=tally.legacy,
+        copies_left_out=tally.copies,
         failures=tuple(tally.failures),
     )
 
@@ -228,7 +231,7 @@ class _Tally:
     def __init__(self, report: Callable[[RebuildProgress], None]) -> None:
         self.progress = RebuildProgress()
         self.failures: list[ObjectFailure] = []
-        self.legacy = 0
+        self.copies = 0
         self._report = report
 
     def add(self, **increments: int) -> None:
@@ -244,9 +247,9 @@ def _read_objects(
     staging: _Staging,
     tally: _Tally,
 ) -> None:
-    pending: dict[Future[RecoveredRow], tuple[str, str]] = {}
+    pending: dict[Future[tuple[list[RecoveredRow], list[MemberFailure]]], tuple[str, str]] = {}
 
-    def collect(done: Iterable[Future[RecoveredRow]]) -> None:
+    def collect(done: Iterable[Future[tuple[list[RecoveredRow], list[MemberFailure]]]]) -> None:
         for future in done:
             bucket, key = pending.pop(future)
             error = future.exception()
@@ -256,14 +259,17 @@ def _read_objects(
                 tally.failures.append(ObjectFailure(bucket, key, _reason(error)))
                 tally.add(read=1, failed=1)
                 continue
-            row = future.result()
-            if not staging.add(row.record, row.identity):
-                reason = "another copy of this file (same SHA-256) was read from another bucket"
-                tally.failures.append(ObjectFailure(bucket, key, reason))
-                tally.add(read=1, failed=1)
-                continue
-            tally.legacy += row.legacy
-            tally.add(read=1)
+            rows, failed = future.result()
+            for member in failed:
+                where = f"{key}#{member.sha256}"
+                tally.failures.append(ObjectFailure(bucket, where, member.reason))
+            for row in rows:
+                left_out = staging.add(row.record, row.identity)
+                # A file stored twice (a resend while the duplicate check could not
+                # answer): the copy stored first is kept, as the catalog kept it; the other
+                # is a member no row names, not a failure.
+                tally.copies += left_out is not None
+            tally.add(read=1, failed=1 if failed else 0)
 
     with ThreadPoolExecutor(READERS, thread_name_prefix="strata-rebuild") as pool:
         try:
@@ -272,7 +278,9 @@ def _read_objects(
                 if not store.bucket_exists(settings, bucket):
                     continue
                 for listed in store.list_objects(settings, bucket):
-                    future = pool.submit(read_row, settings, bucket, listed, tier, keys)
+                    if not is_pack(listed.key):
+                        continue  # a keys object: read with its pack
+                    future = pool.submit(read_pack, settings, bucket, listed, tier, keys)
                     pending[future] = (bucket, listed.key)
                     tally.add(listed=1)
                     if len(pending) >= _IN_FLIGHT:
@@ -327,24 +335,37 @@ class _Staging:
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(
             "CREATE TABLE rows (sha256 TEXT PRIMARY KEY, sop_instance_uid TEXT NOT NULL, "
-            "ingest_us INTEGER NOT NULL, version INTEGER NOT NULL, record BLOB NOT NULL);\n"
+            "ingest_us INTEGER NOT NULL, object_key TEXT NOT NULL, version INTEGER NOT NULL, "
+            "record BLOB NOT NULL);\n"
             "CREATE INDEX rows_sop ON rows (sop_instance_uid);\n"
             "CREATE INDEX rows_order ON rows (ingest_us, sha256);\n"
         )
 
-    def add(self, record: InstanceRecord, identity: IdentityRow) -> bool:
-        """Stage one row and its identity row (as version 1); False if a file with its
-        SHA-256 is staged."""
-        cursor = self._db.execute(
-            "INSERT OR IGNORE INTO rows VALUES (?, ?, ?, 1, ?)",
-            (
-                record.sha256,
-                record.sop_instance_uid,
-                _microseconds(record.ingest_time),
-                pickle.dumps((record, identity)),
-            ),
+    def add(self, record: InstanceRecord, identity: IdentityRow) -> str | None:
+        """Stage one row and its identity row (as version 1). When a file with its SHA-256
+        is staged already (the same file stored twice, in two packs), the copy stored
+        first is kept, as the catalog kept it: the key of the pack whose copy is left out
+        is returned."""
+        row = (
+            record.sha256,
+            record.sop_instance_uid,
+            _microseconds(record.ingest_time),
+            record.object_key,
+            pickle.dumps((record, identity)),
         )
-        return cursor.rowcount == 1
+        staged = self._db.execute(
+            "SELECT ingest_us, object_key FROM rows WHERE sha256 = ?", (record.sha256,)
+        ).fetchone()
+        if staged is None:
+            self._db.execute("INSERT INTO rows VALUES (?, ?, ?, ?, 1, ?)", row)
+            return None
+        if (staged[0], staged[1]) <= (row[2], row[3]):
+            return record.object_key
+        self._db.execute(
+            "UPDATE rows SET ingest_us = ?, object_key = ?, record = ? WHERE sha256 = ?",
+            (row[2], row[3], row[4], record.sha256),
+        )
+        return str(staged[1])
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM rows").fetchone()[0])

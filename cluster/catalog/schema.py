@@ -75,6 +75,8 @@ INSTANCES_SCHEMA = pa.schema(
         pa.field("key_id", pa.string(), nullable=False),
         pa.field("ingest_time", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("version", pa.int32(), nullable=False),
+        pa.field("byte_offset", pa.int64(), nullable=False),
+        pa.field("byte_length", pa.int64(), nullable=False),
         pa.field("ingest_date", pa.date32(), nullable=False),
     ]
 )

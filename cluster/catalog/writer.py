@@ -793,12 +793,24 @@ class CatalogWriter:
 
     # -- the reconciler -----------------------------------------------------------------
 
-    async def known_sha256(self, sha256s: list[str]) -> list[str]:
-        """Those of ``sha256s`` that the catalog holds (for orphan reconciling)."""
+    async def referenced_packs(self, tier: str, packs: list[tuple[str, list[str]]]) -> list[str]:
+        """Those of ``packs`` (key, the SHA-256 of each member) in tier ``tier`` that a
+        row names where it lives now, or that hold a file being committed (for orphan
+        reconciling)."""
         await self.ready()
         assert self._index is not None
-        known = self._index.by_sha256s(sha256s)
-        return [sha for sha in sha256s if sha in known or self._committing[sha]]
+        found = self._index.by_sha256s([sha for _, shas in packs for sha in shas])
+        live = []
+        for key, shas in packs:
+            named = any(
+                (record := found.get(sha)) is not None
+                and record.tier == tier
+                and record.object_key == key
+                for sha in shas
+            )
+            if named or any(self._committing[sha] for sha in shas):
+                live.append(key)
+        return live
 
 
 def _append_journal(

@@ -376,20 +376,19 @@ def _catalog_rebuild(args: argparse.Namespace) -> int:
             f"[yellow]not rebuilt[/yellow] {failure.bucket}/{failure.key}: {failure.reason}"
         )
     table = Table(title=f"catalog rebuild ({config.catalog_bucket})")
-    for column in ("objects read", "rows written", "studies", "failed", "legacy"):
+    for column in ("packs read", "rows written", "studies", "failed"):
         table.add_column(column, justify="right")
     table.add_row(
         str(report.objects_read),
         str(report.rows_written),
         str(report.studies),
         str(len(report.failures)),
-        str(report.legacy),
     )
     Console().print(table)
-    if report.legacy:
+    if report.copies_left_out:
         Console().print(
-            f"  {report.legacy} objects predate manifests with ingest_time: their rows have "
-            "the object's last-modified time as ingest_time and an empty storage_note"
+            f"  {report.copies_left_out} files were stored twice (a resend raced the duplicate "
+            "check); the copy stored first is in the catalog"
         )
     return 1 if report.failures else 0
 

@@ -164,6 +164,11 @@ class MinioServer:
         return self._settings
 
     @property
+    def pid(self) -> int | None:
+        """The MinIO process's id while it runs (benchmarks read its CPU time)."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether the MinIO process is alive."""
         return self._process is not None and self._process.poll() is None

@@ -307,6 +307,7 @@ class Stack:
         return await remove_orphans(
             self.store_settings,
             store.tier_bucket(self.config.tier),
+            self.config.tier,
             self._catalog,
             self._dispatcher,
             grace=timedelta(seconds=self.config.orphan_grace_s),

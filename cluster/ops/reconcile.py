@@ -1,40 +1,50 @@
-"""Orphan objects: objects in a tier's bucket that no catalog row names, removed.
+"""Orphan packs: packs in a tier's bucket that no catalog row names, removed.
 
-A worker writes an instance's object before the catalog writer commits its row, and the
-sender is answered only after both. A crash in between (a worker, the writer, MinIO or Ray
-dying) leaves an object nobody was told is stored: an orphan. Its sender was answered with a
-failure and sends again; the orphan itself is plaintext-free but wastes space and, left
-alone, would make the store disagree with the catalog for ever.
+A worker writes a pack (and its keys object) before the catalog writer commits its rows,
+and the senders are answered only after both. A crash in between (a worker, the writer,
+MinIO or Ray dying) leaves a pack nobody was told is stored: an orphan. Its senders were
+answered with a failure and send again (into a new pack: pack keys are never reused); the
+orphan itself is plaintext-free but wastes space and, left alone, would make the store
+disagree with the catalog for ever. A pack whose files all turned out to be duplicates is
+an orphan too.
 
-The reconciler lists the bucket, asks the catalog writer which of the objects' SHA-256 it
-knows, and deletes the rest, except objects written less than ``grace`` ago and objects whose
-file is in flight in this node (about to be committed). While it deletes one, the dispatcher
-holds back any new file with the same bytes, so a resend can never lose its object to it.
+The reconciler lists the bucket, reads the header of each pack written at least ``grace``
+ago (which SHA-256s it holds), asks the catalog writer which of those packs a row names
+(the row's current tier and pack, or a commit in progress), and deletes the rest with
+their keys objects, except packs holding a file in flight in this node (about to be
+committed). A keys object whose pack is gone is deleted too. An object that is not a pack
+it can read is left alone and reported: the reconciler deletes only what it understands.
 
-Crash leftovers are few: at most the files in flight when something died. Many objects
+Crash leftovers are few: at most the batches in flight when something died. Many packs
 without a row mean something else: a lost catalog (before ``strata catalog rebuild``), or
 a node pointed at another catalog bucket. A pass that finds more than ``ORPHANS_AT_MOST``
-orphans making up more than ``ORPHAN_FRACTION_AT_MOST`` of the objects it judged deletes
+orphans making up more than ``ORPHAN_FRACTION_AT_MOST`` of the packs it judged deletes
 nothing and says so: deleting would destroy the archive the catalog should be rebuilt from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from cluster.archive.dispatch import Dispatcher, within
 from workers.objects import store
+from workers.objects.envelope import (
+    KEYS_SUFFIX,
+    EnvelopeError,
+    keys_key_for,
+    pack_header_length,
+    read_pack_header,
+)
+from workers.pipeline.recover import is_pack
 from workers.records import StoreSettings
 
 log = logging.getLogger("strata.reconcile")
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 ORPHANS_AT_MOST = 50
 ORPHAN_FRACTION_AT_MOST = 0.1
@@ -42,79 +52,99 @@ ORPHAN_FRACTION_AT_MOST = 0.1
 
 @dataclass(frozen=True)
 class ReconcileReport:
-    """What one pass found and did."""
+    """What one pass found and did (counted in packs)."""
 
     listed: int
     orphans: int
     removed: int
     kept_in_flight: int
     refused: bool = False
+    unreadable: int = 0
 
 
 def too_many(orphans: int, judged: int) -> bool:
-    """Whether this many orphans among ``judged`` objects look like a lost catalog."""
+    """Whether this many orphans among ``judged`` packs look like a lost catalog."""
     return orphans > ORPHANS_AT_MOST and orphans > ORPHAN_FRACTION_AT_MOST * judged
-
-
-def sha256_of(key: str) -> str | None:
-    """The SHA-256 an object key ends with (keys are ``v1/../<sha256>``), or None."""
-    last = key.rsplit("/", 1)[-1]
-    return last if _SHA256.fullmatch(last) else None
 
 
 def candidates(
     objects: Iterable[store.ListedObject], now: datetime, grace: timedelta
-) -> list[tuple[str, str]]:
-    """(key, SHA-256) of the objects old enough to be judged; others are left alone."""
-    chosen = []
+) -> tuple[list[store.ListedObject], list[str]]:
+    """The packs old enough to be judged, and the keys objects old enough whose pack is
+    not listed; other objects are left alone."""
+    listed = {item.key for item in objects if is_pack(item.key)}
+    packs, lone_keys = [], []
     for item in objects:
-        sha = sha256_of(item.key)
-        old_enough = item.last_modified is not None and now - item.last_modified >= grace
-        if sha is not None and old_enough:
-            chosen.append((item.key, sha))
-    return chosen
+        if item.last_modified is None or now - item.last_modified < grace:
+            continue
+        if not item.key.startswith(PACK_PREFIX):
+            continue  # not a name Strata gives
+        if is_pack(item.key):
+            packs.append(item)
+        elif item.key.removesuffix(KEYS_SUFFIX) not in listed:
+            lone_keys.append(item.key)
+    return packs, lone_keys
+
+
+PACK_PREFIX = "v2/"
 
 
 async def remove_orphans(
     settings: StoreSettings,
     bucket: str,
+    tier: str,
     catalog: Any,  # the CatalogWriter actor handle
     dispatcher: Dispatcher,
     grace: timedelta,
     now: datetime,
     call_deadline_s: float = 60.0,
 ) -> ReconcileReport:
-    """One pass over ``bucket``: delete every object without a catalog row (see module)."""
+    """One pass over ``bucket`` (tier ``tier``): delete every pack no catalog row names,
+    and keys objects without their pack (see module)."""
     listed = await asyncio.to_thread(lambda: list(store.list_objects(settings, bucket)))
-    judged = candidates(listed, now, grace)
-    known = set(await _known(catalog, [sha for _, sha in judged], call_deadline_s))
-    orphans = [(key, sha) for key, sha in judged if sha not in known]
-    if too_many(len(orphans), len(judged)):
+    packs, lone_keys = candidates(listed, now, grace)
+    members: dict[str, list[str]] = {}
+    unreadable = 0
+    for item in packs:
+        try:
+            members[item.key] = await asyncio.to_thread(_members, settings, bucket, item)
+        except (EnvelopeError, ValueError) as error:
+            unreadable += 1
+            log.warning("reconcile: %s is not a pack it can read, left alone: %s", item.key, error)
+    live = set(await _referenced(catalog, tier, members, call_deadline_s))
+    orphans = [key for key in members if key not in live]
+    if too_many(len(orphans), len(members)):
         log.error(
-            "reconcile of %s: %d of %d objects have no catalog row; that is a lost or "
+            "reconcile of %s: %d of %d packs have no catalog row; that is a lost or "
             "foreign catalog, not crash leftovers: nothing removed (rebuild the catalog "
             "with `strata catalog rebuild`, or check catalog_bucket)",
             bucket,
             len(orphans),
-            len(judged),
+            len(members),
         )
-        return ReconcileReport(len(listed), len(orphans), 0, 0, refused=True)
+        return ReconcileReport(len(packs), len(orphans), 0, 0, refused=True)
     removed = kept = 0
-    for key, sha in orphans:
-        async with dispatcher.removing(sha) as may_remove:
-            if not may_remove:
+    for key in orphans:
+        async with contextlib.AsyncExitStack() as held:
+            held_back = [
+                await held.enter_async_context(dispatcher.removing(sha)) for sha in members[key]
+            ]
+            if not all(held_back):
                 kept += 1
                 continue
-            # Committed since the listing? No new file with these bytes can start now.
-            if await _known(catalog, [sha], call_deadline_s):
+            # Committed since the listing? No file of this pack can start now.
+            if await _referenced(catalog, tier, {key: members[key]}, call_deadline_s):
                 continue
-            await asyncio.to_thread(store.delete, settings, bucket, key)
+            await asyncio.to_thread(store.delete_many, settings, bucket, [key, keys_key_for(key)])
             removed += 1
-            log.warning("removed orphan object %s (no catalog row)", key)
-    report = ReconcileReport(len(listed), len(orphans), removed, kept)
+            log.warning("removed orphan pack %s (no catalog row names it)", key)
+    if lone_keys:
+        await asyncio.to_thread(store.delete_many, settings, bucket, lone_keys)
+        log.warning("removed %d keys objects whose pack is gone", len(lone_keys))
+    report = ReconcileReport(len(packs), len(orphans), removed, kept, unreadable=unreadable)
     if orphans:
         (log.warning if removed else log.info)(
-            "reconcile of %s: %d objects, %d without a catalog row, %d removed, %d in flight",
+            "reconcile of %s: %d packs judged, %d without a catalog row, %d removed, %d in flight",
             bucket,
             report.listed,
             report.orphans,
@@ -124,10 +154,26 @@ async def remove_orphans(
     return report
 
 
-async def _known(catalog: Any, sha256s: Sequence[str], deadline_s: float) -> list[str]:
-    if not sha256s:
+def _members(settings: StoreSettings, bucket: str, item: store.ListedObject) -> list[str]:
+    """The SHA-256 of each member of a listed pack, from its header (ranged GETs)."""
+    size = item.size or 0
+    first = store.get(settings, bucket, item.key, 0, min(size, _HEADER_READ) or _HEADER_READ)
+    needed = pack_header_length(first)
+    if needed > len(first):
+        first = store.get(settings, bucket, item.key, 0, needed)
+    return [member.sha256 for member in read_pack_header(first).members]
+
+
+_HEADER_READ = 16 * 1024
+
+
+async def _referenced(
+    catalog: Any, tier: str, members: dict[str, list[str]], deadline_s: float
+) -> list[str]:
+    if not members:
         return []
-    known: list[str] = await within(
-        catalog.known_sha256.remote(list(sha256s)), deadline_s, "the catalog writer"
+    packs = [(key, shas) for key, shas in members.items()]
+    live: list[str] = await within(
+        catalog.referenced_packs.remote(tier, packs), deadline_s, "the catalog writer"
     )
-    return known
+    return live

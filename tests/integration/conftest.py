@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -26,6 +27,9 @@ from cluster.doors.dimse.door import ACCEPTED_SYNTAXES
 from cluster.ops.minio import MinioServer
 from cluster.ops.ray_runtime import init_local_ray
 from tests.integration.node import Node, free_port
+from workers.objects.envelope import build_pack, keys_key_for, read_pack_header, seal_member
+from workers.objects.keys import FileKeyProvider
+from workers.pipeline.recover import is_pack
 from workers.records import HTJ2K_LOSSLESS, InstanceRecord, Stored
 
 _HERE = Path(__file__).parent
@@ -218,3 +222,37 @@ def on_the_wire(runs: list[list[str]]) -> dict[str, bytes]:
 
 def dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+
+def packs_by_member(client: Any, bucket: str = "strata-hot") -> dict[str, str]:
+    """SHA-256 → pack key of every member of every pack in ``bucket`` (a minio client),
+    read from the pack headers with ranged GETs, as the reconciler reads them."""
+    found: dict[str, str] = {}
+    for item in client.list_objects(bucket, recursive=True):
+        key = item.object_name
+        if not key or not is_pack(key):
+            continue
+        response = client.get_object(bucket, key, offset=0, length=min(item.size, 1 << 16))
+        try:
+            first = response.read()
+        finally:
+            response.close()
+            response.release_conn()
+        for member in read_pack_header(first).members:
+            found[member.sha256] = key
+    return found
+
+
+def plant_pack(client: Any, sha256s: list[str], key: str, bucket: str = "strata-hot") -> None:
+    """A pack of members with these SHA-256s (and its keys object) that no catalog row
+    names: what a worker that died between its PUTs and the commit leaves behind."""
+    provider = FileKeyProvider(
+        Path("/nonexistent"), "kek-planted", {"kek-planted": b"k" * 32}, b"p" * 32
+    )
+    members = [
+        seal_member([b"sealed bytes"], sha256=sha, sop_instance_uid="1.2.3", keys=provider)
+        for sha in sha256s
+    ]
+    pack = build_pack(members, provider.active_key_id)
+    client.put_object(bucket, key, io.BytesIO(pack.data), len(pack.data))
+    client.put_object(bucket, keys_key_for(key), io.BytesIO(pack.keys), len(pack.keys))

@@ -25,6 +25,7 @@ import hashlib
 import io
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -247,14 +248,38 @@ def tier_bucket(tier: str) -> str:
     return f"strata-{tier}"
 
 
-def object_key_for(study_instance_uid: str, sop_instance_uid: str, sha256: str) -> str:
-    """Object key from hashes only: UIDs never appear in object names or listings.
-
-    Content-addressed by the file's SHA-256, so a new version never overwrites an old one.
-    """
+def study_prefix(study_instance_uid: str) -> str:
+    """Where a study's packs are named: from a hash of its UID only."""
     study = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:24]
-    instance = hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:24]
-    return f"v1/{study[:2]}/{study}/{instance}/{sha256}"
+    return f"v2/{study[:2]}/{study}/"
+
+
+def pack_key_for(study_instance_uid: str) -> str:
+    """A new pack's key: the study's prefix and 128 random bits (UIDs never appear in
+    object names or listings).
+
+    Never reused: a pack is written once and never overwritten, so that a pack and its
+    keys object, two PUTs, can never be seen half replaced by another write.
+    """
+    return study_prefix(study_instance_uid) + secrets.token_hex(16)
+
+
+def pack_id_of(key: str, study_instance_uid: str) -> bytes | None:
+    """The 16 random bytes of a pack key named by ``pack_key_for`` for this study, else
+    None (the catalog index keeps only those bytes)."""
+    prefix = study_prefix(study_instance_uid)
+    rest = key[len(prefix) :]
+    if not key.startswith(prefix) or len(rest) != 32:
+        return None
+    try:
+        return bytes.fromhex(rest)
+    except ValueError:
+        return None
+
+
+def pack_key_from(pack_id: bytes, study_instance_uid: str) -> str:
+    """The inverse of ``pack_id_of``."""
+    return study_prefix(study_instance_uid) + pack_id.hex()
 
 
 class _BoundedRetry(urllib3.Retry):

@@ -1,9 +1,10 @@
 """Reading single frames of a stored instance without fetching the whole object.
 
-A ``split`` object keeps each frame as its own encrypted segment, and the plaintext header
-lists every segment's length: so a frame costs three ranged GETs (header, manifest, the
-frame's segment), whatever the size of the instance. Objects stored whole (encapsulated,
-zstd, as received) are read whole and cut with pydicom.
+A ``split`` member keeps each frame as its own encrypted segment, and its plaintext header
+lists every segment's length: so a frame costs four ranged GETs (the pack's keys object,
+the member's header, its manifest, the frame's segment), whatever the size of the instance
+or of its pack. Members stored whole (encapsulated, zstd, as received) are read whole and
+cut with pydicom.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from pydicom.encaps import generate_frames
 
 from workers.codecs.lossless import decode_frame
 from workers.objects import store
-from workers.objects.envelope import PREAMBLE_LENGTH, Opener, header_prefix_length, read_header
-from workers.objects.keys import cached_key_file
+from workers.objects.envelope import Opener, member_header_length, read_member_header
 from workers.objects.manifest import Manifest
 from workers.pipeline.ingest import PipelineSettings
-from workers.pipeline.restore import ObjectRef, RestoreError, rebuild
+from workers.pipeline.restore import (
+    READ_THREADS,
+    ObjectRef,
+    RestoreError,
+    data_key,
+    read_member,
+    rebuild,
+)
 
 # One GET usually holds the preamble and the whole header (~40 bytes per segment).
 _FIRST_READ = 64 * 1024
@@ -47,24 +54,21 @@ def read_frames(
 ) -> list[FrameData]:
     """Frames ``numbers`` (1-based) of one instance, in the order asked."""
     bucket = store.tier_bucket(ref.tier)
-    keys = cached_key_file(settings.key_file)
-    first = store.get(settings.store, bucket, ref.object_key, 0, _FIRST_READ)
-    if len(first) < PREAMBLE_LENGTH:
-        raise RestoreError("object is shorter than its preamble")
-    needed = header_prefix_length(first)
+    pending_key = READ_THREADS.submit(data_key, ref, settings)  # beside the member's first GET
+    first = _member_range(settings, bucket, ref, 0, min(_FIRST_READ, ref.byte_length))
+    key = pending_key.result()
+    needed = member_header_length(first)
     if needed > len(first):
-        first = store.get(settings.store, bucket, ref.object_key, 0, needed)
-    header = read_header(first)
-    opener = Opener(
-        header, object_key=ref.object_key, sop_instance_uid=ref.sop_instance_uid, keys=keys
-    )
+        first = _member_range(settings, bucket, ref, 0, needed)
+    header = read_member_header(first)
+    opener = Opener(header, data_key=key, sha256=ref.sha256, sop_instance_uid=ref.sop_instance_uid)
     start, length = header.segment_range(0)
     manifest = Manifest.from_bytes(
-        opener.segment(0, store.get(settings.store, bucket, ref.object_key, start, length))
+        opener.segment(0, _member_range(settings, bucket, ref, start, length))
     )
     overhead = len(first) + length
     if manifest.kind != "split" or manifest.layout is None:
-        return _from_whole(ref, numbers, settings, decoded)
+        return _from_whole(ref, numbers, settings, decoded, key)
     out = []
     for number in numbers:
         if not 1 <= number <= manifest.frame_count:
@@ -73,9 +77,7 @@ def read_frames(
             )
         index = manifest.frame_segment(number - 1)
         start, length = header.segment_range(index)
-        codestream = opener.segment(
-            index, store.get(settings.store, bucket, ref.object_key, start, length)
-        )
+        codestream = opener.segment(index, _member_range(settings, bucket, ref, start, length))
         data, syntax = codestream, manifest.transfer_syntax_stored
         if decoded:
             frame = decode_frame(codestream, manifest.layout, manifest.transfer_syntax_stored)
@@ -85,11 +87,20 @@ def read_frames(
     return out
 
 
+def _member_range(
+    settings: PipelineSettings, bucket: str, ref: ObjectRef, start: int, length: int
+) -> bytes:
+    """``length`` bytes from ``start`` within the instance's member (never past its end)."""
+    if start + length > ref.byte_length:
+        raise RestoreError("the member's header describes bytes past its end")
+    return store.get(settings.store, bucket, ref.object_key, ref.byte_offset + start, length)
+
+
 def _from_whole(
-    ref: ObjectRef, numbers: list[int], settings: PipelineSettings, decoded: bool
+    ref: ObjectRef, numbers: list[int], settings: PipelineSettings, decoded: bool, key: bytes
 ) -> list[FrameData]:
-    blob = store.get(settings.store, store.tier_bucket(ref.tier), ref.object_key)
-    original = rebuild(blob, ref, "original", cached_key_file(settings.key_file)).data
+    member = read_member(ref, settings)
+    original = rebuild(member, ref, "original", key).data
     dataset = pydicom.dcmread(io.BytesIO(original))
     count = int(dataset.get("NumberOfFrames", 1) or 1)
     syntax = dataset.file_meta.TransferSyntaxUID
@@ -107,7 +118,7 @@ def _from_whole(
         frames = [fragments[n - 1] for n in numbers]
         syntax_out = syntax
     return [
-        FrameData(n, data, syntax_out, len(blob) if i == 0 else 0)
+        FrameData(n, data, syntax_out, len(member) if i == 0 else 0)
         for i, (n, data) in enumerate(zip(numbers, frames, strict=True))
     ]
 

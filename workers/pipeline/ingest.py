@@ -34,7 +34,7 @@ from workers.dicom.split import (
 )
 from workers.errors import Reason, RejectError
 from workers.objects import store
-from workers.objects.envelope import seal
+from workers.objects.envelope import Pack, SealedMember, build_pack, keys_key_for, seal_member
 from workers.objects.keys import Pseudonymizer, cached_key_file
 from workers.objects.manifest import Manifest
 from workers.pipeline.fanout import FrameFanout
@@ -90,40 +90,118 @@ class PipelineSettings:
 
 def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> list[Outcome]:
     """Store every item it can; one outcome per item, in order. One bad file never stops
-    the others."""
-    outcomes: list[Outcome] = []
+    the others.
+
+    The files of one study in the batch are written as one pack (two PUTs: the pack and
+    its keys object) instead of one object each: a small erasure-coded PUT costs more CPU
+    than encoding the image (docs/object-format.md measures it)."""
+    outcomes: dict[str, Outcome] = {}
+    prepared: list[Prepared] = []
     for item in items:
         try:
             whole = _gathered(item)
         except Exception as error:  # noqa: BLE001 - this file's parts are gone, not the batch's
             log.error("file %s: its parts could not be read: %s", _short(item.sha256), error)
-            outcomes.append(Rejected(item.file_id, Reason.STORAGE_FAILED.value, _PARTS_LOST))
+            outcomes[item.file_id] = Rejected(
+                item.file_id, Reason.STORAGE_FAILED.value, _PARTS_LOST
+            )
             continue
         try:
-            outcomes.append(ingest_one(whole, settings))
+            prepared.append(prepare(whole, settings))
         except RejectError as error:
-            outcomes.append(Rejected(item.file_id, error.reason.value, error.message))
+            outcomes[item.file_id] = Rejected(item.file_id, error.reason.value, error.message)
+        except Exception as error:
+            log.exception("file %s failed in the pipeline", _short(item.sha256))
+            outcomes[item.file_id] = Rejected(
+                item.file_id,
+                Reason.INTERNAL.value,
+                f"the pipeline failed with {type(error).__name__}; nothing was stored "
+                "for this file and the error was logged",
+            )
+        del whole
+    for study in _by_study(prepared):
+        try:
+            outcomes.update((stored.file_id, stored) for stored in store_pack(study, settings))
         except StorageError as error:
-            log.error("file %s: the object store refused it: %s", _short(item.sha256), error)
-            outcomes.append(
-                Rejected(
-                    item.file_id,
+            log.error("a pack of %d files: the object store refused it: %s", len(study), error)
+            for one in study:
+                outcomes[one.file_id] = Rejected(
+                    one.file_id,
                     Reason.STORAGE_FAILED.value,
                     "the object store did not accept this file (it is unavailable or "
                     "restarting); nothing was committed for it, send it again",
                 )
-            )
-        except Exception as error:
-            log.exception("file %s failed in the pipeline", _short(item.sha256))
-            outcomes.append(
-                Rejected(
-                    item.file_id,
-                    Reason.INTERNAL.value,
-                    f"the pipeline failed with {type(error).__name__}; nothing was stored "
-                    "for this file and the error was logged",
-                )
-            )
-    return outcomes
+    return [outcomes[item.file_id] for item in items]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One file sealed as a pack member, with its catalog and identity rows (the row's
+    ``object_key`` and byte range still to be set by ``pack_instances``)."""
+
+    file_id: str
+    member: SealedMember
+    record: InstanceRecord
+    identity: IdentityRow
+
+
+# A pack closes once it holds this many bytes: below minio-py's multipart threshold
+# (5 MiB), where one PUT is one request; larger packs measured no cheaper per instance
+# (bench/packs.py, docs/object-format.md).
+PACK_MAX_BYTES = 4 * 1024 * 1024
+
+
+def _by_study(prepared: list[Prepared]) -> list[list[Prepared]]:
+    """The packs to write: each study's files in arrival order, a new pack whenever the
+    current one has reached ``PACK_MAX_BYTES``."""
+    packs: list[list[Prepared]] = []
+    open_packs: dict[str, tuple[list[Prepared], int]] = {}
+    for one in prepared:
+        study = one.record.study_instance_uid
+        members, size = open_packs.get(study, ([], 0))
+        if not members or size >= PACK_MAX_BYTES:
+            members, size = [], 0
+            packs.append(members)
+        members.append(one)
+        open_packs[study] = (members, size + len(one.member.data))
+    return packs
+
+
+def pack_instances(study: Sequence[Prepared]) -> tuple[str, Pack, list[Stored]]:
+    """The pack of one study's prepared files, its key, and each file's row placed in it.
+
+    A file whose bytes (SHA-256) are already in the pack is not packed twice: it gets the
+    first one's place, and the catalog answers it as the duplicate it is."""
+    key = store.pack_key_for(study[0].record.study_instance_uid)
+    members: dict[str, SealedMember] = {}
+    for one in study:
+        members.setdefault(one.member.sha256, one.member)
+    pack = build_pack(list(members.values()), study[0].member.key_id)
+    where = {member.sha256: member for member in pack.members}
+    stored = []
+    for one in study:
+        member = where[one.member.sha256]
+        record = replace(
+            one.record,
+            object_key=key,
+            byte_offset=member.offset,
+            byte_length=member.length,
+            bytes_stored=member.length,
+        )
+        stored.append(Stored(one.file_id, record, one.identity))
+    return key, pack, stored
+
+
+def store_pack(study: Sequence[Prepared], settings: PipelineSettings) -> list[Stored]:
+    """Write one study's pack and its keys object; the files' rows (not yet committed)."""
+    key, pack, stored = pack_instances(study)
+    bucket = store.tier_bucket(settings.tier)
+    try:
+        store.put(settings.store, bucket, key, pack.data)
+        store.put(settings.store, bucket, keys_key_for(key), pack.keys)
+    except Exception as error:
+        raise StorageError(f"{type(error).__name__}: {error}") from error
+    return stored
 
 
 def _gathered(item: IngestItem) -> IngestItem:
@@ -147,21 +225,9 @@ class StorageError(Exception):
     """Writing a prepared object to the store failed; the file itself was fine."""
 
 
-def ingest_one(item: IngestItem, settings: PipelineSettings) -> Stored:
-    """Store one file and return its catalog row (not yet committed)."""
-    blob, record, identity = prepare(item, settings)
-    try:
-        store.put(settings.store, store.tier_bucket(settings.tier), record.object_key, blob)
-    except Exception as error:
-        raise StorageError(f"{type(error).__name__}: {error}") from error
-    return Stored(item.file_id, record, identity)
-
-
-def prepare(
-    item: IngestItem, settings: PipelineSettings
-) -> tuple[bytes, InstanceRecord, IdentityRow]:
-    """The sealed object for one file, its catalog row and its identity index row; no I/O
-    but the key file."""
+def prepare(item: IngestItem, settings: PipelineSettings) -> Prepared:
+    """One file sealed as a pack member, with its catalog row (not yet placed) and its
+    identity index row; no I/O but the key file."""
     data = bytes(item.data)  # already bytes in a worker: no copy
     split = split_file(data, max_dataset_bytes=settings.max_file_bytes)
     header = split.header
@@ -174,18 +240,15 @@ def prepare(
         _check_received(data, item.sha256)
 
     keys = cached_key_file(settings.key_file)
-    object_key = store.object_key_for(
-        header.study_instance_uid, header.sop_instance_uid, item.sha256
-    )
     manifest = replace(
         manifest,
         sop_instance_uid=header.sop_instance_uid,
         ingest_time=datetime.now(UTC),
         storage_note=note,
     )
-    blob = seal(
+    member = seal_member(
         [manifest.to_bytes(), *segments],
-        object_key=object_key,
+        sha256=item.sha256,
         sop_instance_uid=header.sop_instance_uid,
         keys=keys,
     )
@@ -194,15 +257,15 @@ def prepare(
         split.layout,
         manifest,
         pseudonyms=keys.pseudonymizer(),
-        object_key=object_key,
-        bytes_stored=len(blob),
+        object_key="",
+        bytes_stored=len(member.data),
         tier=settings.tier,
-        key_id=keys.active_key_id,
+        key_id=member.key_id,
     )
     identity = identity_keys(keys.pseudonymizer()).row(
         item.sha256, header.study_instance_uid, header.sop_instance_uid, data[: split.pixel_start]
     )
-    return blob, record, identity
+    return Prepared(item.file_id, member, record, identity)
 
 
 def instance_record(
@@ -215,9 +278,11 @@ def instance_record(
     bytes_stored: int,
     tier: str,
     key_id: str,
+    byte_offset: int = 0,
 ) -> InstanceRecord:
-    """The catalog row of a stored object (``version`` still 0), from the file's header and
-    pixel layout, the object's manifest, and where and how the object is stored.
+    """The catalog row of a stored instance (``version`` still 0), from the file's header
+    and pixel layout, the member's manifest, and where and how the member is stored: bytes
+    ``byte_offset`` .. ``byte_offset + bytes_stored`` of pack ``object_key``.
 
     Ingest and the catalog rebuild (``workers.pipeline.recover``) both build rows here, so that a
     rebuilt row is computed the way the lost one was.
@@ -252,6 +317,8 @@ def instance_record(
         tier=tier,
         key_id=key_id,
         ingest_time=manifest.ingest_time,
+        byte_offset=byte_offset,
+        byte_length=bytes_stored,
     )
 
 

@@ -1,46 +1,53 @@
-"""Reading a stored object back into its catalog row, from the object alone.
+"""Reading a stored pack back into its catalog rows, from the objects alone.
 
-Used to rebuild a lost catalog (``cluster/catalog/rebuild.py``). An object holds everything
-its row needs (docs/object-format.md): the plaintext header the key id; the manifest
-(segment 0) the file's SHA-256, length, transfer syntaxes, pixel layout, storage note and
+Used to rebuild a lost catalog (``cluster/catalog/rebuild.py``). A pack and its keys object
+hold everything their rows need (docs/object-format.md): the pack header where each member
+lies and its SHA-256; the keys object the key id and each member's data key; each member's
+manifest (segment 0) the file's length, transfer syntaxes, pixel layout, storage note and
 ingest time; the stored file's own DICOM header (segment 1: the prefix of a ``split``
-object, the whole file of a ``whole`` one) the UIDs and the attributes pseudonymised at
-ingest. The row is then built by ``workers.pipeline.ingest.instance_record``, as at ingest.
+member, the whole file of a ``whole`` one) the UIDs and the attributes pseudonymised at
+ingest. Each row is then built by ``workers.pipeline.ingest.instance_record``, as at
+ingest.
 
-Bytes read: one ranged GET of the first ``READ_AHEAD`` bytes (preamble, header, manifest
-and, for most ``split`` objects, the prefix), and one more for the rest of the header or
-prefix when they are longer; never a frame. A ``whole`` object is read entirely: its file
-is one segment, and a segment can only be authenticated whole.
+Bytes read: the keys object; one ranged GET of the pack's first ``READ_AHEAD`` bytes (its
+header), and per member one ranged GET of its first ``READ_AHEAD`` bytes (header,
+manifest and, for most ``split`` members, the prefix), one more when they are longer;
+never a frame. A ``whole`` member is read entirely: its file is one segment, and a
+segment can only be authenticated whole.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass
 
 import imagecodecs
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap
 
 from workers.dicom.identity import IdentityRow, identity_keys
 from workers.dicom.split import InstanceHeader, PixelLayout, prefix_header, split_file
+from workers.errors import RejectError
 from workers.objects import store
 from workers.objects.envelope import (
-    PREAMBLE_LENGTH,
-    EnvelopeHeader,
+    KEYS_SUFFIX,
+    EnvelopeError,
+    KeyRing,
+    MemberHeader,
     Opener,
-    header_prefix_length,
-    read_header,
+    PackMember,
+    keys_key_for,
+    member_header_length,
+    pack_header_length,
+    read_member_header,
+    read_pack_header,
     unverified_segment,
 )
-from workers.objects.keys import FileKeyProvider
+from workers.objects.keys import FileKeyProvider, KeyFileError
 from workers.objects.manifest import Manifest
-from workers.objects.store import object_key_for
 from workers.pipeline.ingest import instance_record
 from workers.records import InstanceRecord, StoreSettings
 
-# Enough for the preamble, the header and the manifest of any object, and the prefix of
-# most split ones (a DICOM header is typically a few KiB).
+# Enough for a pack's header, and for the header, the manifest and the prefix of most
+# split members (a DICOM header is typically a few KiB).
 READ_AHEAD = 64 * 1024
 
 
@@ -51,129 +58,143 @@ class UnreadableObjectError(Exception):
 
 @dataclass(frozen=True)
 class RecoveredRow:
-    """The row of one object, as ingest built it (``version`` 0: the catalog numbers them)."""
+    """The row of one member, as ingest built it (``version`` 0: the catalog numbers
+    them)."""
 
     record: InstanceRecord
     identity: IdentityRow
-    # Written before manifests recorded ingest_time and storage_note: the row's
-    # ingest_time is the object's last-modified time and its storage_note is empty.
-    legacy: bool
 
 
-def read_row(
+@dataclass(frozen=True)
+class MemberFailure:
+    """A member that could not be read back; ``reason`` holds no patient data."""
+
+    sha256: str
+    reason: str
+
+
+def is_pack(key: str) -> bool:
+    """Whether a listed key names a pack (not its keys object)."""
+    return not key.endswith(KEYS_SUFFIX)
+
+
+def read_pack(
     settings: StoreSettings,
     bucket: str,
     listed: store.ListedObject,
     tier: str,
     keys: FileKeyProvider,
-) -> RecoveredRow:
-    """Fetch the first bytes of one listed object (through segment 1) and read its row."""
+) -> tuple[list[RecoveredRow], list[MemberFailure]]:
+    """The rows of one listed pack, and the members that could not be read. Raises
+    UnreadableObjectError or EnvelopeError when the pack itself cannot be (its header or
+    keys object), StoreError when the store fails."""
     key, size = listed.key, listed.size
     if size is None:
         raise UnreadableObjectError("the store listed it without a size")
-    blob = store.get(settings, bucket, key, 0, min(size, READ_AHEAD))
-    if len(blob) >= PREAMBLE_LENGTH:
-        blob = _extend(settings, bucket, key, blob, min(header_prefix_length(blob), size))
-        header = read_header(blob)
-        if len(header.segment_lengths) >= 2:
-            start, length = header.segment_range(1)
-            blob = _extend(settings, bucket, key, blob, min(start + length, size))
-    return row_from_object(
-        blob, object_key=key, size=size, tier=tier, keys=keys, last_modified=listed.last_modified
-    )
-
-
-def _extend(settings: StoreSettings, bucket: str, key: str, blob: bytes, end: int) -> bytes:
-    """``blob`` (the object's first bytes) read on to ``end``."""
-    if end <= len(blob):
-        return blob
-    return blob + store.get(settings, bucket, key, len(blob), end - len(blob))
-
-
-def row_from_object(
-    blob: bytes,
-    *,
-    object_key: str,
-    size: int,
-    tier: str,
-    keys: FileKeyProvider,
-    last_modified: datetime | None,
-) -> RecoveredRow:
-    """The row of the object of ``size`` bytes whose first bytes, through segment 1 at
-    least, are ``blob``. Raises UnreadableObjectError, EnvelopeError (not a Strata object,
-    or it fails authentication), KeyFileError (its key id is not in the key file) or
-    RejectError (its file's header cannot be read)."""
-    header = read_header(blob)
+    try:
+        ring = KeyRing.from_bytes(store.get(settings, bucket, keys_key_for(key)))
+    except store.ObjectUnreadableError:
+        raise UnreadableObjectError(
+            "its keys object is missing or unreadable: its data keys were destroyed "
+            "(crypto-shredded), or it was cut off while being written"
+        ) from None
+    first = store.get(settings, bucket, key, 0, min(size, READ_AHEAD))
+    needed = min(pack_header_length(first), size)
+    if needed > len(first):
+        first += store.get(settings, bucket, key, len(first), needed - len(first))
+    header = read_pack_header(first)
     if header.total_length != size:
         raise UnreadableObjectError(
-            f"the object is {size} bytes but its header describes {header.total_length}"
+            f"the pack is {size} bytes but its header describes {header.total_length}"
+        )
+    rows, failures = [], []
+    for member in header.members:
+        try:
+            blob = _member_start(settings, bucket, key, member)
+            rows.append(
+                row_from_member(blob, member, pack_key=key, tier=tier, keys=keys, ring=ring)
+            )
+        except store.StoreUnavailableError:
+            raise
+        except (UnreadableObjectError, EnvelopeError, KeyFileError, RejectError) as error:
+            reason = error.message if isinstance(error, RejectError) else str(error)
+            failures.append(MemberFailure(member.sha256, reason))
+    return rows, failures
+
+
+def _member_start(settings: StoreSettings, bucket: str, key: str, member: PackMember) -> bytes:
+    """The member's first bytes, through its segment 1."""
+    end = member.offset + member.length
+    blob = store.get(settings, bucket, key, member.offset, min(member.length, READ_AHEAD))
+    wanted = min(member_header_length(blob), member.length)
+    if wanted > len(blob):
+        blob += store.get(settings, bucket, key, member.offset + len(blob), wanted - len(blob))
+    header = read_member_header(blob)
+    if len(header.segment_lengths) >= 2:
+        start, length = header.segment_range(1)
+        wanted = min(start + length, member.length)
+        if wanted > len(blob):
+            blob += store.get(settings, bucket, key, member.offset + len(blob), wanted - len(blob))
+    assert member.offset + len(blob) <= end
+    return blob
+
+
+def row_from_member(
+    blob: bytes,
+    member: PackMember,
+    *,
+    pack_key: str,
+    tier: str,
+    keys: FileKeyProvider,
+    ring: KeyRing,
+) -> RecoveredRow:
+    """The row of ``member`` of pack ``pack_key`` whose first bytes, through segment 1 at
+    least, are ``blob``. Raises UnreadableObjectError, EnvelopeError (not a member, or it
+    fails authentication, or its data key is gone), KeyFileError (its key id is not in
+    the key file) or RejectError (its file's header cannot be read)."""
+    header = read_member_header(blob)
+    if header.total_length != member.length:
+        raise UnreadableObjectError(
+            f"the member is {member.length} bytes but its header describes {header.total_length}"
         )
     if len(header.segment_lengths) < 2:
-        raise UnreadableObjectError("the object has fewer than two segments")
+        raise UnreadableObjectError("the member has fewer than two segments")
+    data_key = ring.data_key(member.sha256, keys)
     manifest_sealed, file_sealed = _segment(blob, header, 0), _segment(blob, header, 1)
-    try:
-        sop_instance_uid = _claimed_instance(header, manifest_sealed, file_sealed, keys)
-        opener = Opener(header, object_key=object_key, sop_instance_uid=sop_instance_uid, keys=keys)
-    except InvalidUnwrap:
-        raise UnreadableObjectError(
-            f"its data key does not unwrap under key id {header.key_id!r}: the header was "
-            "altered, or the key file holds another key under that id"
-        ) from None
-    manifest = _manifest(opener.segment(0, manifest_sealed))
-    file_header, layout, header_bytes = _stored_header(manifest, opener.segment(1, file_sealed))
-    named = object_key_for(
-        file_header.study_instance_uid, file_header.sop_instance_uid, manifest.sha256
+    claimed = _manifest(unverified_segment(header, 0, manifest_sealed, data_key))
+    opener = Opener(
+        header, data_key=data_key, sha256=member.sha256, sop_instance_uid=claimed.sop_instance_uid
     )
-    if named != object_key:
-        raise UnreadableObjectError(
-            "its contents belong under another key (study, instance or SHA-256 differ)"
-        )
-    legacy = manifest.ingest_time is None
-    if legacy:
-        if last_modified is None:
-            raise UnreadableObjectError(
-                "its manifest predates ingest_time and the store gave no last-modified time"
-            )
-        manifest = replace(manifest, ingest_time=last_modified)
+    manifest = _manifest(opener.segment(0, manifest_sealed))
+    if manifest.sha256 != member.sha256:
+        raise UnreadableObjectError("its manifest names another file than the pack header")
+    if manifest.ingest_time is None:
+        raise UnreadableObjectError("its manifest has no ingest_time")
+    file_header, layout, header_bytes = _stored_header(manifest, opener.segment(1, file_sealed))
+    if file_header.sop_instance_uid != manifest.sop_instance_uid:
+        raise UnreadableObjectError("its file's header names another instance than its manifest")
     record = instance_record(
         file_header,
         layout,
         manifest,
         pseudonyms=keys.pseudonymizer(),
-        object_key=object_key,
-        bytes_stored=size,
+        object_key=pack_key,
+        bytes_stored=member.length,
         tier=tier,
-        key_id=header.key_id,
+        key_id=ring.key_id,
+        byte_offset=member.offset,
     )
     identity = identity_keys(keys.pseudonymizer()).row(
         manifest.sha256, file_header.study_instance_uid, file_header.sop_instance_uid, header_bytes
     )
-    return RecoveredRow(record, identity, legacy)
+    return RecoveredRow(record, identity)
 
 
-def _segment(blob: bytes, header: EnvelopeHeader, index: int) -> memoryview:
+def _segment(blob: bytes, header: MemberHeader, index: int) -> memoryview:
     start, length = header.segment_range(index)
     if start + length > len(blob):
-        raise UnreadableObjectError(f"the object ends inside segment {index}")
+        raise UnreadableObjectError(f"the member ends inside segment {index}")
     return memoryview(blob)[start : start + length]
-
-
-def _claimed_instance(
-    header: EnvelopeHeader,
-    manifest_sealed: memoryview,
-    file_sealed: memoryview,
-    keys: FileKeyProvider,
-) -> str:
-    """The SOP Instance UID the object claims, read before authentication (which needs it).
-
-    From the manifest; for an object written before manifests named their instance, from
-    its file's DICOM header. A wrong claim fails authentication right after.
-    """
-    claimed = _manifest(unverified_segment(header, 0, manifest_sealed, keys))
-    if claimed.sop_instance_uid:
-        return claimed.sop_instance_uid
-    plaintext = unverified_segment(header, 1, file_sealed, keys)
-    return _stored_header(claimed, plaintext)[0].sop_instance_uid
 
 
 def _manifest(plaintext: bytes) -> Manifest:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -29,8 +31,8 @@ from workers.codecs.lossless import (
 from workers.dicom.split import PixelLayout, sample_bytes, split_file, swap_pairs
 from workers.errors import Reason, RejectError
 from workers.objects import store
-from workers.objects.envelope import open_object
-from workers.objects.keys import KeyProvider, cached_key_file
+from workers.objects.envelope import KeyRing, keys_key_for, open_member
+from workers.objects.keys import cached_key_file
 from workers.objects.manifest import Manifest
 from workers.pipeline.ingest import PipelineSettings
 from workers.records import syntax_name
@@ -55,11 +57,52 @@ class RestoredFile:
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """Where an instance's object lives (the catalog row's address columns)."""
+    """Where an instance lives (the catalog row's address columns): bytes
+    ``byte_offset`` .. ``byte_offset + byte_length`` of pack ``object_key`` in its tier's
+    bucket, its data key in the pack's keys object under ``sha256``."""
 
     object_key: str
     sop_instance_uid: str
     tier: str
+    sha256: str
+    byte_offset: int
+    byte_length: int
+
+    @classmethod
+    def of(cls, record: Any) -> ObjectRef:
+        """The address of a catalog row (an ``InstanceRecord``)."""
+        return cls(
+            record.object_key,
+            record.sop_instance_uid,
+            record.tier,
+            record.sha256,
+            record.byte_offset,
+            record.byte_length,
+        )
+
+
+def read_with_key(ref: ObjectRef, settings: PipelineSettings) -> tuple[bytes, bytes]:
+    """The instance's member and its data key, the two GETs at once (a retrieval waits
+    for one round trip, not two)."""
+    key = READ_THREADS.submit(data_key, ref, settings)
+    member = read_member(ref, settings)  # its failure is the one reported
+    return member, key.result()
+
+
+# Threads for the keys object's GET beside the member's (they wait on the network).
+READ_THREADS = ThreadPoolExecutor(4, thread_name_prefix="strata-read")
+
+
+def read_member(ref: ObjectRef, settings: PipelineSettings) -> bytes:
+    """The instance's member: its byte range of the pack, in one ranged GET."""
+    bucket = store.tier_bucket(ref.tier)
+    return store.get(settings.store, bucket, ref.object_key, ref.byte_offset, ref.byte_length)
+
+
+def data_key(ref: ObjectRef, settings: PipelineSettings) -> bytes:
+    """The instance's data key, from its pack's keys object, unwrapped."""
+    blob = store.get(settings.store, store.tier_bucket(ref.tier), keys_key_for(ref.object_key))
+    return KeyRing.from_bytes(blob).data_key(ref.sha256, cached_key_file(settings.key_file))
 
 
 def restore(ref: ObjectRef, form: str, settings: PipelineSettings) -> RestoredFile:
@@ -69,10 +112,8 @@ def restore(ref: ObjectRef, form: str, settings: PipelineSettings) -> RestoredFi
     DICOM file in the stored transfer syntax; the original when it was stored as received)
     or a transfer syntax UID to transcode to losslessly (see ``transcode``).
     """
-    blob = store.get(settings.store, store.tier_bucket(ref.tier), ref.object_key)
-    return rebuild(
-        blob, ref, form, cached_key_file(settings.key_file), max_bytes=settings.max_file_bytes
-    )
+    member, key = read_with_key(ref, settings)
+    return rebuild(member, ref, form, key, max_bytes=settings.max_file_bytes)
 
 
 @dataclass(frozen=True)
@@ -102,17 +143,18 @@ def restore_chunks(
 
 
 def rebuild(
-    blob: bytes,
+    member: bytes,
     ref: ObjectRef,
     form: str,
-    keys: KeyProvider,
+    key: bytes,
     *,
     max_bytes: int | None = None,
 ) -> RestoredFile:
-    """Decrypt one object and rebuild the file in ``form`` (see ``restore``); a transcode
-    whose data set would inflate or decode past ``max_bytes`` is refused first."""
-    segments = open_object(
-        blob, object_key=ref.object_key, sop_instance_uid=ref.sop_instance_uid, keys=keys
+    """Decrypt one pack member with its data key ``key`` and rebuild the file in ``form``
+    (see ``restore``); a transcode whose data set would inflate or decode past
+    ``max_bytes`` is refused first."""
+    segments = open_member(
+        member, data_key=key, sha256=ref.sha256, sop_instance_uid=ref.sop_instance_uid
     )
     manifest = Manifest.from_bytes(segments[0])
     original = _original(manifest, segments)

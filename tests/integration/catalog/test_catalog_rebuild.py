@@ -32,13 +32,14 @@ from cluster.ops.minio import MinioServer
 from tests.integration.conftest import ct_instances
 from tests.integration.node import Node
 from workers.objects import store
+from workers.objects.envelope import keys_key_for
 from workers.records import StoreSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CATALOG = "strata-catalog"
 HOT = "strata-hot"
-GARBAGE_KEY = "v1/00/" + "0" * 24 + "/" + "0" * 24 + "/" + "0" * 64
+GARBAGE_KEY = store.study_prefix("1.2.826.0.1.3680043.10.9") + "0" * 32
 # Stored as received (encapsulated, deflated, no pixel data) or zstd-compressed.
 AS_RECEIVED = ("JPEG2000.dcm", "image_dfl.dcm", "rtplan.dcm", "SC_rgb_32bit.dcm")
 
@@ -158,10 +159,18 @@ def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rebuilt]:
             for key in list(store.list_keys(settings, CATALOG)):
                 store.delete(settings, CATALOG, key)
             shutil.rmtree(node.data_dir / "catalog-index")
-            # Two objects no row can come from: garbage, and a real object moved.
+            # Two packs no row can come from: garbage, and a real pack of one member copied
+            # with another pack's keys object (its member fails; the pack's other rows, had
+            # it any, would not).
             store.put(settings, HOT, GARBAGE_KEY, b"not a Strata object")
-            moved = instances[0]["object_key"][:-64] + "f" * 64
-            store.put(settings, HOT, moved, store.get(settings, HOT, instances[0]["object_key"]))
+            store.put(settings, HOT, keys_key_for(GARBAGE_KEY), b"{}")
+            alone = _pack_of_one(instances)
+            other = next(r["object_key"] for r in instances if r["object_key"] != alone)
+            moved = alone[:-32] + "f" * 32
+            store.put(settings, HOT, moved, store.get(settings, HOT, alone))
+            store.put(
+                settings, HOT, keys_key_for(moved), store.get(settings, HOT, keys_key_for(other))
+            )
 
         result = strata_rebuild(node)
 
@@ -184,6 +193,16 @@ def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rebuilt]:
         node.stop()
 
 
+def _pack_of_one(instances: list[dict[str, Any]]) -> str:
+    """The key of a pack that holds one row (the second version, sent alone)."""
+    counts: dict[str, int] = {}
+    for row in instances:
+        counts[row["object_key"]] = counts.get(row["object_key"], 0) + 1
+    key = next(row["object_key"] for row in instances if row["version"] == 2)
+    assert counts[key] == 1
+    return key
+
+
 def test_rebuilt_instances_equal_what_the_node_wrote(rebuilt: Rebuilt) -> None:
     # 9 instances, one of them in 3 versions; the re-sent copy is no row.
     assert sorted(row["version"] for row in rebuilt.instances) == [1] * 9 + [2, 3]
@@ -203,13 +222,14 @@ def test_rebuilt_studies_equal_what_the_node_wrote_and_reads_are_lost(rebuilt: R
 def test_objects_that_cannot_be_read_are_reported_by_key_only(rebuilt: Rebuilt) -> None:
     result = rebuilt.result
     assert result.returncode == 1, result.stderr  # completed, with failures
-    moved_key = rebuilt.instances[0]["object_key"][:-64] + "f" * 64
-    for key in (GARBAGE_KEY, moved_key):
-        assert f"not rebuilt {HOT}/{key}" in result.stderr, result.stderr
+    alone = _pack_of_one(rebuilt.instances)
+    moved_member = next(r["sha256"] for r in rebuilt.instances if r["object_key"] == alone)
+    for where in (GARBAGE_KEY, f"{alone[:-32] + 'f' * 32}#{moved_member}"):
+        assert f"not rebuilt {HOT}/{where}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     summary = " ".join(result.stdout.split())
-    objects = len(rebuilt.instances) + 2
-    assert f"│ {objects} │ {len(rebuilt.instances)} │ {len(rebuilt.studies)} │ 2 │ 0 │" in summary
+    packs = len({row["object_key"] for row in rebuilt.instances}) + 2
+    assert f"│ {packs} │ {len(rebuilt.instances)} │ {len(rebuilt.studies)} │ 2 │" in summary
     for value in rebuilt.phi:
         assert value not in result.stdout + result.stderr
 

@@ -28,8 +28,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.client import IngestOutcome, StrataClient
-from tests.integration.conftest import ct_instances
+from cluster.ops.reconcile import ORPHANS_AT_MOST
+from tests.integration.conftest import ct_instances, packs_by_member, plant_pack
 from tests.integration.node import Node
+from workers.objects.envelope import keys_key_for
+from workers.objects.store import pack_key_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,11 +121,8 @@ def _send_while(
 
 
 def _object_shas(node: Node) -> set[str]:
-    return {
-        item.object_name.rsplit("/", 1)[-1]
-        for item in node.object_store().list_objects("strata-hot", recursive=True)
-        if item.object_name
-    }
+    """The SHA-256 of every file stored in the hot bucket (members of its packs)."""
+    return set(packs_by_member(node.object_store()))
 
 
 def _check_and_heal(
@@ -260,13 +260,29 @@ def test_ray_runtime_killed_mid_ingest(healing_node: Node, acknowledged: dict[st
 def test_an_object_without_a_catalog_row_is_removed(
     healing_node: Node, acknowledged: dict[str, bytes]
 ) -> None:
-    # What a worker that died between its PUT and the commit leaves behind.
+    # What a worker that died between its PUTs and the commit leaves behind; and a pack
+    # whose every file was a duplicate of one stored before (its SHA-256 is known, but no
+    # row names this pack).
     orphan_sha = hashlib.sha256(b"an orphan").hexdigest()
-    key = f"v1/00/{'0' * 24}/{'1' * 24}/{orphan_sha}"
-    healing_node.object_store().put_object("strata-hot", key, io.BytesIO(b"sealed bytes"), 12)
+    key = pack_key_for("1.2.826.0.1.3680043.10.1.1")
+    plant_pack(healing_node.object_store(), [orphan_sha], key)
+    duplicates = pack_key_for("1.2.826.0.1.3680043.10.1.2")
+    if acknowledged:
+        plant_pack(healing_node.object_store(), sorted(acknowledged)[:2], duplicates)
     assert orphan_sha in _object_shas(healing_node)
     _wait_for(lambda: orphan_sha not in _object_shas(healing_node), "the orphan's removal", 60)
-    assert f"removed orphan object {key}" in healing_node.log_text()
+    assert f"removed orphan pack {key}" in healing_node.log_text()
+    if acknowledged:
+        _wait_for(
+            lambda: duplicates not in set(packs_by_member(healing_node.object_store()).values()),
+            "the removal of a pack of duplicates",
+            60,
+        )
+    listed = {
+        o.object_name
+        for o in healing_node.object_store().list_objects("strata-hot", recursive=True)
+    }
+    assert keys_key_for(key) not in listed  # its keys object went with it
     if acknowledged:  # the acknowledged files' objects were left alone
         assert set(acknowledged) <= _object_shas(healing_node)
 
@@ -274,17 +290,21 @@ def test_an_object_without_a_catalog_row_is_removed(
 def test_a_mass_of_objects_without_rows_is_not_removed(healing_node: Node) -> None:
     """As after a lost catalog: the reconciler must not delete the archive to rebuild from."""
     planted = {}
-    for n in range(max(60, 2 * len(_object_shas(healing_node)))):
+    packs = len(set(packs_by_member(healing_node.object_store()).values()))
+    for n in range(max(60, 2 * packs)):
         sha = hashlib.sha256(f"lost catalog {n}".encode()).hexdigest()
-        planted[sha] = f"v1/00/{'0' * 24}/{'2' * 24}/{sha}"
-        healing_node.object_store().put_object(
-            "strata-hot", planted[sha], io.BytesIO(b"sealed bytes"), 12
-        )
+        planted[sha] = pack_key_for(f"1.2.826.0.1.3680043.10.2.{n}")
+        plant_pack(healing_node.object_store(), [sha], planted[sha])
     _wait_for(lambda: "nothing removed" in healing_node.log_text(), "the refusal", 60)
+    # A pass that ran while the first few were being planted may have taken them for
+    # crash leftovers (up to ORPHANS_AT_MOST); once the mass is there, nothing goes.
+    survivors = set(planted) & _object_shas(healing_node)
+    assert len(survivors) > ORPHANS_AT_MOST
     time.sleep(3)  # a further pass, at 2 s
-    assert set(planted) <= _object_shas(healing_node)
+    assert survivors <= _object_shas(healing_node)
     for key in planted.values():
         healing_node.object_store().remove_object("strata-hot", key)
+        healing_node.object_store().remove_object("strata-hot", keys_key_for(key))
 
 
 def test_the_log_explains_and_hides_no_phi(healing_node: Node) -> None:

@@ -5,30 +5,36 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from cluster.ops.reconcile import candidates, sha256_of
-from workers.objects.store import ListedObject
+from cluster.ops.reconcile import candidates
+from workers.objects.store import ListedObject, pack_key_for
 
-SHA = "ab" * 32
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
-def test_the_sha256_is_the_last_part_of_an_object_key() -> None:
-    assert sha256_of(f"v1/12/{'1' * 24}/{'2' * 24}/{SHA}") == SHA
-    assert sha256_of("v1/12/abc/def/not-a-hash") is None
-    assert sha256_of(f"v1/12/abc/def/{SHA.upper()}") is None
-    assert sha256_of(SHA[:-1]) is None
-
-
-def test_objects_younger_than_the_grace_are_left_alone() -> None:
-    old = ListedObject(f"v1/a/b/c/{SHA}", NOW - timedelta(seconds=300), 12)
-    young = ListedObject(f"v1/a/b/d/{'cd' * 32}", NOW - timedelta(seconds=30), 12)
-    foreign = ListedObject("somebody-elses-file.txt", NOW - timedelta(days=3), 12)
-    chosen = candidates([old, young, foreign], NOW, timedelta(seconds=120))
-    assert chosen == [(old.key, SHA)]
-    assert candidates([old, young], NOW, timedelta(0)) == [
-        (old.key, SHA),
-        (young.key, "cd" * 32),
+def test_packs_older_than_the_grace_are_judged_and_lone_keys_objects_found() -> None:
+    old_pack = pack_key_for("1.2.3")
+    young_pack = pack_key_for("1.2.3")
+    lone = pack_key_for("1.2.4") + ".keys"  # its pack is gone
+    listed = [
+        ListedObject(old_pack, NOW - timedelta(seconds=300), 1200),
+        ListedObject(old_pack + ".keys", NOW - timedelta(seconds=300), 120),
+        ListedObject(young_pack, NOW - timedelta(seconds=30), 1200),
+        ListedObject(young_pack + ".keys", NOW - timedelta(seconds=30), 120),
+        ListedObject(lone, NOW - timedelta(seconds=300), 120),
+        ListedObject("somebody-elses-file.txt", NOW - timedelta(days=3), 12),
     ]
+    packs, lone_keys = candidates(listed, NOW, timedelta(seconds=120))
+    assert [item.key for item in packs] == [old_pack]
+    assert lone_keys == [lone]
+    packs, _ = candidates(listed, NOW, timedelta(0))
+    assert [item.key for item in packs] == [old_pack, young_pack]
+
+
+def test_a_pack_key_names_its_study_by_hash_and_is_never_reused() -> None:
+    first, second = pack_key_for("1.2.3"), pack_key_for("1.2.3")
+    assert first != second
+    assert first.rsplit("/", 1)[0] == second.rsplit("/", 1)[0]
+    assert "1.2.3" not in first and first.startswith("v2/")
 
 
 def test_a_mass_of_orphans_is_taken_for_a_lost_catalog() -> None:

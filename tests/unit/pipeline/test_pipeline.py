@@ -29,10 +29,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from workers.objects.envelope import KeyRing
 from workers.objects.keys import create_key_file, load_key_file
-from workers.pipeline.ingest import PipelineSettings, prepare
+from workers.pipeline.ingest import PipelineSettings, pack_instances, prepare
 from workers.pipeline.restore import ObjectRef, TranscodeRefusedError, rebuild, transcode_targets
-from workers.records import HTJ2K_LOSSLESS, IngestItem, StoreSettings
+from workers.records import HTJ2K_LOSSLESS, IngestItem, InstanceRecord, StoreSettings
 
 SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
 
@@ -42,6 +43,21 @@ def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "keys.json"
     create_key_file(path)
     return path
+
+
+def _stored(
+    item: IngestItem, settings: PipelineSettings
+) -> tuple[bytes, InstanceRecord, ObjectRef, bytes]:
+    """One file prepared and packed alone, as a worker would store it: the member's bytes
+    (what a ranged GET of its row reads), its row, its address and its data key."""
+    _, pack, [stored] = pack_instances([prepare(item, settings)])
+    record = stored.record
+    member = pack.data[record.byte_offset : record.byte_offset + record.byte_length]
+    assert b"PROP" not in pack.keys
+    key = KeyRing.from_bytes(pack.keys).data_key(
+        record.sha256, load_key_file(Path(settings.key_file))
+    )
+    return member, record, ObjectRef.of(record), key
 
 
 def _settings(key_file: Path, min_saving: float = 0.95) -> PipelineSettings:
@@ -125,18 +141,16 @@ def test_every_file_comes_back_bit_for_bit(image: tuple[bytes, bool], key_file: 
     data, clean = image
     item = IngestItem("f", data, hashlib.sha256(data).hexdigest())
     # The images are tiny; transcode them even where the codec saves nothing, to test it.
-    blob, record, _ = prepare(item, _settings(key_file, min_saving=float("inf")))
+    blob, record, ref, key = _stored(item, _settings(key_file, min_saving=float("inf")))
     assert b"PROPERTY^TEST" not in blob and b"PROP-0001" not in blob and b"DICM" not in blob
-    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
-    keys = load_key_file(key_file)
-    assert rebuild(blob, ref, "original", keys).data == data
+    assert rebuild(blob, ref, "original", key).data == data
     assert record.storage_note
     if not clean:
         assert record.storage_action in ("zstd", "as_received"), record.storage_note
         return
     assert record.storage_action == "transcoded", record.storage_note
     assert record.transfer_syntax_stored == HTJ2K_LOSSLESS
-    stored = rebuild(blob, ref, "stored", keys)
+    stored = rebuild(blob, ref, "stored", key)
     compressed = pydicom.dcmread(io.BytesIO(stored.data))
     assert compressed.file_meta.TransferSyntaxUID == HTJ2K_LOSSLESS
     expected = pixel_array(io.BytesIO(data), raw=True)
@@ -149,14 +163,13 @@ def test_layout_no_codec_holds_falls_back_to_zstd(key_file: Path) -> None:
     buffer = io.BytesIO()
     dataset.save_as(buffer)
     data = buffer.getvalue()
-    blob, record, _ = prepare(
+    blob, record, ref, key = _stored(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
     assert record.storage_action in ("zstd", "as_received")
     if record.storage_action == "zstd":
         assert record.bytes_stored < 0.95 * len(data)
-    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
-    assert rebuild(blob, ref, "original", load_key_file(key_file)).data == data
+    assert rebuild(blob, ref, "original", key).data == data
 
 
 def test_modality_policy_picks_the_codec(key_file: Path) -> None:
@@ -166,7 +179,7 @@ def test_modality_policy_picks_the_codec(key_file: Path) -> None:
         str(key_file),
         modality_codecs=(("CT", "1.2.840.10008.1.2.4.90"),),
     )
-    _, record, _ = prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings_)
+    record = prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings_).record
     assert record.transfer_syntax_stored == "1.2.840.10008.1.2.4.90"
     assert "JPEG 2000" in record.storage_note
 
@@ -192,11 +205,10 @@ def test_retrieval_transcodes_lossless_inputs_to_any_lossless_syntax(
     name: str, target: str, key_file: Path
 ) -> None:
     data = Path(pydicom.data.get_testdata_file(name)).read_bytes()
-    blob, record, _ = prepare(
+    blob, _, ref, key = _stored(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
-    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
-    out = rebuild(blob, ref, target, load_key_file(key_file))
+    out = rebuild(blob, ref, target, key)
     assert out.transfer_syntax == target
     dataset = pydicom.dcmread(io.BytesIO(out.data))
     assert dataset.file_meta.TransferSyntaxUID == target
@@ -207,12 +219,11 @@ def test_retrieval_transcodes_lossless_inputs_to_any_lossless_syntax(
 
 def test_unknown_target_is_refused_naming_every_syntax_strata_writes(key_file: Path) -> None:
     data = Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes()
-    blob, record, _ = prepare(
+    blob, _, ref, key = _stored(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
-    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
     with pytest.raises(TranscodeRefusedError) as caught:
-        rebuild(blob, ref, "1.2.840.10008.1.2.4.50", load_key_file(key_file))
+        rebuild(blob, ref, "1.2.840.10008.1.2.4.50", key)
     for syntax in transcode_targets():
         assert syntax in str(caught.value)
     assert transcode_targets() >= {RLELossless, DeflatedExplicitVRLittleEndian, JPEGLossless}
@@ -224,23 +235,21 @@ def test_rle_refuses_a_layout_it_cannot_write_naming_the_element(key_file: Path)
     buffer = io.BytesIO()
     dataset.save_as(buffer)
     data = buffer.getvalue()
-    blob, record, _ = prepare(
+    blob, _, ref, key = _stored(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
-    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
     with pytest.raises(TranscodeRefusedError, match=r"RLE Lossless .*\(0028,0100\) Bits Allocated"):
-        rebuild(blob, ref, RLELossless, load_key_file(key_file))
+        rebuild(blob, ref, RLELossless, key)
 
 
 def test_lossy_original_is_never_transcoded(key_file: Path) -> None:
     data = Path(pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes()
-    blob, record, _ = prepare(
+    blob, _, ref, key = _stored(
         IngestItem("f", data, hashlib.sha256(data).hexdigest()), _settings(key_file)
     )
-    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
     with pytest.raises(TranscodeRefusedError, match="lossy"):
-        rebuild(blob, ref, HTJ2K_LOSSLESS, load_key_file(key_file))
-    assert rebuild(blob, ref, "original", load_key_file(key_file)).data == data
+        rebuild(blob, ref, HTJ2K_LOSSLESS, key)
+    assert rebuild(blob, ref, "original", key).data == data
 
 
 def test_an_ingest_item_pickles_its_bytes_out_of_band() -> None:

@@ -1,11 +1,11 @@
-"""Objects read back into catalog rows (workers/recover.py), with no catalog and no server:
-every row must equal the one ingest built, from the header, manifest and prefix alone."""
+"""Pack members read back into catalog rows (workers/pipeline/recover.py), with no catalog
+and no server: every row must equal the one ingest built, from the member's header, manifest
+and prefix alone."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,12 +14,18 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from tests.unit.conftest import PHI, make_file
-from workers.dicom.identity import IdentityKeys
-from workers.objects.envelope import EnvelopeError, open_object, read_header, seal
+from workers.dicom.identity import IdentityKeys, IdentityRow
+from workers.objects.envelope import (
+    EnvelopeError,
+    KeyRing,
+    Pack,
+    read_member_header,
+    read_pack_header,
+)
 from workers.objects.keys import FileKeyProvider, create_key_file, load_key_file
 from workers.objects.manifest import Manifest
-from workers.pipeline.ingest import PipelineSettings, prepare
-from workers.pipeline.recover import UnreadableObjectError, row_from_object
+from workers.pipeline.ingest import PipelineSettings, pack_instances, prepare
+from workers.pipeline.recover import RecoveredRow, UnreadableObjectError, row_from_member
 from workers.pipeline.restore import ObjectRef, rebuild
 from workers.records import IngestItem, InstanceRecord, StoreSettings
 
@@ -50,25 +56,32 @@ def keys(key_file: Path) -> FileKeyProvider:
     return load_key_file(key_file)
 
 
-def _stored(data: bytes, key_file: Path) -> tuple[bytes, InstanceRecord]:
+def _stored(data: bytes, key_file: Path) -> tuple[Pack, InstanceRecord, IdentityRow]:
+    """One file prepared and packed alone: the pack, its row placed in it, its identity."""
     settings = PipelineSettings(StoreSettings("127.0.0.1:1", "unused", "unused"), str(key_file))
-    blob, record, _ = prepare(IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings)
-    return blob, record
+    item = IngestItem("f", data, hashlib.sha256(data).hexdigest())
+    _, pack, [stored] = pack_instances([prepare(item, settings)])
+    return pack, stored.record, stored.identity
+
+
+def _read_back(
+    pack: Pack, record: InstanceRecord, keys: FileKeyProvider, data: bytes | None = None
+) -> RecoveredRow:
+    """The member's row read from ``data`` (its first bytes, the pack's by default)."""
+    [member] = read_pack_header(pack.data).members
+    blob = pack.data[member.offset :] if data is None else data
+    ring = KeyRing.from_bytes(pack.keys)
+    return row_from_member(
+        blob, member, pack_key=record.object_key, tier=record.tier, keys=keys, ring=ring
+    )
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_the_identity_row_read_back_opens_to_what_ingest_sealed(
     name: str, key_file: Path, keys: FileKeyProvider
 ) -> None:
-    data = FILES[name]()
-    settings = PipelineSettings(StoreSettings("127.0.0.1:1", "unused", "unused"), str(key_file))
-    blob, record, sealed = prepare(
-        IngestItem("f", data, hashlib.sha256(data).hexdigest()), settings
-    )
-    recovered = row_from_object(
-        blob, object_key=record.object_key, size=len(blob), tier=record.tier, keys=keys,
-        last_modified=None,
-    ).identity  # fmt: skip
+    pack, record, sealed = _stored(FILES[name](), key_file)
+    recovered = _read_back(pack, record, keys).identity
     opener = IdentityKeys(keys.pseudonymizer())
     assert recovered.tokens == sealed.tokens and recovered.sha256 == sealed.sha256
     assert opener.open(recovered.sealed, record.sop_instance_uid) == opener.open(
@@ -76,42 +89,24 @@ def test_the_identity_row_read_back_opens_to_what_ingest_sealed(
     )
 
 
-def _read_back(
-    blob: bytes, record: InstanceRecord, keys: FileKeyProvider, **overrides: object
-) -> InstanceRecord:
-    arguments: dict[str, object] = {
-        "object_key": record.object_key,
-        "size": len(blob),
-        "tier": record.tier,
-        "keys": keys,
-        "last_modified": None,
-    }
-    arguments.update(overrides)
-    return row_from_object(blob, **arguments).record  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("name", FILES)
 def test_a_row_read_back_equals_the_row_ingest_built(
     name: str, key_file: Path, keys: FileKeyProvider
 ) -> None:
-    blob, record = _stored(FILES[name](), key_file)
-    header = read_header(blob)
-    start, length = header.segment_range(1)
-    # Header, manifest and segment 1 are all it needs: never a frame or the suffix.
-    row = row_from_object(
-        blob[: start + length],
-        object_key=record.object_key,
-        size=len(blob),
-        tier=record.tier,
-        keys=keys,
-        last_modified=None,
-    )
+    pack, record, _ = _stored(FILES[name](), key_file)
+    member = pack.data[record.byte_offset : record.byte_offset + record.byte_length]
+    start, length = read_member_header(member).segment_range(1)
+    # Member header, manifest and segment 1 are all it needs: never a frame or the suffix.
+    row = _read_back(pack, record, keys, member[: start + length])
     assert row.record == record
-    assert not row.legacy
     assert row.record.ingest_time.tzinfo is not None
+    assert (record.byte_offset, record.byte_length) == (
+        pack.members[0].offset,
+        pack.members[0].length,
+    )
 
 
-def test_the_manifest_round_trips_its_new_fields() -> None:
+def test_the_manifest_round_trips_its_fields() -> None:
     moment = datetime(2026, 3, 1, 12, 30, 5, 7, tzinfo=UTC)  # one microsecond matters
     manifest = Manifest(
         kind="whole",
@@ -126,63 +121,31 @@ def test_the_manifest_round_trips_its_new_fields() -> None:
     assert Manifest.from_bytes(manifest.to_bytes()) == manifest
 
 
-def _legacy(blob: bytes, record: InstanceRecord, keys: FileKeyProvider) -> bytes:
-    """The same object as written before manifests named their instance and time."""
-    segments = open_object(
-        blob, object_key=record.object_key, sop_instance_uid=record.sop_instance_uid, keys=keys
-    )
-    document = json.loads(segments[0])
-    for added in ("sop_instance_uid", "ingest_time", "storage_note"):
-        del document[added]
-    segments[0] = json.dumps(document).encode()
-    return seal(
-        segments,
-        object_key=record.object_key,
-        sop_instance_uid=record.sop_instance_uid,
-        keys=keys,
-    )
-
-
-@pytest.mark.parametrize("name", ["native little endian", "32 bits allocated (zstd)"])
-def test_an_object_written_before_the_new_manifest_fields_is_still_read(
-    name: str, key_file: Path, keys: FileKeyProvider
-) -> None:
-    data = FILES[name]()
-    blob, record = _stored(data, key_file)
-    old = _legacy(blob, record, keys)
-    ref = ObjectRef(record.object_key, record.sop_instance_uid, record.tier)
-    assert rebuild(old, ref, "original", keys).data == data  # retrieval does not break
-
-    written = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    row = row_from_object(
-        old,
-        object_key=record.object_key,
-        size=len(old),
-        tier=record.tier,
-        keys=keys,
-        last_modified=written,
-    )
-    assert row.legacy
-    # The instance is learnt from the file's own header; the time from the store.
-    assert row.record == dataclasses.replace(
-        record, ingest_time=written, storage_note="", bytes_stored=len(old)
-    )
-
-
-def test_a_damaged_or_misplaced_object_is_refused_without_patient_data(
+def test_a_member_retrieved_from_its_pack_is_the_original(
     key_file: Path, keys: FileKeyProvider
 ) -> None:
-    blob, record = _stored(make_file(), key_file)
-    start, _ = read_header(blob).segment_range(0)
-    altered = bytearray(blob)
+    data = FILES["native little endian"]()
+    pack, record, _ = _stored(data, key_file)
+    member = pack.data[record.byte_offset : record.byte_offset + record.byte_length]
+    key = KeyRing.from_bytes(pack.keys).data_key(record.sha256, keys)
+    assert rebuild(member, ObjectRef.of(record), "original", key).data == data
+
+
+def test_a_damaged_or_misplaced_member_is_refused_without_patient_data(
+    key_file: Path, keys: FileKeyProvider
+) -> None:
+    pack, record, _ = _stored(make_file(), key_file)
+    member = pack.data[record.byte_offset :]
+    start, _ = read_member_header(member).segment_range(0)
+    altered = bytearray(member)
     altered[start + 3] ^= 1
-    other_key = record.object_key[:-64] + "0" * 64
+    other, _, _ = _stored(make_file(rows=16, columns=16), key_file)
     failures = []
     for case, call in (
-        ("altered", lambda: _read_back(bytes(altered), record, keys)),
-        ("moved", lambda: _read_back(blob, record, keys, object_key=other_key)),
-        ("truncated", lambda: _read_back(blob[:-1], record, keys, size=len(blob) - 1)),
-        ("not strata", lambda: _read_back(b"x" * 200, record, keys, size=200)),
+        ("altered", lambda: _read_back(pack, record, keys, bytes(altered))),
+        ("other pack's keys", lambda: _read_back(replace(pack, keys=other.keys), record, keys)),
+        ("truncated", lambda: _read_back(pack, record, keys, member[:100])),
+        ("not strata", lambda: _read_back(pack, record, keys, b"x" * 200)),
     ):
         with pytest.raises((EnvelopeError, UnreadableObjectError)) as caught:
             call()

@@ -28,9 +28,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from cluster.client import StrataClient
 from cluster.rpc import strata_pb2 as pb
-from tests.integration.conftest import ct_instances
+from tests.integration.conftest import ct_instances, packs_by_member
 from tests.integration.node import Node
-from workers.objects.store import object_key_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -235,7 +234,7 @@ def test_an_object_minio_cannot_rebuild_is_data_loss_at_once(small_node: Node) -
     with StrataClient(small_node.address) as client:
         (outcome,) = client.ingest_bytes([("to-break", data)])
         assert outcome.status == "stored"
-        key = object_key_for(outcome.study_instance_uid, outcome.sop_instance_uid, outcome.sha256)
+        key = packs_by_member(small_node.object_store())[outcome.sha256]
         # EC:2 over 4 drives: losing 3 of an object's 4 parts leaves it unrecoverable.
         for part in _drive_parts(small_node, key)[:3]:
             shutil.rmtree(part)
