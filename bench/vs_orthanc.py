@@ -11,37 +11,57 @@
    - Orthanc storing files as received;
    - Orthanc with ``IngestTranscoding`` to JPEG 2000 lossless (1.2.840.10008.1.2.4.90);
    - Strata's DIMSE door (HTJ2K, proven lossless, encrypted, erasure-coded MinIO, catalog);
-   and, on the same files, Strata's gRPC door (one stream, the project's client).
-   Each is timed from the first association to the last storescu's exit (every C-STORE
-   answered: for Strata, only once the object and its catalog row are durable).
-3. Prints instances/s, MB/s (of files sent) and stored MB for each, and Strata's ratios
-   to both Orthanc setups, all from this one run. Stored MB is what each keeps on disk:
-   Orthanc's storage directory (its SQLite index not counted); for Strata the erasure-coded
-   object bytes (parity included), as MinIO's drives hold them.
+   and, on the same files, Strata's gRPC door through ``strata ingest`` (the CLI, one
+   stream). Each is timed from the first association to the last sender's exit (every
+   file answered: for Strata, only once its pack and its catalog row are durable).
+3. Prints instances/s, MB/s (of files sent) and stored MB for each, and each Strata door's
+   ratios to both Orthanc setups, all from this one run. Stored MB is what each keeps on
+   disk: Orthanc's storage directory (its SQLite index not counted); for Strata the
+   erasure-coded object bytes (parity included), as MinIO's drives hold them.
+4. Where Strata's time goes: CPU milliseconds per instance of each process group during
+   each Strata run (the sender, from the kernel's accounting of finished children; the
+   front end, this process, which hosts the embedded node and its Ray driver; the Ray
+   workers, split into the work inside their tasks, as the tasks measure it, and the
+   rest, Ray's overhead; MinIO; the catalog writer; Ray's own services), beside the
+   essential work measured in this process on the same files (split, HTJ2K encode, the
+   verifying decode, SHA-256 of the file, AES-GCM of what is stored). The goal: all of
+   it together at most 2.5 times the essential work.
+5. The front end's peak resident memory during each run, against its byte budget.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import os
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psutil
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from rich.console import Console
 from rich.table import Table
 
 from cluster import config as config_module
-from cluster.client import StrataClient
 from cluster.dev import orthanc
 from cluster.dev.samples import SeriesPlan, generate
 from cluster.ops.node import Stack
+from workers.codecs.lossless import encode_verified
+from workers.dicom.split import sample_bytes, split_file
+from workers.records import HTJ2K_LOSSLESS
 
 console = Console()
 SOURCES = {
@@ -51,6 +71,17 @@ SOURCES = {
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
 
+GROUPS = (
+    "sender",
+    "front end",
+    "Ray workers: in tasks",
+    "Ray workers: overhead",
+    "MinIO",
+    "catalog writer",
+    "Ray services",
+)
+
+
 @dataclass
 class Result:
     name: str
@@ -58,6 +89,8 @@ class Result:
     instances: int
     mb_stored: float
     mb_sent: float
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per instance, by group
+    peak_rss_mb: float = 0.0
 
     @property
     def per_second(self) -> float:
@@ -120,10 +153,12 @@ def against_orthanc(
 
 
 async def against_strata(
-    files: list[Path], work: Path, associations: int
-) -> tuple[tuple[float, int, float], tuple[float, int, float]]:
-    """DIMSE then gRPC, each into a node of its own: (seconds, instances, MB stored)."""
+    files: list[Path], samples: Path, work: Path, associations: int
+) -> list[Result]:
+    """DIMSE then gRPC (``strata ingest``), each into a node of its own, with where the
+    CPU went."""
     results = []
+    mb_sent = sum(path.stat().st_size for path in files) / 1e6
     for door in ("dimse", "grpc"):
         config = replace(
             config_module.load(),
@@ -136,20 +171,158 @@ async def against_strata(
         stack = Stack(config, embedded=True)
         await stack.start()
         try:
-            if door == "dimse":
-                seconds = await asyncio.to_thread(
-                    storescu, config.dimse_port, config.dimse_ae_title, files, associations
-                )
-            else:
-                seconds = await asyncio.to_thread(
-                    _grpc_send, stack.address, stack.tokens.first, files
-                )
+            before = stack.dispatch_stats()
+            with measuring() as measured:
+                if door == "dimse":
+                    seconds = await asyncio.to_thread(
+                        storescu, config.dimse_port, config.dimse_ae_title, files, associations
+                    )
+                else:
+                    seconds = await asyncio.to_thread(
+                        strata_ingest, stack.address, stack.tokens.first, samples
+                    )
+            in_tasks = (
+                stack.dispatch_stats().get("task_cpu_ms", 0) - before.get("task_cpu_ms", 0)
+            ) / 1000
             stats = await stack.catalog_stats()
             stored = _drive_bytes(config.data_dir / "minio", f"strata-{config.tier}")
-            results.append((seconds, stats["rows_written"], stored / 1e6))
         finally:
             await stack.stop()
-    return results[0], results[1]
+        cpu = measured.seconds
+        workers = cpu.pop("Ray workers", 0.0)
+        cpu["Ray workers: in tasks"] = in_tasks
+        cpu["Ray workers: overhead"] = max(0.0, workers - in_tasks)
+        count = stats["rows_written"]
+        name = (
+            f"Strata, storescu × {associations} (DIMSE)"
+            if door == "dimse"
+            else "Strata, strata ingest (gRPC, one stream)"
+        )
+        results.append(
+            Result(
+                name,
+                seconds,
+                count,
+                stored / 1e6,
+                mb_sent,
+                {group: 1000 * cpu.get(group, 0.0) / len(files) for group in GROUPS},
+                measured.peak_rss / 1e6,
+            )
+        )
+    return results
+
+
+@dataclass
+class Measured:
+    seconds: dict[str, float] = field(default_factory=dict)  # CPU seconds by group
+    peak_rss: int = 0  # this process's, bytes
+
+
+@contextmanager
+def measuring() -> Iterator[Measured]:
+    """CPU seconds of every process group while the block runs, and this process's peak
+    resident memory (sampled every 50 ms)."""
+    me = psutil.Process()
+    measured = Measured(peak_rss=me.memory_info().rss)
+    start = _cpu_by_process(me)
+    children_start = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            measured.peak_rss = max(measured.peak_rss, me.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield measured
+    finally:
+        done.set()
+        sampler.join()
+        end = _cpu_by_process(me)
+        children_end = resource.getrusage(resource.RUSAGE_CHILDREN)
+        groups: Counter[str] = Counter()
+        for pid, (group, seconds) in end.items():
+            groups[group] += seconds - start.get(pid, (group, 0.0))[1]
+        # Senders are this process's children that ran and were waited for meanwhile.
+        groups["sender"] += (children_end.ru_utime + children_end.ru_stime) - (
+            children_start.ru_utime + children_start.ru_stime
+        )
+        measured.seconds = dict(groups)
+
+
+def _cpu_by_process(me: psutil.Process) -> dict[int, tuple[str, float]]:
+    found = {me.pid: ("front end", _cpu(me))}
+    for child in me.children(recursive=True):
+        try:
+            found[child.pid] = (_group_of(child), _cpu(child))
+        except psutil.Error:
+            continue  # gone meanwhile
+    return found
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _group_of(process: psutil.Process) -> str:
+    command = " ".join(process.cmdline())
+    if "minio" in process.name() or " server --address" in command:
+        return "MinIO"
+    if "CatalogWriter" in command:
+        return "catalog writer"
+    if command.startswith("ray::") and "DashboardAgent" not in command:
+        return "Ray workers"  # ray::IDLE, ray::ingest_batch, ...: worker processes
+    if "storescu" in command or "cluster.cli" in command:
+        return "sender"
+    return "Ray services"  # raylet, GCS, dashboard, log monitor, agents
+
+
+def strata_ingest(address: str, token: str, folder: Path) -> float:
+    """Send every file of ``folder`` with the ``strata ingest`` CLI; seconds."""
+    environment = {**os.environ, "STRATA_TOKEN": token}
+    command = [sys.executable, "-m", "cluster.cli", "ingest", str(folder), "--server", address]
+    started = time.perf_counter()
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise RuntimeError(
+            f"strata ingest failed: {finished.stdout[-2000:]}{finished.stderr[-2000:]}"
+        )
+    return seconds
+
+
+def essential_work(files: list[Path]) -> dict[str, float]:
+    """CPU ms per instance of the work no design can skip, in this process, by step; and
+    the compression ratio (file bytes / codestream and header bytes)."""
+    steps: Counter[str] = Counter()
+    bytes_in = bytes_kept = 0
+    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    for path in files:
+        data = path.read_bytes()
+        clock = time.process_time()
+        split = split_file(data)
+        steps["split"] += time.process_time() - clock
+        layout = split.layout
+        assert layout is not None
+        pixels = memoryview(sample_bytes(data, split))
+        clock = time.process_time()
+        encoded = encode_verified(pixels, layout, HTJ2K_LOSSLESS)
+        steps["encode + verify-decode"] += time.process_time() - clock
+        clock = time.process_time()
+        hashlib.sha256(data).digest()
+        steps["SHA-256"] += time.process_time() - clock
+        kept = [data[: split.pixel_start], *encoded.frames, data[split.pixel_end :]]
+        clock = time.process_time()
+        for part in kept:
+            aead.encrypt(b"\0" * 12, bytes(part), None)
+        steps["AES-GCM"] += time.process_time() - clock
+        bytes_in += len(data)
+        bytes_kept += sum(len(part) for part in kept)
+    out = {step: 1000 * seconds / len(files) for step, seconds in steps.items()}
+    out["ratio"] = bytes_in / bytes_kept
+    return out
 
 
 def _drive_bytes(drives: Path, bucket: str) -> int:
@@ -160,18 +333,6 @@ def _drive_bytes(drives: Path, bucket: str) -> int:
         for path in (drive / bucket).rglob("*")
         if path.is_file()
     )
-
-
-def _grpc_send(address: str, token: str, files: list[Path]) -> float:
-    with StrataClient(address, token) as client:
-        client.wait_ready()
-        started = time.perf_counter()
-        outcomes = list(client.ingest_files(files))
-        seconds = time.perf_counter() - started
-    refused = [o for o in outcomes if o.status not in ("stored", "duplicate")]
-    if refused:
-        raise RuntimeError(f"{len(refused)} files refused over gRPC: {refused[0].reason}")
-    return seconds
 
 
 def main() -> None:
@@ -199,16 +360,18 @@ def main() -> None:
                     transcoding,
                 )  # fmt: skip
             results.append(Result(name, seconds, held, stored, mb_sent))
-        with console.status(f"Strata: storescu × {args.associations}, then gRPC…"):
-            dimse, grpc_door = asyncio.run(
-                against_strata(files, work / "strata", args.associations)
+        with console.status(f"Strata: storescu × {args.associations}, then strata ingest…"):
+            results += asyncio.run(
+                against_strata(files, work / "samples", work / "strata", args.associations)
             )
-        results.append(Result("Strata, DIMSE (HTJ2K, verified, encrypted, EC)", *dimse, mb_sent))
-        results.append(Result("Strata, gRPC (one stream)", *grpc_door, mb_sent))
-    report(results, args, mb_sent)
+        with console.status("the essential work, in this process…"):
+            essential = essential_work(files)
+    report(results, essential, args, mb_sent)
 
 
-def report(results: list[Result], args: argparse.Namespace, mb_sent: float) -> None:
+def report(
+    results: list[Result], essential: dict[str, float], args: argparse.Namespace, mb_sent: float
+) -> None:
     table = Table(
         title=f"{args.instances} instances ({args.source}, {mb_sent:.0f} MB) over "
         f"{args.associations} associations, this run"
@@ -225,21 +388,48 @@ def report(results: list[Result], args: argparse.Namespace, mb_sent: float) -> N
             f"{result.mb_stored:.1f}",
         )
     console.print(table)
-    plain, j2k, strata = results[0], results[1], results[2]
-    ratios = Table(title="Strata's DIMSE door against each Orthanc setup (× = Strata / Orthanc)")
-    for column in ("against", "throughput ×", "stored bytes ×"):
+    plain, j2k, *strata = results
+    ratios = Table(title="each Strata door against each Orthanc setup (× = Strata / Orthanc, MB/s)")
+    for column in (
+        "Strata door",
+        "× Orthanc as received (goal 1.5)",
+        "× Orthanc JPEG 2000 (goal 3)",
+    ):
         ratios.add_column(column)
-    for other in (plain, j2k):
+    for door in strata:
         ratios.add_row(
-            other.name,
-            f"{strata.per_second / other.per_second:.2f}",
-            f"{strata.mb_stored / other.mb_stored:.2f}",
+            door.name,
+            f"{door.mb_per_second / plain.mb_per_second:.2f}",
+            f"{door.mb_per_second / j2k.mb_per_second:.2f}",
         )
     console.print(ratios)
+
+    work = sum(value for step, value in essential.items() if step != "ratio")
+    cpu = Table(title="where Strata's CPU goes: ms per instance (goal: total ≤ 2.5 × essential)")
+    cpu.add_column("process group")
+    for door in strata:
+        cpu.add_column(door.name, justify="right")
+    for group in GROUPS:
+        cpu.add_row(group, *(f"{door.cpu_ms.get(group, 0.0):.1f}" for door in strata))
+    totals = [sum(door.cpu_ms.values()) for door in strata]
+    cpu.add_row("total", *(f"{total:.1f}" for total in totals))
+    cpu.add_row("total / essential", *(f"{total / work:.2f}" for total in totals))
+    cpu.add_row("front end peak RSS MB", *(f"{door.peak_rss_mb:.0f}" for door in strata))
+    console.print(cpu)
+    needed = Table(title="the essential work, in one process on the same files: ms per instance")
+    needed.add_column("step")
+    needed.add_column("ms", justify="right")
+    for step, value in essential.items():
+        if step != "ratio":
+            needed.add_row(step, f"{value:.2f}")
+    needed.add_row("total", f"{work:.2f}")
+    console.print(needed)
     console.print(
-        "stored MB: Strata's counts MinIO's erasure-coding parity (EC:2 over 4 drives: any two "
-        "drives may be lost), Orthanc's is one copy on one disk; Strata also encrypts each "
-        "object and proves each recompression lossless before answering."
+        f"compression ratio (file bytes / codestreams and headers): {essential['ratio']:.3f}. "
+        "Stored MB: Strata's counts MinIO's erasure-coding parity (EC:2 over 4 drives: any "
+        "two drives may be lost), Orthanc's is one copy on one disk; Strata also encrypts "
+        "each instance and proves each recompression lossless before answering. The front "
+        f"end's byte budget is {config_module.load().max_inflight_bytes / 1e6:.0f} MB."
     )
 
 

@@ -107,9 +107,8 @@ class Config:
     fanout_min_bytes: int = 32 * MiB
     batch_max_files: int = 8
     batch_max_bytes: int = 16 * MiB
-    batch_wait_ms: int = 20
     commit_max_rows: int = 64
-    commit_wait_ms: int = 50
+    commit_wait_ms: int = 0  # >0: hold a group commit open this long for more rows
     # Group commits go to the catalog's journal; the writer appends the journal to the
     # Delta tables (and folds the study rows) once this many rows wait or the oldest has
     # waited this long, and compacts, checkpoints and vacuums them every this many
@@ -134,7 +133,10 @@ class Config:
         """Return self, or raise ConfigError naming the first bad key."""
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, not {self.port}")
-        available = _available_codecs()
+        # The names only: which encoders are installed is asked where they are used
+        # (``check_codecs``, when a node starts), so that a client command does not load
+        # the whole codec stack to read its configuration.
+        available = list(CODECS)
         if self.codec not in available:
             raise ConfigError(f"codec must be one of {available}, not {self.codec!r}")
         for key, name in self.codec_policy:
@@ -237,6 +239,13 @@ class Config:
         if self.worker_cpus < 0:
             raise ConfigError(f"worker_cpus must be 0 (all) or more, not {self.worker_cpus}")
         return self
+
+    def check_codecs(self) -> None:
+        """Raise ConfigError when a codec this configuration names is not installed."""
+        installed = _available_codecs()
+        for name in {self.codec, *(name for _, name in self.codec_policy)}:
+            if name not in installed:
+                raise ConfigError(f"codec {name!r} is not installed here (installed: {installed})")
 
     def codec_for(self, tier: str, modality: str = "") -> str:
         """The codec name the policy picks for ``tier`` (and ``modality``)."""

@@ -1,9 +1,14 @@
 """Where scheduling is decided: batching files into Ray tasks and committing their rows.
 
-Per-file Ray overhead (a task is ~1 ms of scheduling) is small against the codec's work
-only when files travel in batches; a batch closes when it holds ``batch_max_files`` files
-or ``batch_max_bytes`` bytes, or ``batch_wait_ms`` after its first file arrived. At most
-two batches per worker core are in flight, so the cluster is never idle and never flooded.
+Per-file Ray overhead (a task is ~1 ms of scheduling) and per-object store costs (one pack
+per study and batch) are small against the codec's work only when files travel in
+batches, but a file that waits for others waits for nothing when a worker is free. So at
+most two batches per worker core are with Ray at once, and a file arriving while one of
+those places is free leaves at once, in a batch with whatever waited; while every place is
+taken, files gather into the next batch, which leaves when a place frees or it holds
+``batch_max_files`` files or ``batch_max_bytes`` bytes. Batches grow with the load and a
+lone file is never held back: a sender that waits for each answer (a DIMSE association)
+is answered as soon as its file is stored, and a stream of many files fills batches.
 
 Every file gets a ticket, unique in this process, when it is submitted; the pipeline and the
 catalog writer know it only by that ticket, so files that different streams or connections
@@ -34,7 +39,7 @@ import ray
 from cluster.catalog import CatalogCommitFailedError, Committed
 from workers import errors
 from workers.errors import Reason
-from workers.pipeline.ingest import PipelineSettings, ingest_batch
+from workers.pipeline.ingest import BatchResult, PipelineSettings, ingest_batch
 from workers.records import IngestItem, InstanceRecord, Rejected, Stored
 
 log = logging.getLogger("strata.dispatch")
@@ -117,7 +122,6 @@ class Dispatcher:
         worker_cpus: int,
         batch_max_files: int,
         batch_max_bytes: int,
-        batch_wait_ms: int,
         ingest_deadline_s: float = 600.0,
         commit_deadline_s: float = 60.0,
     ) -> None:
@@ -126,14 +130,14 @@ class Dispatcher:
         self._catalog = catalog
         self._batch_max_files = batch_max_files
         self._batch_max_bytes = batch_max_bytes
-        self._batch_wait = batch_wait_ms / 1000
         self._ingest_deadline = ingest_deadline_s
         self._commit_deadline = commit_deadline_s
-        self._slots = asyncio.Semaphore(max(1, 2 * worker_cpus))
+        self._places = max(1, 2 * worker_cpus)
+        self._slots = asyncio.Semaphore(self._places)
+        self._with_ray = 0  # batches closed and not yet back from their worker task
         self._tickets = itertools.count(1)
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
-        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Batches waiting on their worker task, and those that reset() cut off.
         self._ingesting: set[asyncio.Task[Any]] = set()
@@ -144,6 +148,9 @@ class Dispatcher:
         self._removing: dict[str, asyncio.Event] = {}
         # Counts Ray runtimes: parts put into the object store of an earlier one are gone.
         self.generation = 0
+        # Batches and files back from their worker task, and the CPU milliseconds the
+        # workers spent inside the tasks (for operators and the ingest benchmark).
+        self.stats: Counter[str] = Counter()
 
     def runtime_lost(self) -> None:
         """Ray is going down: files not yet in a batch whose parts are in its object store
@@ -230,28 +237,35 @@ class Dispatcher:
         if (
             len(self._pending) >= self._batch_max_files
             or self._pending_bytes >= self._batch_max_bytes
+            or self._with_ray < self._places
         ):
             self._close_batch()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._batch_wait, self._close_batch)
         return await future
 
     def _close_batch(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         batch, self._pending, self._pending_bytes = self._pending, [], 0
         if batch:
+            self._with_ray += 1
             task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _place_freed(self) -> None:
+        """A batch is back from its worker task: the files that gathered meanwhile go."""
+        self._with_ray -= 1
+        if self._pending:
+            self._close_batch()
+
     async def _run(self, batch: list[_Pending]) -> None:
+        back = asyncio.Event()  # set once the batch's place is given back
         try:
-            await self._run_batch(batch)
+            await self._run_batch(batch, back)
         except Exception:
             log.exception("a batch of %d files failed unexpectedly", len(batch))
         finally:
+            if not back.is_set():
+                back.set()
+                self._place_freed()
             # Whatever happened, nobody waits for ever: unanswered files were not committed
             # as far as this dispatcher knows.
             self._answer_all(batch, Reason.UNCONFIRMED, _UNCONFIRMED)
@@ -265,12 +279,16 @@ class Dispatcher:
             del self._in_flight[pending.sha256]
         pending.release()
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending], back: asyncio.Event) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._ingesting.add(task)
         try:
-            outcomes = await self._ingest(batch)
+            try:
+                outcomes = await self._ingest(batch)
+            finally:
+                back.set()
+                self._place_freed()  # before the commit: the next batch need not wait for it
         except asyncio.CancelledError:
             if task not in self._cut_off:
                 raise
@@ -320,7 +338,11 @@ class Dispatcher:
             del items
             for pending in batch:
                 pending.item = None  # Ray holds the bytes now (in its object store)
-            outcomes: list[Any] = await within(ref, self._ingest_deadline, "a worker batch")
+            result: BatchResult = await within(ref, self._ingest_deadline, "a worker batch")
+        outcomes = result.outcomes
+        self.stats["batches"] += 1
+        self.stats["files"] += len(outcomes)
+        self.stats["task_cpu_ms"] += round(1000 * result.cpu_seconds)
         if sorted(o.file_id for o in outcomes) != sorted(tickets):
             raise RuntimeError("the pipeline answered for other files than it was given")
         return outcomes

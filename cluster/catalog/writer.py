@@ -305,6 +305,13 @@ class CatalogWriter:
         assert self._index is not None
         return self._index.by_sha256(sha256)
 
+    async def lookup_sha256s(self, sha256s: list[str]) -> dict[str, InstanceRecord]:
+        """The catalogued records of those of these files that are known, by SHA-256 (the
+        front end's duplicate checks, many in one call)."""
+        await self.ready()
+        assert self._index is not None
+        return self._index.by_sha256s(sha256s)
+
     async def latest(
         self, sop_instance_uid: str, version: int | None = None
     ) -> InstanceRecord | None:

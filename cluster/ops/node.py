@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -39,7 +40,7 @@ from cluster.security import tokens as access
 from workers.objects import store
 from workers.objects.keys import create_key_file, load_key_file
 from workers.pipeline.fanout import FrameFanout
-from workers.pipeline.ingest import PipelineSettings
+from workers.pipeline.ingest import PipelineSettings, warm_up
 from workers.records import StoreSettings
 
 log = logging.getLogger("strata.stack")
@@ -77,6 +78,7 @@ class Stack:
 
     async def start(self) -> None:
         """Start every component, in dependency order; stop what started if one fails."""
+        self.config.check_codecs()
         try:
             await self._start()
         except BaseException:
@@ -139,14 +141,18 @@ class Stack:
         _check_object_store(config.max_inflight_bytes, resources.get("object_store_memory"))
 
         self._catalog = self._new_catalog_writer()
+        # Worker processes started, and the pipeline's libraries loaded in them, while the
+        # tables open: a node that says it serves does not spend its first files' time
+        # (seconds of CPU per process) starting Ray workers.
+        warming = [_warm_up.remote() for _ in range(worker_cpus)]
         await self._catalog.ready.remote()  # wait until the tables are open
+        await asyncio.gather(*warming)
         self._dispatcher = Dispatcher(
             settings,
             self._catalog,
             worker_cpus=worker_cpus,
             batch_max_files=config.batch_max_files,
             batch_max_bytes=config.batch_max_bytes,
-            batch_wait_ms=config.batch_wait_ms,
             ingest_deadline_s=config.ingest_deadline_s,
             commit_deadline_s=config.commit_deadline_s,
         )
@@ -351,6 +357,23 @@ class Stack:
     async def catalog_stats(self) -> dict[str, int]:
         result: dict[str, int] = await self._catalog.stats.remote()
         return result
+
+    @property
+    def catalog_writer(self) -> Any:
+        """The node's catalog writer (a Ray actor handle)."""
+        return self._catalog
+
+    def dispatch_stats(self) -> dict[str, int]:
+        """Batches and files the workers handled, and the CPU ms they spent in the tasks."""
+        return dict(self._dispatcher.stats)
+
+
+@ray.remote(num_cpus=1)
+def _warm_up() -> int:
+    """Start one worker process and load the pipeline's libraries in it; its pid."""
+    warm_up()
+    time.sleep(0.2)  # so that the others start in processes of their own
+    return os.getpid()
 
 
 def web_settings(config: Config) -> WebSettings:

@@ -37,6 +37,7 @@ from workers.objects import store
 from workers.objects.envelope import (
     KEYS_SUFFIX,
     EnvelopeError,
+    KeyRing,
     keys_key_for,
     pack_header_length,
     read_pack_header,
@@ -126,10 +127,12 @@ async def remove_orphans(
     removed = kept = 0
     for key in orphans:
         async with contextlib.AsyncExitStack() as held:
-            held_back = [
-                await held.enter_async_context(dispatcher.removing(sha)) for sha in members[key]
-            ]
-            if not all(held_back):
+            held_back = True
+            for sha in members[key]:
+                if not await held.enter_async_context(dispatcher.removing(sha)):
+                    held_back = False
+                    break
+            if not held_back:
                 kept += 1
                 continue
             # Committed since the listing? No file of this pack can start now.
@@ -138,9 +141,11 @@ async def remove_orphans(
             await asyncio.to_thread(store.delete_many, settings, bucket, [key, keys_key_for(key)])
             removed += 1
             log.warning("removed orphan pack %s (no catalog row names it)", key)
-    if lone_keys:
-        await asyncio.to_thread(store.delete_many, settings, bucket, lone_keys)
-        log.warning("removed %d keys objects whose pack is gone", len(lone_keys))
+    lone_removed = 0
+    for keys_key in lone_keys:
+        lone_removed += await _remove_lone_keys(settings, bucket, keys_key, dispatcher)
+    if lone_removed:
+        log.warning("removed %d keys objects whose pack is gone", lone_removed)
     report = ReconcileReport(len(packs), len(orphans), removed, kept, unreadable=unreadable)
     if orphans:
         (log.warning if removed else log.info)(
@@ -152,6 +157,33 @@ async def remove_orphans(
             report.kept_in_flight,
         )
     return report
+
+
+async def _remove_lone_keys(
+    settings: StoreSettings, bucket: str, keys_key: str, dispatcher: Dispatcher
+) -> int:
+    """Delete a keys object whose pack is not there, unless a file it holds a key for is
+    in flight (a worker writes a pack and its keys object at once: the keys object can
+    land first) or its pack has landed since the listing; 1 if deleted."""
+    try:
+        blob = await asyncio.to_thread(store.get, settings, bucket, keys_key)
+        shas = list(KeyRing.from_bytes(blob).wrapped)
+    except store.ObjectUnreadableError:
+        return 0  # gone already
+    except EnvelopeError as error:
+        log.warning(
+            "reconcile: %s is not a keys object it can read, left alone: %s", keys_key, error
+        )
+        return 0
+    async with contextlib.AsyncExitStack() as held:
+        for sha in shas:
+            if not await held.enter_async_context(dispatcher.removing(sha)):
+                return 0
+        pack = keys_key.removesuffix(KEYS_SUFFIX)
+        if await asyncio.to_thread(store.exists, settings, bucket, pack):
+            return 0
+        await asyncio.to_thread(store.delete, settings, bucket, keys_key)
+    return 1
 
 
 def _members(settings: StoreSettings, bucket: str, item: store.ListedObject) -> list[str]:
