@@ -41,8 +41,8 @@ proto: $(STAMP)
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy cluster workers
 
-bench: setup
-	$(BIN)/python bench/ingest.py
+bench: setup peers
+	$(BIN)/python bench/vs_orthanc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
