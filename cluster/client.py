@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,6 +18,9 @@ from cluster.rpc import strata_pb2_grpc as pb_grpc
 from cluster.security import tokens
 
 CHUNK_BYTES = 1024 * 1024  # the server refuses larger chunks (cluster.config.CHUNK_LIMIT)
+# How long a broken Ingest stream is opened again without any file being answered.
+RECONNECT_S = 180.0
+RECONNECT_PAUSE_S = 1.0
 STATUS_NAMES = {
     pb.INGEST_STATUS_STORED: "stored",
     pb.INGEST_STATUS_DUPLICATE: "duplicate",
@@ -38,6 +43,7 @@ class IngestOutcome:
     transfer_syntax_stored: str
     sha256: str = ""  # of the file as the server received it
     study_instance_uid: str = ""
+    file_id: str = field(default="", repr=False, compare=False)  # of the stream
 
 
 @dataclass(frozen=True)
@@ -118,10 +124,19 @@ class StrataClient:
         token = token or tokens.for_client()
         self._channel = grpc.intercept_channel(channel, BearerToken(token)) if token else channel
         self._raw_channel = channel
+        # Whether the node was ever reached: only then is a broken stream opened again
+        # (a node that is not there is reported at once, not waited for).
+        self._reached = False
+        channel.subscribe(self._on_connectivity, try_to_connect=False)
         self.archive = pb_grpc.ArchiveStub(self._channel)
         self.catalog = pb_grpc.CatalogStub(self._channel)
 
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            self._reached = True
+
     def close(self) -> None:
+        self._raw_channel.unsubscribe(self._on_connectivity)
         self._raw_channel.close()
 
     def __enter__(self) -> StrataClient:
@@ -143,6 +158,8 @@ class StrataClient:
         """Send files over one Ingest stream; yield one outcome per file as they arrive.
 
         Files are read lazily chunk by chunk, so memory stays flat however many are sent.
+        If the stream breaks (the node restarts), the files not yet answered are read and
+        sent again (see ``_ingest``).
         """
         names: dict[str, str] = {}
 
@@ -152,49 +169,89 @@ class StrataClient:
                 names[file_id] = str(path)
                 yield file_id, _read_chunks(path, on_sent)
 
-        yield from self._ingest(sources(), names)
+        def again(file_id: str) -> Iterator[bytes]:
+            return _read_chunks(Path(names[file_id]), None)
+
+        yield from self._ingest(sources(), names, again)
 
     def ingest_bytes(self, files: Iterable[tuple[str, bytes]]) -> Iterator[IngestOutcome]:
         """Send in-memory files (name, bytes); yield one outcome per file."""
         names: dict[str, str] = {}
+        unanswered: dict[str, bytes] = {}
+
+        def chunks(data: bytes) -> Iterator[bytes]:
+            return (data[i : i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES))
 
         def sources() -> Iterator[tuple[str, Iterator[bytes]]]:
             for index, (name, data) in enumerate(files):
                 file_id = str(index)
                 names[file_id] = name
-                chunks = (
-                    data[i : i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES)
-                )
-                yield file_id, chunks
+                unanswered[file_id] = data
+                yield file_id, chunks(data)
 
-        yield from self._ingest(sources(), names)
+        def again(file_id: str) -> Iterator[bytes]:
+            return chunks(unanswered[file_id])
+
+        for outcome in self._ingest(sources(), names, again):
+            unanswered.pop(outcome.file_id, None)
+            yield outcome
 
     def _ingest(
-        self, sources: Iterator[tuple[str, Iterator[bytes]]], names: dict[str, str]
+        self,
+        sources: Iterator[tuple[str, Iterator[bytes]]],
+        names: dict[str, str],
+        again: Callable[[str], Iterator[bytes]],
     ) -> Iterator[IngestOutcome]:
-        def requests() -> Iterator[pb.IngestChunk]:
-            for file_id, chunks in sources:
-                previous: bytes | None = None
-                for chunk in chunks:
-                    if previous is not None:
-                        yield pb.IngestChunk(file_id=file_id, data=previous)
-                    previous = chunk
-                yield pb.IngestChunk(file_id=file_id, data=previous or b"", last=True)
+        """Stream ``sources``; yield one outcome per file.
 
-        for result in self.archive.Ingest(requests()):
-            yield IngestOutcome(
-                source=names.get(result.file_id, result.file_id),
-                status=STATUS_NAMES.get(result.status, "unknown"),
-                reason=result.reason,
-                message=result.message,
-                sop_instance_uid=result.sop_instance_uid,
-                version=result.version,
-                bytes_in=result.bytes_in,
-                bytes_stored=result.bytes_stored,
-                transfer_syntax_stored=result.transfer_syntax_stored,
-                sha256=result.sha256,
-                study_instance_uid=result.study_instance_uid,
-            )
+        A stream that breaks after the node was reached (UNAVAILABLE: the node restarted,
+        the connection dropped) is opened again as soon as the node answers, for up to
+        ``RECONNECT_S`` without an answer; the files sent but not answered are sent again
+        first (``again`` reads one anew), then the rest. Sending a file twice is safe: a
+        file stored before the break is answered DUPLICATE the second time.
+        """
+        lock = threading.Lock()
+        unanswered: dict[str, None] = {}  # taken from sources, not answered; in order
+        stream = 0  # which stream may take more sources (an old one's sender stops)
+        deadline: float | None = None
+
+        def requests(mine: int, resend: list[str]) -> Iterator[pb.IngestChunk]:
+            for file_id in resend:
+                yield from _requests(file_id, again(file_id))
+            while True:
+                with lock:
+                    if mine != stream:
+                        return
+                    source = next(sources, None)
+                    if source is None:
+                        return
+                    unanswered[source[0]] = None
+                yield from _requests(*source)
+
+        resend: list[str] = []
+        while True:
+            try:
+                for result in self.archive.Ingest(requests(stream, resend)):
+                    with lock:
+                        unanswered.pop(result.file_id, None)
+                    deadline = None
+                    yield _outcome(result, names)
+                return
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or not self._reached:
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + RECONNECT_S
+                if now >= deadline:
+                    raise
+                with lock:
+                    stream += 1
+                    resend = list(unanswered)
+                try:
+                    grpc.channel_ready_future(self._raw_channel).result(timeout=deadline - now)
+                except grpc.FutureTimeoutError:
+                    raise error from None
+                time.sleep(RECONNECT_PAUSE_S)  # let a node that is starting finish
 
     def retrieve(
         self,
@@ -294,6 +351,33 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
         else:
             out.append(path)
     return out
+
+
+def _requests(file_id: str, chunks: Iterator[bytes]) -> Iterator[pb.IngestChunk]:
+    """One file as stream messages, the last one marked."""
+    previous: bytes | None = None
+    for chunk in chunks:
+        if previous is not None:
+            yield pb.IngestChunk(file_id=file_id, data=previous)
+        previous = chunk
+    yield pb.IngestChunk(file_id=file_id, data=previous or b"", last=True)
+
+
+def _outcome(result: pb.IngestResult, names: dict[str, str]) -> IngestOutcome:
+    return IngestOutcome(
+        source=names.get(result.file_id, result.file_id),
+        status=STATUS_NAMES.get(result.status, "unknown"),
+        reason=result.reason,
+        message=result.message,
+        sop_instance_uid=result.sop_instance_uid,
+        version=result.version,
+        bytes_in=result.bytes_in,
+        bytes_stored=result.bytes_stored,
+        transfer_syntax_stored=result.transfer_syntax_stored,
+        sha256=result.sha256,
+        study_instance_uid=result.study_instance_uid,
+        file_id=result.file_id,
+    )
 
 
 def _read_chunks(path: Path, on_sent: Callable[[int], None] | None) -> Iterator[bytes]:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code: int = args.run(args)
         return code
@@ -183,9 +185,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cluster.doors.grpc.server import PortUnavailableError
-    from cluster.ops.minio import MinioServerError
-    from cluster.ops.node import Stack
+    from cluster.ops import supervise
 
     config = _load(
         args,
@@ -197,6 +197,13 @@ def _serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if os.environ.get(supervise.CHILD_ENVIRONMENT) != "1":
+        # The configuration is checked above, once; the node runs in a child from here.
+        return supervise.supervise(args.argv)
+    from cluster.doors.grpc.server import PortUnavailableError
+    from cluster.ops.minio import MinioServerError
+    from cluster.ops.node import Stack
+
     # pynetdicom writes each query's identifier (names, IDs, birth dates) at INFO: PHI.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -223,6 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         if stack.dimse is not None:
             doors += f", DIMSE {config.dimse_ae_title}@{config.dimse_host}:{stack.dimse.port}"
         console.print(f"strata serving: {doors}  (Ctrl-C to stop)")
+        supervise.signal_ready()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minio import Minio
 
@@ -70,10 +71,19 @@ class Node:
 
     @property
     def pid(self) -> int:
-        """The process id of the running `strata serve` (the Ray driver)."""
+        """The process id of the running `strata serve` (the supervisor of the node)."""
         if self._process is None or self._process.poll() is not None:
             raise RuntimeError("the node is not running")
         return self._process.pid
+
+    @property
+    def front_end_pid(self) -> int:
+        """The process id of the node itself (the front end, Ray's driver): the one child
+        of the supervisor (cluster/ops/supervise.py)."""
+        children = psutil.Process(self.pid).children()
+        if len(children) != 1:
+            raise RuntimeError(f"the supervisor has {len(children)} children, not 1")
+        return children[0].pid
 
     def start(self, timeout: float = 180.0) -> None:
         """Start and wait until healthy. The port chosen by ``free_port`` may be taken by

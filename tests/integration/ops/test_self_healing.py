@@ -253,8 +253,13 @@ def test_ray_runtime_killed_mid_ingest(healing_node: Node, acknowledged: dict[st
 
     outcomes = _send_while(healing_node, files, kill)
     _check_and_heal(healing_node, files, outcomes, acknowledged)
-    assert "the Ray runtime" in healing_node.log_text()
-    assert "is back; serving again" in healing_node.log_text()
+    log = healing_node.log_text()
+    # Either the node restarted Ray itself, or Ray ended the front end (it does when the
+    # front end touches the object store of a dead raylet) and the supervisor started the
+    # node again; the streams were opened again by the client either way.
+    healed_inside = "the Ray runtime" in log and "is back; serving again" in log
+    restarted = "the node's process ended unexpectedly" in log and "serves" in log
+    assert healed_inside or restarted, healing_node.log_tail()
 
 
 def test_an_object_without_a_catalog_row_is_removed(

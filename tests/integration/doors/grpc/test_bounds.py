@@ -81,14 +81,14 @@ def _private_bytes(pid: int) -> int:
 def test_fast_senders_of_large_files_stay_within_the_budget(small_node: Node) -> None:
     senders = 3
     files = [[_large_file(60, 10 * s + n) for n in range(2)] for s in range(senders)]
-    baseline = _private_bytes(small_node.pid)
+    baseline = _private_bytes(small_node.front_end_pid)
     peak = baseline
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, _private_bytes(small_node.pid))
+            peak = max(peak, _private_bytes(small_node.front_end_pid))
             time.sleep(0.05)
 
     answers: list[str] = []
