@@ -177,7 +177,7 @@ class StrataClient:
     def ingest_bytes(self, files: Iterable[tuple[str, bytes]]) -> Iterator[IngestOutcome]:
         """Send in-memory files (name, bytes); yield one outcome per file."""
         names: dict[str, str] = {}
-        unanswered: dict[str, bytes] = {}
+        held: dict[str, bytes] = {}  # until answered, to be sent again after a break
 
         def chunks(data: bytes) -> Iterator[bytes]:
             return (data[i : i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES))
@@ -186,14 +186,14 @@ class StrataClient:
             for index, (name, data) in enumerate(files):
                 file_id = str(index)
                 names[file_id] = name
-                unanswered[file_id] = data
+                held[file_id] = data
                 yield file_id, chunks(data)
 
         def again(file_id: str) -> Iterator[bytes]:
-            return chunks(unanswered[file_id])
+            return chunks(held[file_id])
 
         for outcome in self._ingest(sources(), names, again):
-            unanswered.pop(outcome.file_id, None)
+            held.pop(outcome.file_id, None)
             yield outcome
 
     def _ingest(

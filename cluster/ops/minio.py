@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from cluster.ops.processes import die_with_parent
 from workers.records import StoreSettings
 
 MINIO_MODULE = "github.com/minio/minio"
@@ -89,21 +88,6 @@ def ensure_minio_binary() -> Path:
             f"{result.returncode}:\n{result.stderr[-4000:]}",
         )
     return binary
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM MinIO when its parent dies.
-
-    Without it a killed `strata serve` or test run would leave MinIO running. Linux sends
-    the signal when the *thread* that started MinIO ends, so start MinIO from a thread
-    that lives as long as the server should. Without prctl it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -217,7 +201,7 @@ class MinioServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait_healthy(port)

@@ -18,7 +18,6 @@ one more thing to install and configure for a single child), hence the few lines
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -27,6 +26,8 @@ import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
+
+from cluster.ops.processes import die_with_parent
 
 __all__ = ["CHILD_ENVIRONMENT", "READY_FD_ENVIRONMENT", "signal_ready", "supervise"]
 
@@ -52,7 +53,7 @@ def signal_ready() -> None:
         os.write(int(fd), b"1")
         os.close(int(fd))
     except OSError:
-        pass  # the supervisor is gone; the child ends with it (see _die_with_parent)
+        pass  # the supervisor is gone; the child ends with it (see die_with_parent)
 
 
 def supervise(argv: Sequence[str], program: Sequence[str] = ()) -> int:
@@ -114,7 +115,7 @@ def _start(command: Sequence[str]) -> tuple[subprocess.Popen[bytes], int]:
             list(command),
             env=environment,
             pass_fds=(write_end,),
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     finally:
         os.close(write_end)
@@ -135,13 +136,3 @@ def _describe(code: int) -> str:
 
 def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the supervisor dies (Linux only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
