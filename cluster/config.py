@@ -107,6 +107,9 @@ class Config:
     fanout_min_bytes: int = 32 * MiB
     batch_max_files: int = 8
     batch_max_bytes: int = 16 * MiB
+    # A batch that could leave waits at most this long for the next file of a sender that
+    # waits for each answer (a DIMSE association) and was just answered (0 turns it off).
+    batch_hold_ms: int = 50
     commit_max_rows: int = 64
     commit_wait_ms: int = 0  # >0: hold a group commit open this long for more rows
     # Group commits go to the catalog's journal; the writer appends the journal to the
@@ -193,6 +196,8 @@ class Config:
             )
         if self.orphan_grace_s < 0:
             raise ConfigError(f"orphan_grace_s must not be negative, not {self.orphan_grace_s}")
+        if self.batch_hold_ms < 0:
+            raise ConfigError(f"batch_hold_ms must not be negative, not {self.batch_hold_ms}")
         if not 0 <= self.dimse_port < 65536:
             raise ConfigError(f"dimse_port must be 0 (off) or 1..65535, not {self.dimse_port}")
         if not 0 < len(self.dimse_ae_title) <= 16:

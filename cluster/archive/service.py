@@ -252,13 +252,17 @@ class Archive:
         await self.reject(incoming, owner)
         raise ArchiveError(reason, message)
 
-    async def store(self, incoming: Incoming, owner: object) -> FileResult:
+    async def store(
+        self, incoming: Incoming, owner: object, sender: object | None = None
+    ) -> FileResult:
         """Store a complete file; the answer comes only once it is durable (or refused).
 
-        Never raises but for cancellation: every failure is a ``rejected`` result."""
+        ``sender`` names a sender that waits for this answer before it sends again (see
+        ``store_bytes``). Never raises but for cancellation: every failure is a
+        ``rejected`` result."""
         sha256 = incoming.hasher.hexdigest()
         try:
-            return await self._store_once(incoming, sha256, owner)
+            return await self._store_once(incoming, sha256, owner, sender)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -276,24 +280,50 @@ class Archive:
                 await self._release(incoming, owner)
 
     async def store_bytes(
-        self, file_id: str, data: bytes | memoryview, owner: object
+        self,
+        file_id: str,
+        data: bytes | memoryview,
+        owner: object,
+        *,
+        one_at_a_time: bool = False,
     ) -> FileResult:
         """Store a file the door already holds whole (DIMSE, DICOMweb): ``receive``, then
-        ``store``. A refusal comes back as a ``rejected`` result."""
+        ``store``. A refusal comes back as a ``rejected`` result.
+
+        ``one_at_a_time``: ``owner`` sends its next file only once this one is answered
+        (a DIMSE association), so the dispatcher may hold a batch briefly for it (see
+        ``Dispatcher.sender_answered``); ``sender_gone`` says when it has gone."""
+        sender = owner if one_at_a_time else None
         incoming = self.incoming(file_id)
         try:
-            await self.receive(incoming, data, owner)
-        except ArchiveError as error:
-            return FileResult(file_id, "rejected", reason=error.reason.value, message=error.message)
-        await self.complete(incoming)
-        return await self.store(incoming, owner)
+            try:
+                await self.receive(incoming, data, owner)
+            except ArchiveError as error:
+                if sender is not None:
+                    self._dispatcher.sender_quiet(sender)
+                return FileResult(
+                    file_id, "rejected", reason=error.reason.value, message=error.message
+                )
+            await self.complete(incoming)
+            return await self.store(incoming, owner, sender)
+        finally:
+            if sender is not None:
+                self._dispatcher.sender_answered(sender)
 
-    async def _store_once(self, incoming: Incoming, sha256: str, owner: object) -> FileResult:
+    def sender_gone(self, owner: object) -> None:
+        """A sender that sent one file at a time went away: nothing is held for it."""
+        self._dispatcher.sender_quiet(owner)
+
+    async def _store_once(
+        self, incoming: Incoming, sha256: str, owner: object, sender: object | None
+    ) -> FileResult:
         file_id = incoming.file_id
         if self.unavailable is not None:
             return FileResult(
                 file_id, "rejected", reason=Reason.UNAVAILABLE.value, message=self.unavailable
             )
+        if sender is not None and sha256 in self._inflight:
+            self._dispatcher.sender_quiet(sender)  # it waits for the first copy's answer
         while (earlier := self._inflight.get(sha256)) is not None:
             try:
                 first = await asyncio.shield(earlier)
@@ -318,6 +348,7 @@ class Archive:
                     incoming._take(file_id, sha256),
                     incoming.generation,
                     on_released=lambda: self._release_soon(incoming, owner),
+                    sender=sender,
                 )
             future.set_result(result)
             return result
@@ -326,6 +357,8 @@ class Archive:
             raise
         finally:
             del self._inflight[sha256]
+            if sender is not None and not incoming.submitted:
+                self._dispatcher.sender_quiet(sender)  # its file needs no batch
 
     async def _lookup(self, sha256: str) -> InstanceRecord | None:
         """The catalogued file with this SHA-256; None when new or when the catalog writer

@@ -446,25 +446,43 @@ class CatalogIndex:
     # -- the journal ------------------------------------------------------------------
 
     def apply(self, name: str, seq: int, rows: pa.Table, data: bytes) -> None:
-        """The rows of table ``name`` in journal group ``seq`` (``data``: the bytes of its
-        journal object), kept until flushed, and the study rows they change, in one
+        """The rows of table ``name`` in journal group ``seq`` (``data``: their bytes in
+        the journal), kept until flushed, and the study rows they change, in one
         transaction. Applying a group twice changes nothing."""
-        encoded = [self._encode(name, batch) for batch in rows.to_batches()]
-        touched = set(rows.column("study_instance_uid").to_pylist()) if name in _OF_STUDIES else ()
+        self.apply_group(seq, {name: (rows, data)})
+
+    def apply_group(self, seq: int, parts: Mapping[str, tuple[pa.Table, bytes]]) -> None:
+        """``apply`` for every table's rows of journal group ``seq``, in one transaction."""
+        # Encoded before the transaction: encoding may add codes, which is never done
+        # inside one (see _Codes.ids).
+        encoded = {
+            name: [self._encode(name, batch) for batch in rows.to_batches()]
+            for name, (rows, _) in parts.items()
+        }
         with self._db:
-            for batch in encoded:
-                self._write(name, batch)
-            self._derive(touched)
-            self._db.execute(
-                "INSERT OR REPLACE INTO journal (source, seq, rows, data) VALUES (?, ?, ?, ?)",
-                (name, seq, rows.num_rows, data),
-            )
+            for name, (rows, data) in parts.items():
+                touched = (
+                    set(rows.column("study_instance_uid").to_pylist())
+                    if name in _OF_STUDIES
+                    else ()
+                )
+                for batch in encoded[name]:
+                    self._write(name, batch)
+                self._derive(touched)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO journal (source, seq, rows, data) VALUES (?, ?, ?, ?)",
+                    (name, seq, rows.num_rows, data),
+                )
             self._db.execute(
                 "INSERT INTO meta (key, value) VALUES ('journal.seq', ?) "
                 "ON CONFLICT (key) DO UPDATE SET "
                 "value = max(CAST(value AS INTEGER), excluded.value)",
                 (seq,),
             )
+
+    def unflushed_groups(self) -> set[int]:
+        """The numbers of the journal groups that hold rows of any table not flushed."""
+        return {int(seq) for (seq,) in self._db.execute("SELECT DISTINCT seq FROM journal")}
 
     def last_seq(self) -> int:
         """The highest journal group number applied or reserved (0 for none)."""

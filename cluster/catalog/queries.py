@@ -107,8 +107,8 @@ def dataset(settings: StoreSettings, bucket: str, table: str) -> pa_dataset.Data
         flushed = delta.transaction_version(journal.JOURNAL_APP) or 0
         try:
             pending = [
-                journal.decode(journal.read_bytes(settings, bucket, entry), JOURNALED[table])
-                for entry in journal.entries(settings, bucket, table, after=flushed)
+                journal.decode(data, JOURNALED[table])
+                for _, data in journal.pending(settings, bucket, table, after=flushed)
             ]
         except store.ObjectUnreadableError:
             if attempt == _ATTEMPTS - 1:

@@ -159,6 +159,9 @@ def existing_rows(settings: StoreSettings, bucket: str) -> dict[str, int]:
         groups = sum(1 for _ in journal.entries(settings, bucket, table))
         if groups:
             counts[f"{table}'s journal"] = groups
+    groups = sum(1 for _ in journal.groups(settings, bucket))
+    if groups:
+        counts["journal groups"] = groups
     return counts
 
 

@@ -259,24 +259,43 @@ class CatalogWriter:
             self._index_path, tables, storage_options(self._settings), written_studies
         )
         last = index.last_seq()
+        flushed = {
+            name: tables[name].transaction_version(journal.JOURNAL_APP) or 0 for name in SOURCES
+        }
+        held: dict[str, set[int]] = {}
         for name in SOURCES:
-            flushed = tables[name].transaction_version(journal.JOURNAL_APP) or 0
-            index.forget_flushed(name, flushed)
-            held = {seq for seq, _ in index.unflushed(name)}
-            replayed = 0
+            index.forget_flushed(name, flushed[name])
+            held[name] = {seq for seq, _ in index.unflushed(name)}
+        replayed = 0
+        # Per-table objects first (an older writer's), then group objects, in order.
+        for name in SOURCES:
             for entry in journal.entries(self._settings, self._bucket, name):
                 last = max(last, entry.seq)
-                if entry.seq <= flushed or entry.seq in held:
+                if entry.seq <= flushed[name] or entry.seq in held[name]:
                     continue
                 data = journal.read_bytes(self._settings, self._bucket, entry)
                 index.apply(name, entry.seq, journal.decode(data, JOURNALED[name]), data)
                 replayed += 1
-            if replayed:
-                log.info("catalog journal: %d groups of %s replayed into the index", replayed, name)
             # A flush cut off before it deleted what it had appended.
-            journal.delete_through(self._settings, self._bucket, name, flushed)
-            last = max(last, flushed)
-        return tables, index, last + 1
+            journal.delete_through(self._settings, self._bucket, name, flushed[name])
+        done: list[int] = []
+        for entry in journal.groups(self._settings, self._bucket):
+            last = max(last, entry.seq)
+            parts = journal.decode_group(journal.read_bytes(self._settings, self._bucket, entry))
+            missing = {
+                name: (journal.decode(data, JOURNALED[name]), data)
+                for name, data in parts.items()
+                if name in JOURNALED and entry.seq > flushed[name] and entry.seq not in held[name]
+            }
+            if missing:
+                index.apply_group(entry.seq, missing)
+                replayed += 1
+            elif not any(entry.seq in held[name] for name in parts if name in held):
+                done.append(entry.seq)  # every table holds its rows: a flush was cut off
+        journal.delete_groups(self._settings, self._bucket, done)
+        if replayed:
+            log.info("catalog journal: %d groups replayed into the index", replayed)
+        return tables, index, max(last, *flushed.values()) + 1
 
     async def commit(self, stored: list[Stored]) -> list[Committed]:
         """Catalog ``stored`` files; returns one ``Committed`` per file, in order."""
@@ -491,9 +510,9 @@ class CatalogWriter:
             self._reserved = seq + SEQ_BLOCK
             self._index.reserve(self._reserved)
 
+        # Every table's rows of the group in one journal object: it lands or fails whole.
+        parts: dict[str, pa.Table] = {}
         if new_records:
-            # The identity rows first: one whose instance row then fails to land is never
-            # read (rows are found through their instance), and a resend writes it again.
             boxes = {item.record.sha256: item.identity for item in stored if item.identity}
             identity = [
                 (boxes[record.sha256], utc(record.ingest_time).date())
@@ -501,28 +520,19 @@ class CatalogWriter:
                 if record.sha256 in boxes
             ]
             if identity:
-                await self._journal(IDENTITY, seq, identity_table(identity))
-            await self._journal(INSTANCES, seq, instances_table(new_records))
+                parts[IDENTITY] = identity_table(identity)
+            parts[INSTANCES] = instances_table(new_records)
+        accessed = [uid for waiter in group for uid in waiter.accessed]
+        if accessed:
+            parts[ACCESS] = access_table(accessed, datetime.now(UTC))
+        placed = [p for waiter in group for p in waiter.placed]
+        if placed:
+            parts[PLACEMENTS] = placements_table(placed)
+        if parts:
+            await self._journal(seq, parts)
+        if new_records:
             self._stats["commits"] += 1
             self._stats["rows_written"] += len(new_records)
-
-        # Accesses and placements: their own callers learn of a failure, not the group's.
-        side: dict[str, Exception | None] = {ACCESS: None, PLACEMENTS: None}
-        accessed = [uid for waiter in group for uid in waiter.accessed]
-        placed = [p for waiter in group for p in waiter.placed]
-        for name, rows in ((ACCESS, accessed), (PLACEMENTS, placed)):
-            if not rows:
-                continue
-            batch = (
-                access_table(accessed, datetime.now(UTC))
-                if name == ACCESS
-                else placements_table(placed)
-            )
-            try:
-                await self._journal(name, seq, batch)
-            except Exception as error:  # noqa: BLE001 - reported to these callers
-                side[name] = error
-                self._tables = {}  # caught up with the journal before the next group
 
         self._flush_when_due()
         elapsed_ms = round((time.perf_counter() - started) * 1000)
@@ -535,39 +545,37 @@ class CatalogWriter:
         results: list[list[Committed] | Exception] = []
         start = 0
         for waiter in group:
-            failed = (side[ACCESS] if waiter.accessed else None) or (
-                side[PLACEMENTS] if waiter.placed else None
-            )
-            results.append(failed or committed[start : start + len(waiter.stored)])
+            results.append(committed[start : start + len(waiter.stored)])
             start += len(waiter.stored)
         return results
 
-    async def _journal(self, name: str, seq: int, rows: pa.Table) -> None:
-        """Write ``rows`` of table ``name`` as journal group ``seq`` and apply them to the
-        index. Raises CatalogCommitFailedError only when the store says the object is not
-        there: then nothing of the group was committed."""
-        data = journal.encode(rows)
+    async def _journal(self, seq: int, parts: dict[str, pa.Table]) -> None:
+        """Write every table's rows of group ``seq`` as its journal object and apply them
+        to the index. Raises CatalogCommitFailedError only when the store says the object
+        is not there: then nothing of the group was committed."""
+        encoded = {name: journal.encode(rows) for name, rows in parts.items()}
+        data = journal.encode_group(encoded)
         try:
-            await asyncio.to_thread(journal.write, self._settings, self._bucket, name, seq, data)
+            await asyncio.to_thread(journal.write_group, self._settings, self._bucket, seq, data)
         except Exception as error:
             log.error(
-                "writing %d rows of %s to the journal failed (%s); asking the store "
-                "whether they landed",
-                rows.num_rows,
-                table_uri(self._bucket, name),
+                "writing journal group %d (%s) to %s failed (%s); asking the store "
+                "whether it landed",
+                seq,
+                ", ".join(f"{rows.num_rows} rows of {name}" for name, rows in parts.items()),
+                table_uri(self._bucket, journal.PREFIX),
                 cause_of(error),
             )
             # Raises when the store cannot tell either: the outcome is unknown.
             landed = await asyncio.to_thread(
-                journal.landed, self._settings, self._bucket, name, seq
+                journal.group_landed, self._settings, self._bucket, seq
             )
             if not landed:
                 raise CatalogCommitFailedError(
-                    f"{rows.num_rows} rows were not written to the journal of "
-                    f"{table_uri(self._bucket, name)}"
+                    f"journal group {seq} was not written to {table_uri(self._bucket, '')}"
                 ) from error
         assert self._index is not None
-        self._index.apply(name, seq, rows, data)
+        self._index.apply_group(seq, {name: (rows, encoded[name]) for name, rows in parts.items()})
         if self._unflushed_since is None:
             self._unflushed_since = time.monotonic()
 
@@ -600,9 +608,21 @@ class CatalogWriter:
             await self.ready()
             async with self._delta_lock:
                 tables = self._tables  # as they are now, whatever a failure sets meanwhile
+                flushed_through = 0
                 for name in SOURCES:
-                    await self._flush_table(tables, name)
+                    flushed_through = max(flushed_through, await self._flush_table(tables, name))
                 assert self._index is not None
+                # Group objects every table of which is flushed now. Groups above the
+                # last flushed are left alone: one may be being written right now.
+                held = self._index.unflushed_groups()
+                done = [
+                    entry.seq
+                    for entry in await asyncio.to_thread(
+                        lambda: list(journal.groups(self._settings, self._bucket))
+                    )
+                    if entry.seq <= flushed_through and entry.seq not in held
+                ]
+                await asyncio.to_thread(journal.delete_groups, self._settings, self._bucket, done)
                 if not self._index.unflushed_rows():
                     self._unflushed_since = None
             self._stats["flushes"] += 1
@@ -621,9 +641,12 @@ class CatalogWriter:
         if maintain:
             self._maintain_when_due()
 
-    async def _flush_table(self, tables: Mapping[str, DeltaTable], name: str) -> None:
+    async def _flush_table(self, tables: Mapping[str, DeltaTable], name: str) -> int:
+        """Append table ``name``'s unflushed journal groups to it; returns the number of
+        the last group appended (0 for none)."""
         assert self._index is not None
         groups = self._index.unflushed(name)
+        through = 0
         for after, upto in flush_chunks(groups, self._flush_rows):
             blobs = self._index.journal_blobs(name, after, upto)
             seen = self._index.version(name)
@@ -639,12 +662,14 @@ class CatalogWriter:
             if version is None or foreign:
                 log.warning("the %s table holds commits the index has not read", name)
                 self._tables = {}
-                return
+                return through
             self._index.flushed(name, upto, tables[name])
+            through = upto
             self._stats["flushed_rows"] += sum(rows for seq, rows in groups if after < seq <= upto)
             await asyncio.to_thread(
                 journal.delete_through, self._settings, self._bucket, name, upto
             )
+        return through
 
     def _foreign_files(self, table: DeltaTable, seen: int, own: int | None) -> set[str]:
         """Files that commits to ``table`` after version ``seen``, other than ``own``, added

@@ -153,6 +153,7 @@ class Stack:
             worker_cpus=worker_cpus,
             batch_max_files=config.batch_max_files,
             batch_max_bytes=config.batch_max_bytes,
+            batch_hold_s=config.batch_hold_ms / 1000,
             ingest_deadline_s=config.ingest_deadline_s,
             commit_deadline_s=config.commit_deadline_s,
         )

@@ -98,6 +98,8 @@ class BatchResult:
 
     outcomes: list[Outcome]
     cpu_seconds: float
+    wall_seconds: float = 0.0  # the whole task, in the worker
+    store_seconds: float = 0.0  # of which waiting on and writing to the object store
 
 
 def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> BatchResult:
@@ -108,6 +110,7 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> BatchRe
     its keys object) instead of one object each: a small erasure-coded PUT costs more CPU
     than encoding the image (docs/object-format.md measures it)."""
     started = time.process_time()
+    began = time.perf_counter()
     outcomes: dict[str, Outcome] = {}
     prepared: list[Prepared] = []
     for item in items:
@@ -132,6 +135,7 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> BatchRe
                 "for this file and the error was logged",
             )
         del whole
+    storing = time.perf_counter()
     for study in _by_study(prepared):
         try:
             outcomes.update((stored.file_id, stored) for stored in store_pack(study, settings))
@@ -145,7 +149,8 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> BatchRe
                     "restarting); nothing was committed for it, send it again",
                 )
     ordered = [outcomes[item.file_id] for item in items]
-    return BatchResult(ordered, time.process_time() - started)
+    ended = time.perf_counter()
+    return BatchResult(ordered, time.process_time() - started, ended - began, ended - storing)
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,9 @@ class DimseDoor:
         self._server: Any = None
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_associations = settings.max_associations
+        # Senders may send P-DATA PDUs up to 1 MiB (DCMTK sends up to 128 KiB): fewer PDUs
+        # to parse per file than with pynetdicom's 16 KiB default.
+        ae.maximum_pdu_size = 1024 * 1024
         ae.require_called_aet = True  # a caller must name this AE
         ae.network_timeout = 60
         ae.dimse_timeout = 60
@@ -179,6 +182,7 @@ class DimseDoor:
             (evt.EVT_C_GET, self._get),
             (evt.EVT_C_MOVE, self._move),
             (evt.EVT_REQUESTED, self._admit),
+            (evt.EVT_CONN_CLOSE, self._closed),
         ]
         self._server = self._ae.start_server(
             (self.settings.host, self.settings.port),
@@ -224,6 +228,7 @@ class DimseDoor:
         """Reject an association from a caller that is not allowed, before anything else
         is negotiated: "calling AE title not recognised" (PS3.8, A-ASSOCIATE-RJ)."""
         assoc = event.assoc
+        assoc.dul._run_loop_delay = _DUL_POLL_S
         request: Any = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         if not self._allowed(calling, assoc.requestor.address):
@@ -237,6 +242,10 @@ class DimseDoor:
         peer = self.settings.peer(calling)
         return peer is not None and (peer.host == address or _same_host(peer.host, address))
 
+    def _closed(self, event: Event) -> None:
+        # A batch may be held for this association's next file: it sends none now.
+        self._loop.call_soon_threadsafe(self._archive.sender_gone, event.assoc)
+
     def _echo(self, event: Event) -> int:
         return status.SUCCESS
 
@@ -244,7 +253,9 @@ class DimseDoor:
         data = event.encoded_dataset(include_meta=True)
         request: Any = event.request
         file_id = f"{event.assoc.name}:{request.MessageID}"
-        result = self._call(self._archive.store_bytes(file_id, data, event.assoc))
+        result = self._call(
+            self._archive.store_bytes(file_id, data, event.assoc, one_at_a_time=True)
+        )
         answer = Dataset()
         answer.Status = status.store_status(result.status, result.reason)
         if answer.Status != status.SUCCESS:
@@ -445,6 +456,15 @@ class DimseDoor:
             dataset._strata_file = data  # sent as these bytes (_send_as_held)
             yield status.PENDING, dataset
         log.info("retrieve: %d instances handed over, %d could not be", sent, failed)
+
+
+# pynetdicom's DUL thread sleeps this long between polls of an idle association (its
+# default, 1 ms, is 1,000 wake-ups a second per association, each taking the GIL from the
+# event loop): measured over 4 storescu associations, the DUL threads' CPU fell from 1.4 s
+# to 0.87 s per 160 files at 5 ms, and DIMSE ingest went from 12.7 to 13.3 MB/s; at 20 ms
+# the wait after each answer grew and ingest slowed. Only an idle association waits: one
+# receiving data is polled again at once.
+_DUL_POLL_S = 0.005
 
 
 def _send_as_held(assoc: Any) -> None:

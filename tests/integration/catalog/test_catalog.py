@@ -18,7 +18,8 @@ import ray
 from deltalake import DeltaTable, write_deltalake
 
 from cluster import catalog
-from cluster.catalog import CatalogWriter, Committed
+from cluster.catalog import CatalogWriter, Committed, journal
+from cluster.catalog import schema as catalog_schema
 from cluster.catalog.maintenance import MaintenancePolicy
 from cluster.ops.minio import MinioServer
 from tests.integration.conftest import STUDY_A, STUDY_B, make_record, stored
@@ -413,6 +414,47 @@ def test_a_flush_delta_refuses_keeps_the_rows_in_the_journal(
         assert (await writer.stats())["unflushed_rows"] == 0
         assert list(store.list_keys(settings, bucket_name, "journal/")) == []
         await writer.close()
+
+    asyncio.run(run())
+
+
+def test_a_group_is_one_journal_object_and_an_older_writers_journal_is_still_read(
+    minio: MinioServer, bucket_name: str, tmp_path: Path
+) -> None:
+    settings = minio.settings
+
+    async def run() -> None:
+        writer = CatalogWriter(
+            settings, bucket_name, max_wait_s=0.0, index_path=str(tmp_path / "i")
+        )
+        [first] = await writer.commit([stored(make_record("4.5.1"))])
+        assert first.status == "stored"
+        [key] = store.list_keys(settings, bucket_name, "journal/")
+        assert key.startswith(f"{journal.PREFIX}/{journal.GROUPS}/")
+        assert set(journal.decode_group(store.get(settings, bucket_name, key))) == {"instances"}
+        await writer.close()
+        # An older writer wrote one object per table: such a group, not yet flushed, is
+        # replayed by a writer whose index is lost, read by queries, and flushed.
+        older = make_record("4.5.2")
+        store.put(
+            settings,
+            bucket_name,
+            journal.key("instances", 1_000),
+            journal.encode(catalog_schema.instances_table([older])),
+        )
+        again = CatalogWriter(
+            settings, bucket_name, max_wait_s=0.0, index_path=str(tmp_path / "other")
+        )
+        assert await again.lookup_sha256(older.sha256) is not None
+        sops = [r.sop_instance_uid for r in catalog.find_instances(settings, bucket=bucket_name)]
+        assert sops == ["4.5.1", "4.5.2"]
+        [later] = await again.commit([stored(make_record("4.5.3"))])
+        assert later.status == "stored"
+        await again.flush_now(raise_errors=True)
+        assert list(store.list_keys(settings, bucket_name, "journal/")) == []
+        sops = [r.sop_instance_uid for r in catalog.find_instances(settings, bucket=bucket_name)]
+        assert sops == ["4.5.1", "4.5.2", "4.5.3"]
+        await again.close()
 
     asyncio.run(run())
 
