@@ -88,6 +88,9 @@ class Config:
     minio_drives: int = 4
     catalog_bucket: str = "strata-catalog"
     tier: str = "hot"
+    # The tiering policy file (TOML: tiers and their prices, move rules, holds, retention;
+    # see cluster/tiering/policy.py). Empty: three tiers at list prices and no rules.
+    tier_policy: str = ""
     codec: str = "htj2k"
     # Exceptions to `codec`, keyed "TIER" or "TIER/MODALITY" (e.g. "cold" = "jpeg2000",
     # "hot/CR" = "jpegls"). In TOML a table [strata.codec_policy]; in the environment

@@ -13,6 +13,7 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -161,6 +162,21 @@ def _parser() -> argparse.ArgumentParser:
         help="if the catalog's tables hold rows (or cannot be read), delete them first",
     )
     rebuild.set_defaults(run=_catalog_rebuild)
+
+    tier = commands.add_parser("tier", help="tiering: what the policy would move, and its cost")
+    tier_actions = tier.add_subparsers(required=True, metavar="ACTION", dest="action")
+    tier_plan = tier_actions.add_parser(
+        "plan", help="show what the policy would move (changes nothing)"
+    )
+    tier_plan.add_argument("--policy", type=Path, help="policy file (default: tier_policy)")
+    tier_plan.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
+    tier_plan.add_argument(
+        "--at",
+        type=_moment,
+        help="plan as of this day or time (ISO 8601, UTC; default now), e.g. to see next "
+        "month's moves",
+    )
+    tier_plan.set_defaults(run=_tier_plan)
 
     demo = commands.add_parser("demo", help="ingest sample studies end to end and report")
     demo.add_argument("--work-dir", type=Path, help="keep the demo's files here")
@@ -339,6 +355,76 @@ def _query(args: argparse.Namespace) -> int:
     for row in result.fetchall():
         table.add_row(*("" if v is None else str(v) for v in row))
     Console().print(table)
+    return 0
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 day or time (e.g. 2027-01-31)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _tier_plan(args: argparse.Namespace) -> int:
+    from deltalake.exceptions import DeltaError
+
+    from cluster.ops.node import node_store_settings
+    from cluster.tiering import engine
+    from cluster.tiering.policy import PolicyError, default_policy, load_policy
+    from cluster.tiering.states import study_states
+
+    config = _load(args, data_dir=args.data_dir)
+    path = args.policy or (Path(config.tier_policy) if config.tier_policy else None)
+    try:
+        policy = load_policy(path) if path is not None else default_policy()
+    except PolicyError as error:
+        raise CommandError(str(error)) from None
+    try:
+        settings = node_store_settings(config)
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    try:
+        planned = engine.plan(study_states(settings, config.catalog_bucket), policy, args.at)
+    except (OSError, DeltaError):
+        raise CommandError(
+            "the catalog cannot be read: its object store does not answer (is the node "
+            "running?) or the catalog tables do not exist yet"
+        ) from None
+    console = Console()
+    moves = Table(title=f"tier plan: {planned.considered} studies considered, nothing changed")
+    for column in ("from", "to", "studies", "instances", "GB stored"):
+        moves.add_column(column, justify="right" if column not in ("from", "to") else "left")
+    for flow in planned.flows:
+        moves.add_row(
+            flow.source,
+            flow.to,
+            str(flow.studies),
+            str(flow.instances),
+            f"{flow.bytes_stored / engine.GB:.3f}",
+        )
+    console.print(moves if planned.flows else "tier plan: the policy moves no study now")
+    before = engine.monthly_cost(planned.stored_before, policy)
+    after = engine.monthly_cost(planned.stored_after, policy)
+    costs = Table(
+        title="monthly cost at the policy's prices"
+        + (" (list prices: no [tiers] in a policy file)" if policy.default_prices else "")
+    )
+    for column in ("tier", "$/GB-month", "GB before", "$ before", "GB after", "$ after"):
+        costs.add_column(column, justify="left" if column == "tier" else "right")
+    for name, tier in policy.tiers.items():
+        costs.add_row(
+            name,
+            f"{tier.price_per_gb_month:g}",
+            f"{planned.stored_before.get(name, 0) / engine.GB:.3f}",
+            f"{before[name]:.2f}",
+            f"{planned.stored_after.get(name, 0) / engine.GB:.3f}",
+            f"{after[name]:.2f}",
+        )
+    costs.add_row("total", "", "", f"{sum(before.values()):.2f}", "", f"{sum(after.values()):.2f}")
+    console.print(costs)
     return 0
 
 
