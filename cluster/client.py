@@ -130,6 +130,7 @@ class StrataClient:
         channel.subscribe(self._on_connectivity, try_to_connect=False)
         self.archive = pb_grpc.ArchiveStub(self._channel)
         self.catalog = pb_grpc.CatalogStub(self._channel)
+        self.tiering = pb_grpc.TieringStub(self._channel)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         if state == grpc.ChannelConnectivity.READY:
@@ -338,6 +339,10 @@ class StrataClient:
 
     def find_instances(self, **filters: object) -> list[pb.Instance]:
         return list(self.catalog.FindInstances(pb.FindRequest(**filters)).instances)  # type: ignore[arg-type]
+
+    def apply_tiering(self, policy_toml: str, at: str = "") -> Iterator[pb.TierApplyProgress]:
+        """Have the node carry out a tier policy's plan; its progress, step by step."""
+        return iter(self.tiering.Apply(pb.TierApplyRequest(policy_toml=policy_toml, at=at)))
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:

@@ -177,6 +177,15 @@ def _parser() -> argparse.ArgumentParser:
         "month's moves",
     )
     tier_plan.set_defaults(run=_tier_plan)
+    tier_apply = tier_actions.add_parser(
+        "apply",
+        help="carry the plan out on the node: copy, verify, commit, delete the source "
+        "(run it again after an interruption: it finishes what was begun)",
+    )
+    tier_apply.add_argument("--policy", type=Path, help="policy file (default: tier_policy)")
+    tier_apply.add_argument("--at", type=_moment, help="plan as of this day or time (UTC)")
+    tier_apply.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    tier_apply.set_defaults(run=_tier_apply)
 
     demo = commands.add_parser("demo", help="ingest sample studies end to end and report")
     demo.add_argument("--work-dir", type=Path, help="keep the demo's files here")
@@ -426,6 +435,49 @@ def _tier_plan(args: argparse.Namespace) -> int:
     costs.add_row("total", "", "", f"{sum(before.values()):.2f}", "", f"{sum(after.values()):.2f}")
     console.print(costs)
     return 0
+
+
+def _tier_apply(args: argparse.Namespace) -> int:
+    from cluster.client import StrataClient
+    from cluster.tiering.policy import PolicyError, load_policy
+
+    config = _load(args)
+    path = args.policy or (Path(config.tier_policy) if config.tier_policy else None)
+    if path is None:
+        raise CommandError("no policy: give --policy FILE or configure tier_policy")
+    try:
+        load_policy(path)  # the node checks it too; a mistake is shown before connecting
+    except PolicyError as error:
+        raise CommandError(str(error)) from None
+    at = args.at.isoformat() if args.at else ""
+    last = None
+    with StrataClient(args.server, _token(args)) as client, _progress() as progress:
+        moved = progress.add_task("moved", total=None)
+        for step in client.apply_tiering(path.read_text(), at):
+            progress.update(moved, total=step.bytes_total, completed=step.bytes_done)
+            if step.studies_failed and (last is None or step.studies_failed > last.studies_failed):
+                progress.console.print(f"[yellow]failed[/yellow] {step.message}")
+            last = step
+    if last is None:
+        raise CommandError("the node sent no progress; run the apply again")
+    table = Table(title="tier apply")
+    for column in ("planned", "moved", "failed", "GB moved", "resumed", "not carried out"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(last.studies_total),
+        str(last.studies_done),
+        str(last.studies_failed),
+        f"{last.bytes_done / 1e9:.3f}",
+        str(last.resumed),
+        str(last.not_carried_out),
+    )
+    Console().print(table)
+    if last.not_carried_out:
+        Console().print(
+            f"{last.not_carried_out} retention deletions were planned and not carried out: "
+            "crypto-shredding is not built yet"
+        )
+    return 1 if last.studies_failed else 0
 
 
 def _catalog_rebuild(args: argparse.Namespace) -> int:

@@ -185,6 +185,9 @@ class MinioServer:
         }
         if self.drives > 1:
             environment["MINIO_STORAGE_CLASS_STANDARD"] = f"EC:{self.parity}"
+            # The second parity a tier may choose (its storage_class REDUCED_REDUNDANCY):
+            # one drive's worth, for tiers that trade durability margin for space.
+            environment["MINIO_STORAGE_CLASS_RRS"] = "EC:1"
         command = [
             str(binary),
             "server",

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,12 +31,16 @@ from cluster.catalog.maintenance import MaintenancePolicy
 from cluster.config import CODECS, Config, ConfigError
 from cluster.doors.dimse import DimseDoor, DimseSettings, Peer
 from cluster.doors.grpc.server import PortUnavailableError, start_server
-from cluster.doors.grpc.servicer import ArchiveService, CatalogService
+from cluster.doors.grpc.servicer import ArchiveService, CatalogService, TieringService
 from cluster.doors.web import WebDoor, WebSettings
 from cluster.ops.minio import MinioServer, ensure_minio_binary
 from cluster.ops.ray_runtime import init_local_ray
 from cluster.ops.reconcile import ReconcileReport, remove_orphans
 from cluster.security import tokens as access
+from cluster.tiering.apply import ApplyProgress, TierApplier
+from cluster.tiering.engine import plan
+from cluster.tiering.policy import Policy
+from cluster.tiering.states import study_states
 from workers.objects import store
 from workers.objects.keys import create_key_file, load_key_file
 from workers.pipeline.fanout import FrameFanout
@@ -71,6 +75,9 @@ class Stack:
         self._ray_down = ""  # what died, while a Ray restart has not yet succeeded
         self._started_ray = False
         self.store_settings: StoreSettings | None = None
+        self.pipeline_settings: PipelineSettings | None = None
+        self._worker_cpus = 1
+        self._tiering = asyncio.Lock()
 
     @property
     def address(self) -> str:
@@ -127,6 +134,7 @@ class Stack:
             max_file_bytes=config.max_file_bytes,
         )
         store.ensure_bucket(self.store_settings, store.tier_bucket(config.tier))
+        self.pipeline_settings = settings
 
         if not ray.is_initialized():
             init_local_ray(
@@ -138,6 +146,7 @@ class Stack:
             self._started_ray = True
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
         worker_cpus = config.worker_cpus or int(resources.get("CPU", os.cpu_count()))
+        self._worker_cpus = worker_cpus
         _check_object_store(config.max_inflight_bytes, resources.get("object_store_memory"))
 
         self._catalog = self._new_catalog_writer()
@@ -176,6 +185,7 @@ class Stack:
         self._server, self.port, self._health = await start_server(
             ArchiveService(self._archive),
             CatalogService(lambda: self._archive),
+            TieringService(self.apply_tiering),
             config.host,
             config.port,
             self.tokens,
@@ -350,6 +360,27 @@ class Stack:
             (self.config.data_dir / NODE_FILE).unlink(missing_ok=True)
             self.minio.stop()
             self.minio = None
+
+    async def apply_tiering(
+        self, policy: Policy, at: datetime | None = None
+    ) -> AsyncIterator[ApplyProgress]:
+        """Plan ``policy`` over the catalog (folded first, so the plan sees every study
+        committed so far) and carry the plan out; progress after each step. One apply at
+        a time: a second one waits."""
+        async with self._tiering:
+            await self.flush_catalog()
+            assert self.store_settings is not None and self.pipeline_settings is not None
+            states = study_states(self.store_settings, self.config.catalog_bucket)
+            planned = await asyncio.to_thread(plan, states, policy, at)
+            applier = TierApplier(
+                self.pipeline_settings,
+                self._catalog,
+                self.config.catalog_bucket,
+                policy,
+                concurrency=self._worker_cpus,
+            )
+            async for progress in applier.apply(planned.decisions):
+                yield progress
 
     async def flush_catalog(self) -> None:
         """Flush the catalog's journal into the Delta tables and fold the study rows now."""

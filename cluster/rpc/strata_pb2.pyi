@@ -71,6 +71,75 @@ RETRIEVE_SYNTAX_STORED: RetrieveSyntax.ValueType  # 2
 Global___RetrieveSyntax: _TypeAlias = RetrieveSyntax  # noqa: Y015
 
 @_typing.final
+class TierApplyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_TOML_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    policy_toml: _builtins.str
+    at: _builtins.str
+    """Plan as of this day or time (ISO 8601, UTC); empty: now."""
+    def __init__(
+        self,
+        *,
+        policy_toml: _builtins.str = ...,
+        at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "policy_toml", b"policy_toml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierApplyRequest: _TypeAlias = TierApplyRequest  # noqa: Y015
+
+@_typing.final
+class TierApplyProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDIES_TOTAL_FIELD_NUMBER: _builtins.int
+    STUDIES_DONE_FIELD_NUMBER: _builtins.int
+    STUDIES_FAILED_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    NOT_CARRIED_OUT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    studies_total: _builtins.int
+    """moves the plan holds"""
+    studies_done: _builtins.int
+    """moved, verified and committed"""
+    studies_failed: _builtins.int
+    """left where they were (see message); run again to retry"""
+    bytes_total: _builtins.int
+    bytes_done: _builtins.int
+    resumed: _builtins.int
+    """moves an earlier, interrupted apply had begun, finished"""
+    not_carried_out: _builtins.int
+    """decisions this version does not carry out (deletions)"""
+    message: _builtins.str
+    """what the last step did or why a study failed (no PHI)"""
+    def __init__(
+        self,
+        *,
+        studies_total: _builtins.int = ...,
+        studies_done: _builtins.int = ...,
+        studies_failed: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        bytes_done: _builtins.int = ...,
+        resumed: _builtins.int = ...,
+        not_carried_out: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "message", b"message", "not_carried_out", b"not_carried_out", "resumed", b"resumed", "studies_done", b"studies_done", "studies_failed", b"studies_failed", "studies_total", b"studies_total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierApplyProgress: _TypeAlias = TierApplyProgress  # noqa: Y015
+
+@_typing.final
 class IngestChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

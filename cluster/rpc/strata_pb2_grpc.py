@@ -308,3 +308,83 @@ class Catalog:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TieringStub:
+    """Move studies between tiers as a policy says.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Apply = channel.unary_stream(
+                '/strata.v1.Tiering/Apply',
+                request_serializer=cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.SerializeToString,
+                response_deserializer=cluster_dot_rpc_dot_strata__pb2.TierApplyProgress.FromString,
+                _registered_method=True)
+
+
+class TieringServicer:
+    """Move studies between tiers as a policy says.
+    """
+
+    def Apply(self, request, context):
+        """Carry out the plan of a policy (the text of its TOML file) now: each study is copied,
+        its copy verified (decrypted, rebuilt and its SHA-256 checked), its new placement
+        committed, then its source deleted. Progress is streamed; running it again after an
+        interruption finishes what was begun. A policy that cannot be used is refused
+        INVALID_ARGUMENT, naming the rule and field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TieringServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Apply': grpc.unary_stream_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.FromString,
+                    response_serializer=cluster_dot_rpc_dot_strata__pb2.TierApplyProgress.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'strata.v1.Tiering', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('strata.v1.Tiering', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Tiering:
+    """Move studies between tiers as a policy says.
+    """
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/strata.v1.Tiering/Apply',
+            cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.SerializeToString,
+            cluster_dot_rpc_dot_strata__pb2.TierApplyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

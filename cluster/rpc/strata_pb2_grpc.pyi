@@ -131,3 +131,49 @@ class CatalogServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_strata_pb2.FindInstancesResponse, _abc.Awaitable[_strata_pb2.FindInstancesResponse]]: ...
 
 def add_CatalogServicer_to_server(servicer: CatalogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TieringStub:
+    """Move studies between tiers as a policy says."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TieringAsyncStub: ...
+    Apply: _grpc.UnaryStreamMultiCallable[_strata_pb2.TierApplyRequest, _strata_pb2.TierApplyProgress]
+    """Carry out the plan of a policy (the text of its TOML file) now: each study is copied,
+    its copy verified (decrypted, rebuilt and its SHA-256 checked), its new placement
+    committed, then its source deleted. Progress is streamed; running it again after an
+    interruption finishes what was begun. A policy that cannot be used is refused
+    INVALID_ARGUMENT, naming the rule and field.
+    """
+
+@_typing.type_check_only
+class TieringAsyncStub(TieringStub):
+    """Move studies between tiers as a policy says."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Apply: _aio.UnaryStreamMultiCallable[_strata_pb2.TierApplyRequest, _strata_pb2.TierApplyProgress]  # type: ignore[assignment]
+    """Carry out the plan of a policy (the text of its TOML file) now: each study is copied,
+    its copy verified (decrypted, rebuilt and its SHA-256 checked), its new placement
+    committed, then its source deleted. Progress is streamed; running it again after an
+    interruption finishes what was begun. A policy that cannot be used is refused
+    INVALID_ARGUMENT, naming the rule and field.
+    """
+
+class TieringServicer(metaclass=_abc_1.ABCMeta):
+    """Move studies between tiers as a policy says."""
+
+    @_abc_1.abstractmethod
+    def Apply(
+        self,
+        request: _strata_pb2.TierApplyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_strata_pb2.TierApplyProgress], _abc.AsyncIterator[_strata_pb2.TierApplyProgress]]:
+        """Carry out the plan of a policy (the text of its TOML file) now: each study is copied,
+        its copy verified (decrypted, rebuilt and its SHA-256 checked), its new placement
+        committed, then its source deleted. Progress is streamed; running it again after an
+        interruption finishes what was begun. A policy that cannot be used is refused
+        INVALID_ARGUMENT, naming the rule and field.
+        """
+
+def add_TieringServicer_to_server(servicer: TieringServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

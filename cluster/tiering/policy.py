@@ -68,14 +68,13 @@ class Tier:
 
     name: str
     price_per_gb_month: float
-    bucket: str = ""  # empty: strata-<name>
-    endpoint: str = ""  # empty: the node's own MinIO
     storage_class: str = "STANDARD"
     codec: str = ""  # empty: the codec the node writes (config ``codec``)
 
     @property
     def bucket_name(self) -> str:
-        return self.bucket or f"strata-{self.name}"
+        """Its bucket in the node's MinIO (a bucket or endpoint of its own: not yet)."""
+        return f"strata-{self.name}"
 
 
 @dataclass(frozen=True)
@@ -181,7 +180,7 @@ def _tier(name: str, value: Any, where: str) -> Tier:
     if name not in TIERS:
         raise PolicyError(f"{where}: no such tier (one of {', '.join(TIERS)})")
     table = _table(value, where)
-    _only(table, {"price_per_gb_month", "bucket", "endpoint", "storage_class", "codec"}, where)
+    _only(table, {"price_per_gb_month", "storage_class", "codec"}, where)
     price = table.get("price_per_gb_month", DEFAULT_PRICES[name])
     if not isinstance(price, int | float) or isinstance(price, bool) or price < 0:
         raise PolicyError(f"{where} price_per_gb_month must be a number ≥ 0, not {price!r}")
@@ -194,14 +193,7 @@ def _tier(name: str, value: Any, where: str) -> Tier:
     codec = _text(table.get("codec", ""), f"{where} codec")
     if codec and codec not in CODECS:
         raise PolicyError(f"{where} codec must be one of {', '.join(CODECS)}, not {codec!r}")
-    return Tier(
-        name,
-        float(price),
-        bucket=_text(table.get("bucket", ""), f"{where} bucket"),
-        endpoint=_text(table.get("endpoint", ""), f"{where} endpoint"),
-        storage_class=storage_class,
-        codec=codec,
-    )
+    return Tier(name, float(price), storage_class=storage_class, codec=codec)
 
 
 _RULE_FIELDS = {

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.config import CHUNK_LIMIT
-from cluster.doors.grpc.servicer import ArchiveService, CatalogService
+from cluster.doors.grpc.servicer import ArchiveService, CatalogService, TieringService
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
 from cluster.security.tokens import Tokens
@@ -81,12 +81,14 @@ RECEIVE_WINDOW = 1 * MiB
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Archive"].full_name,
     pb.DESCRIPTOR.services_by_name["Catalog"].full_name,
+    pb.DESCRIPTOR.services_by_name["Tiering"].full_name,
 )
 
 
 async def start_server(
     archive: ArchiveService,
     catalog: CatalogService,
+    tiering: TieringService,
     host: str,
     port: int,
     tokens: Tokens,
@@ -113,6 +115,7 @@ async def start_server(
     )
     pb_grpc.add_ArchiveServicer_to_server(archive, server)
     pb_grpc.add_CatalogServicer_to_server(catalog, server)
+    pb_grpc.add_TieringServicer_to_server(tiering, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

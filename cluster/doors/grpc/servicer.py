@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tomllib
 from collections.abc import AsyncIterator, Callable
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any, NoReturn
 
 import grpc
@@ -22,6 +23,7 @@ from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.config import CHUNK_LIMIT
 from cluster.rpc import strata_pb2 as pb
 from cluster.rpc import strata_pb2_grpc as pb_grpc
+from cluster.tiering.policy import Policy, PolicyError, parse_policy
 from workers.errors import Reason
 from workers.records import InstanceRecord
 
@@ -291,6 +293,35 @@ class CatalogService(pb_grpc.CatalogServicer):
             )
             rows = await self._archive().find_instances(search, limit)
         return pb.FindInstancesResponse(instances=[_instance(row) for row in rows])
+
+
+class TieringService(pb_grpc.TieringServicer):
+    """Carry out a tier policy's plan on this node (see cluster/tiering/apply.py)."""
+
+    def __init__(self, apply: Callable[[Policy, datetime | None], AsyncIterator[Any]]) -> None:
+        self._apply = apply
+
+    async def Apply(  # noqa: N802 - gRPC method name
+        self, request: pb.TierApplyRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TierApplyProgress]:
+        try:
+            policy = parse_policy(tomllib.loads(request.policy_toml), "policy")
+            at = datetime.fromisoformat(request.at) if request.at else None
+        except (PolicyError, tomllib.TOMLDecodeError, ValueError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if at is not None and at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        async for progress in self._apply(policy, at):
+            yield pb.TierApplyProgress(
+                studies_total=progress.studies_total,
+                studies_done=progress.studies_done,
+                studies_failed=progress.studies_failed,
+                bytes_total=progress.bytes_total,
+                bytes_done=progress.bytes_done,
+                resumed=progress.resumed,
+                not_carried_out=progress.not_carried_out,
+                message=progress.message,
+            )
 
 
 def _filters(request: pb.FindRequest) -> tuple[InstanceFilters, int]:

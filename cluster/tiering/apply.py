@@ -1,0 +1,292 @@
+"""Carrying a tier plan out: copy, verify, commit the placement, delete the source.
+
+One study moves at a time per worker core, in a Ray task (``copy_and_verify``) and then
+in this process (the catalog writer's commit, the deletes):
+
+1. A *marker* object, ``tiering/moving/<study hash>.json`` in the catalog bucket, says a
+   move of this study from one tier to another has begun, and which packs it moves.
+2. Each pack and its keys object are copied server-side into the target tier's bucket
+   (with the tier's storage class, so with its parity).
+3. Every instance (every version) is read back from the copy, decrypted, rebuilt and its
+   SHA-256 checked against the catalog's: the copy is proven before anything relies on it.
+4. The study's new placements, every instance's in one call, are committed by the catalog
+   writer (one journal group: the whole study is placed, or none of it).
+5. The source packs are deleted, then the marker.
+
+Killed at any step and run again, the apply first finishes what its markers say was
+begun: if the catalog places the study in the target tier, the sources left are deleted;
+if not, the copies are deleted (the study is planned again). So no object is lost (a
+source is deleted only after its copy is proven and committed), none is left orphaned,
+and the catalog never places a study in two tiers.
+
+Not yet: a cold tier's different codec (re-encoding on the way), and deletion at the
+end of retention (crypto-shredding); such decisions are counted as not carried out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import ray
+from minio.commonconfig import REPLACE, CopySource
+
+from cluster.catalog.placements import Placement
+from cluster.catalog.queries import InstanceFilters
+from cluster.tiering.engine import Decision
+from cluster.tiering.policy import Policy, Tier
+from workers.objects import store
+from workers.objects.envelope import keys_key_for
+from workers.pipeline.ingest import PipelineSettings
+from workers.pipeline.restore import ObjectRef, restore
+from workers.records import InstanceRecord, StoreSettings
+
+log = logging.getLogger("strata.tiering")
+
+MARKERS = "tiering/moving/"
+MOVE_DEADLINE_S = 1800.0  # one study's copy and verification
+_MOST_INSTANCES = 1_000_000  # of one study, asked of the catalog at once
+
+
+class MoveError(Exception):
+    """A study could not be moved; it stays where it was."""
+
+
+@dataclass(frozen=True)
+class Marker:
+    study_instance_uid: str
+    source: str
+    target: str
+    packs: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return marker_key(self.study_instance_uid)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "study": self.study_instance_uid,
+                "from": self.source,
+                "to": self.target,
+                "packs": list(self.packs),
+            }
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Marker:
+        document = json.loads(data)
+        return cls(document["study"], document["from"], document["to"], tuple(document["packs"]))
+
+
+def marker_key(study_instance_uid: str) -> str:
+    return MARKERS + hashlib.sha256(study_instance_uid.encode()).hexdigest()[:32] + ".json"
+
+
+def copy_packs(settings: StoreSettings, packs: Sequence[str], source: str, target: Tier) -> int:
+    """Copy each pack and its keys object from tier ``source`` to ``target`` inside the
+    store (server-side: the bytes do not pass through here); returns the bytes copied."""
+    client = store.client(settings)
+    store.ensure_bucket(settings, target.bucket_name)
+    headers: dict[str, str | list[str] | tuple[str]] = {"x-amz-storage-class": target.storage_class}
+    copied = 0
+    for pack in packs:
+        for key in (pack, keys_key_for(pack)):
+            try:
+                client.copy_object(
+                    target.bucket_name,
+                    key,
+                    CopySource(store.tier_bucket(source), key),
+                    metadata=headers,
+                    metadata_directive=REPLACE,
+                )
+                copied += client.stat_object(target.bucket_name, key).size or 0
+            except Exception as error:  # noqa: BLE001 - the store's many failures, one error
+                raise MoveError(
+                    f"copying a pack to the {target.name} tier failed: {store.describe(error)}"
+                ) from None
+    return copied
+
+
+def copy_and_verify(
+    settings: PipelineSettings,
+    packs: list[str],
+    source: str,
+    target: Tier,
+    refs: list[ObjectRef],
+) -> int:
+    """Copy the packs (see ``copy_packs``), then prove every instance's copy: read from the
+    target, decrypted, rebuilt, SHA-256 as catalogued. Returns the bytes copied; raises
+    MoveError naming what failed (the sources are untouched either way)."""
+    copied = copy_packs(settings.store, packs, source, target)
+    for ref in refs:
+        try:
+            restored = restore(replace(ref, tier=target.name), "original", settings)
+        except Exception as error:  # noqa: BLE001 - any failure to rebuild is a failed proof
+            raise MoveError(
+                f"the copy of an instance in the {target.name} tier did not verify "
+                f"({type(error).__name__})"
+            ) from None
+        if restored.sha256 != ref.sha256:
+            raise MoveError(f"the copy in the {target.name} tier rebuilt to another SHA-256")
+    return copied
+
+
+_copy_task = ray.remote(num_cpus=1, max_retries=2)(copy_and_verify)
+
+
+@dataclass
+class ApplyProgress:
+    studies_total: int = 0
+    studies_done: int = 0
+    studies_failed: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    resumed: int = 0
+    not_carried_out: int = 0
+    message: str = ""
+    failures: list[str] = field(default_factory=list)
+
+
+class TierApplier:
+    """Moves studies as decided, through the node's catalog writer and Ray workers."""
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        catalog: Any,  # the CatalogWriter actor handle
+        catalog_bucket: str,
+        policy: Policy,
+        *,
+        concurrency: int = 2,
+    ) -> None:
+        self._settings = settings
+        self._store = settings.store
+        self._catalog = catalog
+        self._bucket = catalog_bucket
+        self._policy = policy
+        self._concurrency = max(1, concurrency)
+
+    async def apply(self, decisions: Sequence[Decision]) -> AsyncIterator[ApplyProgress]:
+        """Finish interrupted moves, then carry out ``decisions``; yields progress after
+        each step."""
+        progress = ApplyProgress()
+        moves = [d for d in decisions if d.action == "move"]
+        progress.not_carried_out = len(decisions) - len(moves)
+        progress.studies_total = len(moves)
+        progress.bytes_total = sum(d.study.bytes_stored for d in moves)
+        progress.resumed = await self.recover()
+        if progress.resumed:
+            progress.message = f"finished {progress.resumed} moves an earlier apply had begun"
+        yield progress
+        queue: asyncio.Queue[ApplyProgress] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._concurrency)
+
+        async def one(decision: Decision) -> None:
+            async with slots:
+                try:
+                    await self.move(decision)
+                except Exception as error:  # noqa: BLE001 - this study stays; the rest go on
+                    progress.studies_failed += 1
+                    progress.message = f"a study stayed in {decision.study.tier}: {error}"
+                    progress.failures.append(str(error))
+                    log.error("tier move failed, the study stays where it was: %s", error)
+                else:
+                    progress.studies_done += 1
+                    progress.bytes_done += decision.study.bytes_stored
+                    progress.message = f"moved a study {decision.study.tier} → {decision.to}"
+                await queue.put(progress)
+
+        tasks = [asyncio.create_task(one(decision)) for decision in moves]
+        for _ in tasks:
+            yield await queue.get()
+        await asyncio.gather(*tasks)
+
+    async def move(self, decision: Decision) -> None:
+        study = decision.study.study_instance_uid
+        source, target = decision.study.tier, self._policy.tiers[decision.to]
+        records: list[InstanceRecord] = await self._catalog.find_instances.remote(
+            InstanceFilters(study_uid=study), _MOST_INSTANCES
+        )
+        moving = [record for record in records if record.tier == source]
+        if not moving:
+            return  # already moved (by an earlier apply): nothing to do
+        packs = tuple(sorted({record.object_key for record in moving}))
+        marker = Marker(study, source, target.name, packs)
+        await asyncio.to_thread(store.put, self._store, self._bucket, marker.key, marker.to_bytes())
+        refs = [ObjectRef.of(record) for record in moving]
+        ref = _copy_task.remote(self._settings, list(packs), source, target, refs)
+        try:
+            await asyncio.wait_for(ref, MOVE_DEADLINE_S)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the copies are undone
+            if isinstance(error, TimeoutError):
+                ray.cancel(ref, force=True)
+            await self._undo(marker)
+            if isinstance(error, TimeoutError):
+                raise MoveError(
+                    f"copying a study did not finish within {MOVE_DEADLINE_S:g} s"
+                ) from None
+            cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+            raise MoveError(str(cause) if isinstance(cause, MoveError) else repr(cause)) from None
+        now = datetime.now(UTC)
+        await self._catalog.place.remote(
+            [
+                Placement(
+                    record.sha256,
+                    record.sop_instance_uid,
+                    record.version,
+                    study,
+                    target.name,
+                    target.bucket_name,
+                    record.object_key,
+                    record.byte_offset,
+                    record.byte_length,
+                    record.key_id,
+                    f"tier move: {decision.rule}",
+                    now,
+                )
+                for record in moving
+            ]
+        )
+        await self._finish(marker, placed=True)
+
+    async def recover(self) -> int:
+        """Finish the moves whose markers are left; returns how many there were."""
+        keys = await asyncio.to_thread(
+            lambda: list(store.list_keys(self._store, self._bucket, MARKERS))
+        )
+        for key in keys:
+            marker = Marker.from_bytes(
+                await asyncio.to_thread(store.get, self._store, self._bucket, key)
+            )
+            records: list[InstanceRecord] = await self._catalog.find_instances.remote(
+                InstanceFilters(study_uid=marker.study_instance_uid), _MOST_INSTANCES
+            )
+            in_packs = [record for record in records if record.object_key in marker.packs]
+            placed = bool(in_packs) and all(record.tier == marker.target for record in in_packs)
+            log.info(
+                "finishing an interrupted tier move (%s → %s): %s",
+                marker.source,
+                marker.target,
+                "committed, deleting the sources" if placed else "not committed, undoing the copy",
+            )
+            await self._finish(marker, placed=placed)
+        return len(keys)
+
+    async def _undo(self, marker: Marker) -> None:
+        await self._finish(marker, placed=False)
+
+    async def _finish(self, marker: Marker, *, placed: bool) -> None:
+        """Delete the sources (the move was committed) or the copies (it was not), then the
+        marker."""
+        bucket = store.tier_bucket(marker.source if placed else marker.target)
+        keys = [key for pack in marker.packs for key in (pack, keys_key_for(pack))]
+        if await asyncio.to_thread(store.bucket_exists, self._store, bucket):
+            await asyncio.to_thread(store.delete_many, self._store, bucket, keys)
+        await asyncio.to_thread(store.delete, self._store, self._bucket, marker.key)
