@@ -187,6 +187,27 @@ def _parser() -> argparse.ArgumentParser:
     tier_apply.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
     tier_apply.set_defaults(run=_tier_apply)
 
+    forecast = commands.add_parser(
+        "forecast", help="capacity and cost year by year as the archive grows (from the catalog)"
+    )
+    forecast.add_argument(
+        "--growth",
+        type=float,
+        action="append",
+        help="yearly growth of ingest, e.g. 0.20 (repeat for several; default 0.20 and 0.25)",
+    )
+    forecast.add_argument("--years", type=int, default=10)
+    forecast.add_argument("--policy", type=Path, help="policy file (default: tier_policy)")
+    forecast.add_argument(
+        "--annual-tb", type=float, help="raw TB ingested a year now (default: from the catalog)"
+    )
+    forecast.add_argument("--drive-tb", type=float, default=16.0, help="drive size (TB)")
+    forecast.add_argument("--drives-per-node", type=int, default=4)
+    forecast.add_argument("--csv", type=Path, default=Path("forecast.csv"))
+    forecast.add_argument("--png", type=Path, default=Path("forecast.png"))
+    forecast.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
+    forecast.set_defaults(run=_forecast)
+
     demo = commands.add_parser("demo", help="ingest sample studies end to end and report")
     demo.add_argument("--work-dir", type=Path, help="keep the demo's files here")
     demo.set_defaults(run=_demo)
@@ -434,6 +455,76 @@ def _tier_plan(args: argparse.Namespace) -> int:
         )
     costs.add_row("total", "", "", f"{sum(before.values()):.2f}", "", f"{sum(after.values()):.2f}")
     console.print(costs)
+    return 0
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    from deltalake.exceptions import DeltaError
+
+    from cluster.ops.node import node_store_settings
+    from cluster.tiering import forecast
+    from cluster.tiering.policy import PolicyError, default_policy, load_policy
+
+    growths = args.growth or [0.20, 0.25]
+    if args.years < 1 or any(not -1 < growth < 10 for growth in growths):
+        raise CommandError("--years must be at least 1 and each --growth between -1 and 10")
+    if args.drive_tb <= 0 or args.drives_per_node < 1:
+        raise CommandError("--drive-tb must be above 0 and --drives-per-node at least 1")
+    config = _load(args, data_dir=args.data_dir)
+    path = args.policy or (Path(config.tier_policy) if config.tier_policy else None)
+    try:
+        policy = load_policy(path) if path is not None else default_policy()
+    except PolicyError as error:
+        raise CommandError(str(error)) from None
+    try:
+        settings = node_store_settings(config)
+        measured = forecast.measure(settings, config.catalog_bucket)
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    except (OSError, DeltaError):
+        raise CommandError(
+            "the catalog cannot be read: its object store does not answer (is the node "
+            "running?) or the catalog tables do not exist yet"
+        ) from None
+    annual = args.annual_tb * forecast.TB if args.annual_tb is not None else None
+    rows = forecast.project(
+        measured,
+        policy,
+        growths,
+        args.years,
+        now=datetime.now(UTC).date(),
+        annual_raw_bytes=annual,
+        drive_tb=args.drive_tb,
+        drives_per_node=args.drives_per_node,
+    )
+    console = Console()
+    rate = (annual if annual is not None else measured.annual_raw_bytes) / forecast.TB
+    console.print(
+        f"now: {sum(c.stored_bytes for c in measured.cohorts) / forecast.TB:.4f} TB stored "
+        f"({sum(c.raw_bytes for c in measured.cohorts) / forecast.TB:.4f} TB raw), "
+        f"ingest {rate:.4f} raw TB a year"
+        + (" (given)" if annual is not None else " (last 365 days, or scaled to a year)")
+    )
+    table = Table(title="forecast (the model: cluster/tiering/forecast.py)")
+    for column in ("growth", "year", "hot TB", "warm TB", "cold TB", "raw TB", "drives", "nodes"):
+        table.add_column(column, justify="right")
+    for column in ("$/month", "all hot $/month"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            f"{row.growth:.0%}",
+            str(row.year),
+            *(f"{row.stored_tb[tier]:.3f}" for tier in ("hot", "warm", "cold")),
+            f"{row.raw_tb:.3f}",
+            str(row.drives),
+            str(row.nodes),
+            f"{row.cost:,.2f}",
+            f"{row.all_hot_cost:,.2f}",
+        )
+    console.print(table)
+    forecast.write_csv(rows, args.csv)
+    forecast.plot(rows, args.png)
+    console.print(f"wrote {args.csv} and {args.png}")
     return 0
 
 

@@ -5,6 +5,7 @@ costs are printed, and nothing is changed."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
 import subprocess
 import sys
@@ -126,6 +127,28 @@ def test_the_plan_reads_each_study_as_the_policy_needs_and_changes_nothing(
     assert not any(line.startswith(("hot warm", "hot deleted")) for line in lines)
     assert any(line.startswith("total") for line in lines)
     assert sorted(store.list_keys(settings, bucket_name, "")) == before  # nothing changed
+
+    # The forecast reads the same catalog: two years at 20 %, 1 raw TB a year now.
+    projected = subprocess.run(
+        [
+            *(sys.executable, "-m", "cluster.cli", "forecast", "--policy", str(policy)),
+            *("--years", "2", "--growth", "0.2", "--annual-tb", "1"),
+            *("--csv", str(tmp_path / "f.csv"), "--png", str(tmp_path / "f.png")),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+    assert projected.returncode == 0, projected.stderr
+    with (tmp_path / "f.csv").open() as handle:
+        years = list(csv.DictReader(handle))
+    assert [row["year"] for row in years] == ["1", "2"]
+    # Year 1's cohort is hot (half a year old); by year 2 its CT share is cold; every
+    # stored byte is half its raw bytes (the records' ratio).
+    assert float(years[0]["hot_tb"]) > 0 and float(years[1]["cold_tb"]) > 0
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
     broken = tmp_path / "broken.toml"
     broken.write_text(POLICY.replace('to = "cold"', 'to = "freezer"'))
