@@ -9,7 +9,7 @@ groups not flushed yet, ``studies`` as of the last fold (which follows each flus
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pa_dataset
+from duckdb import sqltypes
 
 from cluster.catalog import journal
 from cluster.catalog.schema import (
@@ -80,17 +81,66 @@ def connect(
     settings: StoreSettings,
     bucket: str = DEFAULT_BUCKET,
     tables: Sequence[str] = (INSTANCES, STUDIES, ACCESS, PLACEMENTS),
+    *,
+    study_key: Callable[[str], str] | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the catalog tables registered under their names.
 
     Each table is the snapshot current when this is called (``dataset``), so DuckDB
     pushes filters and projections into it and reads only the columns and row groups a
-    query needs.
+    query needs. With ``study_key`` (a keyed HMAC of a Study Instance UID; its key is in
+    the key file, never in the catalog) the ``analytics`` view is there too (see
+    ``ANALYTICS``).
     """
     connection = duckdb.connect()
     for table in tables:
         connection.register(table, dataset(settings, bucket, table))
+    if study_key is not None and {INSTANCES, ACCESS, PLACEMENTS} <= set(tables):
+        connection.create_function(
+            "strata_study_key", study_key, [sqltypes.VARCHAR], sqltypes.VARCHAR
+        )
+        connection.execute(ANALYTICS)
     return connection
+
+
+# One row per stored instance (latest version), without a direct identifier: the study
+# appears by a keyed HMAC of its UID and the patient by the catalog's pseudonym (also a
+# keyed HMAC), the date by its year; no SOP, series or study UID, no accession.
+ANALYTICS = f"""
+CREATE VIEW analytics AS
+WITH latest AS (
+    SELECT * FROM {INSTANCES}
+    QUALIFY row_number() OVER (PARTITION BY sop_instance_uid ORDER BY version DESC) = 1
+), placed AS (
+    SELECT sha256, arg_max(tier, placed_time) AS tier FROM {PLACEMENTS} GROUP BY 1
+), reads AS (
+    SELECT study_instance_uid, count(*) AS reads, max(access_time) AS last_read
+    FROM {ACCESS} GROUP BY 1
+)
+SELECT
+    l.patient_pseudonym AS patient_key,
+    strata_study_key(l.study_instance_uid) AS study_key,
+    year(l.study_date) AS study_year,
+    year(l.ingest_time) AS ingest_year,
+    l.modality,
+    l.body_part,
+    l.sop_class_uid,
+    l.transfer_syntax_in,
+    l.transfer_syntax_stored,
+    l.frames,
+    l.rows,
+    l.columns,
+    l.bits_stored,
+    l.bytes_in,
+    l.bytes_stored,
+    l.bytes_in / nullif(l.bytes_stored, 0) AS compression_ratio,
+    coalesce(p.tier, l.tier) AS tier,
+    coalesce(r.reads, 0) AS study_reads,
+    year(r.last_read) AS last_read_year
+FROM latest l
+LEFT JOIN placed p USING (sha256)
+LEFT JOIN reads r USING (study_instance_uid)
+"""
 
 
 def dataset(settings: StoreSettings, bucket: str, table: str) -> pa_dataset.Dataset:

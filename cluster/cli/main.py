@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -144,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     get.set_defaults(run=_get)
 
-    query = commands.add_parser("query", help="SQL over the catalog (DuckDB)")
+    query = commands.add_parser(
+        "query", help="SQL over the catalog (DuckDB): its tables and the analytics view"
+    )
     query.add_argument("sql", help='e.g. "SELECT modality, count(*) FROM instances GROUP BY 1"')
     query.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
     query.set_defaults(run=_query)
@@ -360,6 +363,7 @@ def _query(args: argparse.Namespace) -> int:
 
     from cluster import catalog
     from cluster.ops.node import node_store_settings
+    from workers.objects.keys import KeyFileError, load_key_file
 
     config = _load(args, data_dir=args.data_dir)
     try:
@@ -367,7 +371,13 @@ def _query(args: argparse.Namespace) -> int:
     except RuntimeError as error:
         raise CommandError(str(error)) from None
     try:
-        connection = catalog.connect(settings, bucket=config.catalog_bucket)
+        pseudonyms = load_key_file(config.key_file).pseudonymizer()
+    except KeyFileError:
+        study_key = None  # no key file here: no analytics view (its study key needs it)
+    else:
+        study_key = functools.partial(pseudonyms.pseudonym, "analytics study")
+    try:
+        connection = catalog.connect(settings, bucket=config.catalog_bucket, study_key=study_key)
     except (OSError, DeltaError):
         raise CommandError(
             "the catalog cannot be read: its object store does not answer (is the node "

@@ -223,3 +223,38 @@ def test_an_apply_killed_mid_way_finishes_when_run_again(node: Node, tmp_path: P
     assert moved and not moved & packs(node, "strata-hot")
     assert cold_before <= set(placed)
     assert_byte_exact(node, sent)
+
+
+def test_the_analytics_view_holds_no_direct_identifier(node: Node, tmp_path: Path) -> None:
+    files = study_files(2, "analytics", "19991231")
+    for number, (name, data) in enumerate(files):
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        dataset.PatientName = "Zwicky^Quentinella"
+        dataset.PatientID = f"PID-{number}-81723"
+        dataset.AccessionNumber = "ACC-55519"
+        dataset.PatientBirthDate = "19470312"
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        files[number] = (name, buffer.getvalue())
+    ingest(node, tmp_path / "in", files)
+    shown = subprocess.run(
+        [
+            *(sys.executable, "-m", "cluster.cli", "query", "--data-dir", str(node.data_dir)),
+            "SELECT * FROM analytics WHERE study_year = 1999",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STRATA_KEY_FILE": str(node.key_file), "COLUMNS": "4000"},
+        timeout=120,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout + shown.stderr
+    headers = [pydicom.dcmread(io.BytesIO(data)) for _, data in files]
+    identifiers = {"Zwicky", "Quentinella", "ACC-55519", "19470312", "1947-03-12"}
+    for header in headers:
+        identifiers |= {header.PatientID, header.StudyInstanceUID, header.SOPInstanceUID}
+        identifiers |= {header.SeriesInstanceUID}
+    assert not [value for value in identifiers if value in text]
+    assert text.count("1999") >= 2 and "CT" in text  # the two instances, by year only
+    assert "patient_key" in text and "study_key" in text
