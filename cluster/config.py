@@ -91,6 +91,10 @@ class Config:
     # The tiering policy file (TOML: tiers and their prices, move rules, holds, retention;
     # see cluster/tiering/policy.py). Empty: three tiers at list prices and no rules.
     tier_policy: str = ""
+    # With a tier_policy: carry its plan out every this many seconds (0: only when asked,
+    # `strata tier apply`); a read of a study in a lower tier is checked against the
+    # policy's promotion rules within seconds either way.
+    tier_apply_interval_s: int = 0
     codec: str = "htj2k"
     # Exceptions to `codec`, keyed "TIER" or "TIER/MODALITY" (e.g. "cold" = "jpeg2000",
     # "hot/CR" = "jpegls"). In TOML a table [strata.codec_policy]; in the environment
@@ -199,6 +203,17 @@ class Config:
             )
         if self.orphan_grace_s < 0:
             raise ConfigError(f"orphan_grace_s must not be negative, not {self.orphan_grace_s}")
+        if self.tier_apply_interval_s < 0:
+            raise ConfigError(
+                f"tier_apply_interval_s must not be negative, not {self.tier_apply_interval_s}"
+            )
+        if self.tier_policy:
+            from cluster.tiering.policy import PolicyError, load_policy
+
+            try:
+                load_policy(Path(self.tier_policy))
+            except PolicyError as error:
+                raise ConfigError(f"tier_policy: {error}") from None
         if self.batch_hold_ms < 0:
             raise ConfigError(f"batch_hold_ms must not be negative, not {self.batch_hold_ms}")
         if not 0 <= self.dimse_port < 65536:

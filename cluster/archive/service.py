@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +171,8 @@ class Archive:
         self._inflight: dict[str, asyncio.Future[FileResult]] = {}
         # Duplicate checks waiting for the next call to the catalog writer, and that call.
         self._lookups: dict[str, list[asyncio.Future[InstanceRecord | None]]] = {}
+        # Told of every study read (after its access is recorded): the node's tiering.
+        self.on_read: Callable[[str], None] | None = None
         self._looking_up: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         # Set while a component is down and being restarted: new work is refused at once
@@ -509,6 +511,8 @@ class Archive:
             log.warning("access not recorded: %s", type(error).__name__)
             return
         self._in_background(_quietly(call))
+        if self.on_read is not None:
+            self.on_read(study_instance_uid)  # the tiering policy may promote it
 
     def _in_background(self, work: Awaitable[Any]) -> None:
         future = asyncio.ensure_future(work)

@@ -414,6 +414,7 @@ def _tier_plan(args: argparse.Namespace) -> int:
     from cluster.ops.node import node_store_settings
     from cluster.tiering import engine
     from cluster.tiering.policy import PolicyError, default_policy, load_policy
+    from cluster.tiering.policy import warnings as policy_warnings
     from cluster.tiering.states import study_states
 
     config = _load(args, data_dir=args.data_dir)
@@ -434,6 +435,8 @@ def _tier_plan(args: argparse.Namespace) -> int:
             "running?) or the catalog tables do not exist yet"
         ) from None
     console = Console()
+    for warning in policy_warnings(policy):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     moves = Table(title=f"tier plan: {planned.considered} studies considered, nothing changed")
     for column in ("from", "to", "studies", "instances", "GB stored"):
         moves.add_column(column, justify="right" if column not in ("from", "to") else "left")
@@ -541,15 +544,18 @@ def _forecast(args: argparse.Namespace) -> int:
 def _tier_apply(args: argparse.Namespace) -> int:
     from cluster.client import StrataClient
     from cluster.tiering.policy import PolicyError, load_policy
+    from cluster.tiering.policy import warnings as policy_warnings
 
     config = _load(args)
     path = args.policy or (Path(config.tier_policy) if config.tier_policy else None)
     if path is None:
         raise CommandError("no policy: give --policy FILE or configure tier_policy")
     try:
-        load_policy(path)  # the node checks it too; a mistake is shown before connecting
+        policy = load_policy(path)  # the node checks it too; shown before connecting
     except PolicyError as error:
         raise CommandError(str(error)) from None
+    for warning in policy_warnings(policy):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     at = args.at.isoformat() if args.at else ""
     last = None
     with StrataClient(args.server, _token(args)) as client, _progress() as progress:

@@ -37,9 +37,9 @@ from cluster.ops.minio import MinioServer, ensure_minio_binary
 from cluster.ops.ray_runtime import init_local_ray
 from cluster.ops.reconcile import ReconcileReport, remove_orphans
 from cluster.security import tokens as access
-from cluster.tiering.apply import ApplyProgress, TierApplier
+from cluster.tiering.apply import ApplyProgress, TierApplier, packs_in_motion
 from cluster.tiering.engine import plan
-from cluster.tiering.policy import Policy
+from cluster.tiering.policy import Policy, load_policy
 from cluster.tiering.states import study_states
 from workers.objects import store
 from workers.objects.keys import create_key_file, load_key_file
@@ -52,6 +52,7 @@ log = logging.getLogger("strata.stack")
 CATALOG_ACTOR = "strata-catalog"
 NAMESPACE = "strata"
 NODE_FILE = "node.json"
+READ_SETTLE_S = 2.0  # after a read, before the tiering pass that may promote its study
 
 
 class Stack:
@@ -78,6 +79,9 @@ class Stack:
         self.pipeline_settings: PipelineSettings | None = None
         self._worker_cpus = 1
         self._tiering = asyncio.Lock()
+        self._tier_policy: Policy | None = None
+        self._reads: set[str] = set()  # studies read since the last tiering pass
+        self._read_soon = asyncio.Event()
 
     @property
     def address(self) -> str:
@@ -205,6 +209,10 @@ class Stack:
             asyncio.create_task(self._watch(), name="strata-watch"),
             asyncio.create_task(self._reconcile_forever(), name="strata-reconcile"),
         ]
+        if config.tier_policy:
+            self._tier_policy = load_policy(Path(config.tier_policy))
+            self._archive.on_read = self._read_noted
+            self._keepers.append(asyncio.create_task(self._tier_forever(), name="strata-tier"))
         log.info("strata serving on %s (workers: %d cores)", self.address, worker_cpus)
 
     def _new_catalog_writer(self) -> Any:
@@ -321,6 +329,10 @@ class Stack:
     async def reconcile(self) -> ReconcileReport:
         """One orphan-removal pass over this node's tier bucket."""
         assert self.store_settings is not None
+        # Listed before the pass: a copy begun after it is younger than the grace.
+        moving = await asyncio.to_thread(
+            packs_in_motion, self.store_settings, self.config.catalog_bucket
+        )
         return await remove_orphans(
             self.store_settings,
             store.tier_bucket(self.config.tier),
@@ -329,6 +341,7 @@ class Stack:
             self._dispatcher,
             grace=timedelta(seconds=self.config.orphan_grace_s),
             now=datetime.now(UTC),
+            in_motion=moving,
         )
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -361,16 +374,53 @@ class Stack:
             self.minio.stop()
             self.minio = None
 
+    def _read_noted(self, study_instance_uid: str) -> None:
+        self._reads.add(study_instance_uid)
+        self._read_soon.set()
+
+    async def _tier_forever(self) -> None:
+        """Carry the configured policy out every ``tier_apply_interval_s`` (if set), and,
+        a few seconds after studies are read, for those studies (a read may promote)."""
+        interval = self.config.tier_apply_interval_s
+        last_full = time.monotonic()
+        while True:
+            wait = interval - (time.monotonic() - last_full) if interval else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._read_soon.wait(), wait)
+            await asyncio.sleep(READ_SETTLE_S)  # reads close together go in one pass
+            self._read_soon.clear()
+            full = bool(interval) and time.monotonic() - last_full >= interval
+            studies, self._reads = (None if full else sorted(self._reads)), set()
+            if full:
+                last_full = time.monotonic()
+            try:
+                assert self._tier_policy is not None
+                last = None
+                async for step in self.apply_tiering(self._tier_policy, studies=studies):
+                    last = step
+                if last is not None and (last.studies_done or last.studies_failed):
+                    log.info(
+                        "tiering: %d studies moved, %d failed (%s)",
+                        last.studies_done,
+                        last.studies_failed,
+                        "scheduled" if full else "after reads",
+                    )
+            except Exception as error:  # noqa: BLE001 - tried again at the next occasion
+                log.error("tiering failed (%s: %s)", type(error).__name__, error)
+
     async def apply_tiering(
-        self, policy: Policy, at: datetime | None = None
+        self, policy: Policy, at: datetime | None = None, studies: list[str] | None = None
     ) -> AsyncIterator[ApplyProgress]:
         """Plan ``policy`` over the catalog (folded first, so the plan sees every study
-        committed so far) and carry the plan out; progress after each step. One apply at
-        a time: a second one waits."""
+        committed so far), or over ``studies`` only, and carry the plan out; progress
+        after each step. One apply at a time: a second one waits."""
         async with self._tiering:
-            await self.flush_catalog()
+            if studies is None:
+                await self.flush_catalog()  # new studies are folded into `studies`
+            # (A few studies just read are old ones, folded long ago, and their reads are
+            # read from the journal: no flush, which would write small Delta files.)
             assert self.store_settings is not None and self.pipeline_settings is not None
-            states = study_states(self.store_settings, self.config.catalog_bucket)
+            states = study_states(self.store_settings, self.config.catalog_bucket, studies)
             planned = await asyncio.to_thread(plan, states, policy, at)
             applier = TierApplier(
                 self.pipeline_settings,

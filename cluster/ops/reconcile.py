@@ -99,9 +99,12 @@ async def remove_orphans(
     grace: timedelta,
     now: datetime,
     call_deadline_s: float = 60.0,
+    in_motion: frozenset[str] = frozenset(),
 ) -> ReconcileReport:
     """One pass over ``bucket`` (tier ``tier``): delete every pack no catalog row names,
-    and keys objects without their pack (see module)."""
+    and keys objects without their pack (see module). Packs ``in_motion`` (a tier move
+    has begun copying them: cluster/tiering/apply.py) are left alone, whatever their
+    age: their placement is about to be committed, or the move undone by its own apply."""
     listed = await asyncio.to_thread(lambda: list(store.list_objects(settings, bucket)))
     packs, lone_keys = candidates(listed, now, grace)
     members: dict[str, list[str]] = {}
@@ -113,7 +116,7 @@ async def remove_orphans(
             unreadable += 1
             log.warning("reconcile: %s is not a pack it can read, left alone: %s", item.key, error)
     live = set(await _referenced(catalog, tier, members, call_deadline_s))
-    orphans = [key for key in members if key not in live]
+    orphans = [key for key in members if key not in live and key not in in_motion]
     if too_many(len(orphans), len(members)):
         log.error(
             "reconcile of %s: %d of %d packs have no catalog row; that is a lost or "

@@ -89,6 +89,18 @@ def marker_key(study_instance_uid: str) -> str:
     return MARKERS + hashlib.sha256(study_instance_uid.encode()).hexdigest()[:32] + ".json"
 
 
+def packs_in_motion(settings: StoreSettings, catalog_bucket: str) -> frozenset[str]:
+    """The packs that moves in progress name (their markers): the reconciler must not
+    take their copies for orphans."""
+    found: set[str] = set()
+    for key in store.list_keys(settings, catalog_bucket, MARKERS):
+        try:
+            found.update(Marker.from_bytes(store.get(settings, catalog_bucket, key)).packs)
+        except store.ObjectUnreadableError:
+            continue  # finished meanwhile
+    return frozenset(found)
+
+
 def copy_packs(settings: StoreSettings, packs: Sequence[str], source: str, target: Tier) -> int:
     """Copy each pack and its keys object from tier ``source`` to ``target`` inside the
     store (server-side: the bytes do not pass through here); returns the bytes copied."""

@@ -126,6 +126,26 @@ def default_policy() -> Policy:
     )
 
 
+def warnings(policy: Policy) -> list[str]:
+    """Rules that fight each other: a rule that promotes studies read within N days,
+    and a rule that moves studies from that tier down again without waiting at least N
+    days unread, would move a promoted study straight back."""
+    found = []
+    for up in policy.rules:
+        if up.read_within_days is None or not any(
+            ORDER[up.to] < ORDER[tier] for tier in up.from_tiers
+        ):
+            continue
+        for down in policy.rules:
+            fights = up.to in down.from_tiers and ORDER[down.to] > ORDER[up.to]
+            if fights and (down.unread_days is None or down.unread_days < up.read_within_days):
+                found.append(
+                    f"rule {down.name!r} may move a study that rule {up.name!r} promoted "
+                    f"straight back (give it unread_days of at least {up.read_within_days})"
+                )
+    return found
+
+
 def load_policy(path: Path) -> Policy:
     """The policy in ``path``; raises PolicyError naming the rule and field at fault."""
     try:

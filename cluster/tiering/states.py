@@ -13,8 +13,10 @@ bench/tiering.py once written).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import pyarrow as pa
 
 from cluster.catalog import queries
 from cluster.catalog.schema import ACCESS, DEFAULT_BUCKET, INSTANCES, PLACEMENTS, STUDIES
@@ -44,10 +46,21 @@ LEFT JOIN parts b USING (study_instance_uid)
 """
 
 
-def study_states(settings: StoreSettings, bucket: str = DEFAULT_BUCKET) -> Iterator[StudyState]:
-    """Every folded study's state, in batches (the whole archive is never in memory)."""
+def study_states(
+    settings: StoreSettings,
+    bucket: str = DEFAULT_BUCKET,
+    studies: Sequence[str] | None = None,
+) -> Iterator[StudyState]:
+    """Every folded study's state (or only those of ``studies``), in batches (the whole
+    archive is never in memory)."""
     connection = queries.connect(settings, bucket, (STUDIES, ACCESS, PLACEMENTS, INSTANCES))
-    result = connection.execute(_SQL)
+    if studies is None:
+        result = connection.execute(_SQL)
+    else:
+        connection.register("wanted", pa.table({"study_instance_uid": list(studies)}))
+        result = connection.execute(
+            f"{_SQL} WHERE s.study_instance_uid IN (SELECT study_instance_uid FROM wanted)"
+        )
     while rows := result.fetchmany(10_000):
         for row in rows:
             yield _state(row)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -258,3 +258,56 @@ def test_the_analytics_view_holds_no_direct_identifier(node: Node, tmp_path: Pat
     assert not [value for value in identifiers if value in text]
     assert text.count("1999") >= 2 and "CT" in text  # the two instances, by year only
     assert "patient_key" in text and "study_key" in text
+
+
+PROMOTING = """
+[[rules]]
+name = "promote on read"
+from = ["warm", "cold"]
+to = "hot"
+read_within_days = 7
+
+[[rules]]
+name = "cold when old and unread"
+from = ["hot", "warm"]
+to = "cold"
+min_age_days = 365
+unread_days = 7
+"""
+
+
+def test_a_read_of_a_cold_study_promotes_it_per_policy(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("promote")
+    policy = root / "policy.toml"
+    policy.write_text(PROMOTING)
+    with Node(root, tier_policy=str(policy)) as promoting:
+        files = study_files(2, "cold", "20150505")
+        sent = ingest(promoting, root / "in", files)
+        study = study_of(files)
+        # Planned as of a month from now: unread for 30 days by then, so it goes cold.
+        later = (datetime.now(UTC) + timedelta(days=30)).date().isoformat()
+        moved = subprocess.run(
+            [
+                *(sys.executable, "-m", "cluster.cli", "tier", "apply"),
+                *("--policy", str(policy), "--server", promoting.address, "--at", later),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "STRATA_TOKEN": TEST_TOKEN},
+            timeout=300,
+            check=False,
+        )
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        assert tiers_by_study(promoting, study) == {"cold"}
+        with StrataClient(promoting.address, TEST_TOKEN) as client:
+            uid, data = next(iter(sent.items()))
+            assert client.retrieve(uid).data == data  # a read, from the cold tier
+        deadline = time.monotonic() + 90
+        while tiers_by_study(promoting, study) != {"hot"}:
+            assert time.monotonic() < deadline, promoting.log_tail()
+            time.sleep(0.5)
+        assert_byte_exact(promoting, sent)
+        assert not packs(promoting, "strata-cold")  # the cold copies went with the move
+        assert tiers_by_study(promoting, study) == {"hot"}  # reads keep it there
