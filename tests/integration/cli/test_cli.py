@@ -105,6 +105,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     studies = re.search(r"studies in catalog\D*(\d+)", out)
     assert studies is not None and int(studies.group(1)) > 0, out[-3000:]
     assert not (tmp_path / "data" / "node.json").exists(), "the demo stops what it started"
+    # Tiering: the samples dated more than 180 days ago went cold and one came back whole.
+    moved = re.search(r"studies moved hot → cold.*?(\d+) of (\d+)", out)
+    assert moved is not None and int(moved.group(1)) > 0, out[-3000:]
+    assert moved.group(1) == moved.group(2)
+    assert re.search(r"an instance read back from cold\W+byte-identical", out), out[-3000:]
 
 
 def _one_clear_line(result: subprocess.CompletedProcess[str]) -> str:

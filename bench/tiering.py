@@ -1,0 +1,323 @@
+"""How the tier plan's cost grows with the archive, and how fast apply moves studies.
+
+    .venv/bin/python bench/tiering.py [--sizes 100000,1000000] [--per-study 10]
+                                      [--changes 1000] [--apply-studies 24]
+
+**Plan.** For each size, real Delta tables in a real 4-drive MinIO: ``studies`` (study
+dates spread over ten years, growing 20 % a year; modalities mixed), ``instances``
+(``--per-study`` rows per study, the project's schema), ``access`` (reads: most studies
+read in their first weeks, a few later) and ``placements``. Every study is put in the tier
+the policy gives it today, except ``--changes`` studies left behind in hot: so the plan
+"as of today" changes exactly that many studies, whatever the archive's size, and the plan
+"as of tomorrow" changes those and the studies whose day has come. Printed per size: each
+plan's time, its peak memory (resident, sampled) and the studies it changes.
+Goal (issue 10): a daily plan over 10⁷ studies under 5 s here, growing with the studies
+that change, not with the archive.
+
+**Apply.** An embedded node (real Ray, real MinIO) ingests ``--apply-studies`` studies of
+8 MR-sized instances; then the whole plan (every study hot → cold, REDUCED_REDUNDANCY) is
+carried out by ``apply_tiering`` and timed: studies and MB per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+from deltalake import write_deltalake
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from catalog import ROOT, synthetic_columns
+
+from cluster import catalog
+from cluster import config as config_module
+from cluster.catalog import schema
+from cluster.client import StrataClient
+from cluster.dev.samples import SeriesPlan, generate
+from cluster.ops.minio import MinioServer, ensure_minio_binary
+from cluster.ops.node import Stack
+from cluster.tiering import engine
+from cluster.tiering.engine import StudyState
+from cluster.tiering.policy import parse_policy
+from cluster.tiering.states import study_states
+
+console = Console(width=160)
+MODALITIES = ("CT", "MR", "CR", "US", "DX")
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+POLICY = parse_policy(
+    {
+        "tiers": {
+            "hot": {"price_per_gb_month": 0.023},
+            "warm": {"price_per_gb_month": 0.0125},
+            "cold": {"price_per_gb_month": 0.004, "storage_class": "REDUCED_REDUNDANCY"},
+        },
+        "rules": [
+            {
+                "name": "promote on read",
+                "from": ["warm", "cold"],
+                "to": "hot",
+                "read_within_days": 7,
+            },
+            {"name": "warm after 90 days unread", "from": "hot", "to": "warm", "unread_days": 90},
+            {
+                "name": "cold after a year unread",
+                "from": ["hot", "warm"],
+                "to": "cold",
+                "min_age_days": 365,
+                "unread_days": 365,
+            },
+        ],
+    }
+)
+
+
+def write_archive(
+    settings: catalog.StoreSettings, bucket: str, studies: int, per: int, changes: int
+) -> None:
+    """The four tables for ``studies`` studies (see module)."""
+    catalog.create_tables(settings, bucket)
+    options = catalog.storage_options(settings)
+    rng = np.random.default_rng(studies)
+    # Ages: ten years of studies, each year 20 % more than the one before.
+    weights = 1.2 ** np.arange(10)
+    years = rng.choice(10, size=studies, p=weights / weights.sum())
+    age_days = (9 - years) * 365 + rng.integers(0, 365, size=studies)
+    born = NOW - age_days.astype("timedelta64[D]").astype(timedelta)
+    read = rng.random(studies) < 0.6  # 60 % read at least once: most soon after ingest
+    read_after = np.where(
+        rng.random(studies) < 0.9, rng.integers(0, 30, studies), rng.integers(30, 3650, studies)
+    )
+    read_at = [
+        b + timedelta(days=int(a)) if r and b + timedelta(days=int(a)) < NOW else None
+        for b, a, r in zip(born, read_after, read, strict=True)
+    ]
+    uids = [f"{ROOT}.{s}" for s in range(studies)]
+    modality = np.array(MODALITIES)[np.arange(studies) % len(MODALITIES)]
+    patients = [f"p{s // 3:016x}" for s in range(studies)]
+    tiers = []
+    left = set(rng.choice(studies, size=min(changes, studies), replace=False).tolist())
+    for number in range(studies):
+        state = StudyState(
+            uids[number],
+            patients[number],
+            "hot",
+            born[number].date(),
+            born[number],
+            read_at[number],
+            born[number],
+            (str(modality[number]),),
+            ("CHEST",),
+            per,
+            per * 180_000,
+        )
+        tier = "hot"
+        if number not in left:  # settled: where the policy puts it today
+            for _ in range(2):  # hot → warm → cold, as the engine would over time
+                decision = engine.decide(replace(state, tier=tier), POLICY, NOW)
+                if decision is None or decision.action != "move":
+                    break
+                tier = decision.to
+        tiers.append(tier)
+    ingest = pa.array(born, pa.timestamp("us", tz="UTC"))
+    studies_table = pa.table(
+        {
+            "study_instance_uid": uids,
+            "patient_pseudonym": patients,
+            "accession_pseudonym": [f"a{s:016x}" for s in range(studies)],
+            "study_date": pa.array([b.date() for b in born], pa.date32()),
+            "modalities": [[m] for m in modality.tolist()],
+            "instance_count": np.full(studies, per),
+            "series_count": np.full(studies, 3),
+            "bytes_in": np.full(studies, per * 525_000),
+            "bytes_stored": np.full(studies, per * 180_000),
+            "tier": ["hot"] * studies,
+            "first_ingest_time": ingest,
+            "last_ingest_time": ingest,
+            "ingest_date": pa.array([b.date() for b in born], pa.date32()),
+        }
+    ).cast(schema.STUDIES_SCHEMA)
+    write_deltalake(
+        catalog.table_uri(bucket, catalog.STUDIES),
+        studies_table,
+        mode="append",
+        storage_options=options,
+    )
+    rows = studies * per
+    for first in range(0, rows, 1_000_000):
+        write_deltalake(
+            catalog.table_uri(bucket, catalog.INSTANCES),
+            synthetic_columns(first, min(1_000_000, rows - first), per),
+            mode="append",
+            storage_options=options,
+        )
+    reads = [(uids[s], moment) for s, moment in enumerate(read_at) if moment is not None]
+    access = pa.table(
+        {
+            "study_instance_uid": [uid for uid, _ in reads],
+            "access_time": pa.array([m for _, m in reads], pa.timestamp("us", tz="UTC")),
+            "access_date": pa.array([m.date() for _, m in reads], pa.date32()),
+        }
+    ).cast(schema.ACCESS_SCHEMA)
+    write_deltalake(
+        catalog.table_uri(bucket, catalog.ACCESS), access, mode="append", storage_options=options
+    )
+    # One placement row per study that is not hot (its first instance's: enough for the
+    # plan, which reads the latest placement of the study).
+    moved = [s for s, tier in enumerate(tiers) if tier != "hot"]
+    placed = pa.table(
+        {
+            "sha256": [f"{s:064x}" for s in moved],
+            "sop_instance_uid": [f"{uids[s]}.0" for s in moved],
+            "version": pa.array([1] * len(moved), pa.int32()),
+            "study_instance_uid": [uids[s] for s in moved],
+            "tier": [tiers[s] for s in moved],
+            "bucket": [f"strata-{tiers[s]}" for s in moved],
+            "object_key": [f"v2/{s}" for s in moved],
+            "byte_offset": [0] * len(moved),
+            "byte_length": [180_000] * len(moved),
+            "key_id": ["kek-1"] * len(moved),
+            "reason": ["tier move: bench"] * len(moved),
+            "placed_time": pa.array(
+                [NOW - timedelta(days=1)] * len(moved), pa.timestamp("us", tz="UTC")
+            ),
+            "placed_date": pa.array([(NOW - timedelta(days=1)).date()] * len(moved), pa.date32()),
+        }
+    ).cast(schema.PLACEMENTS_SCHEMA)
+    write_deltalake(
+        catalog.table_uri(bucket, catalog.PLACEMENTS),
+        placed,
+        mode="append",
+        storage_options=options,
+    )
+
+
+def timed_plan(
+    settings: catalog.StoreSettings, bucket: str, at: datetime
+) -> tuple[float, float, int]:
+    """Seconds, peak resident MiB above the start, and studies changed, of one plan."""
+    me = psutil.Process()
+    base = me.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], me.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    planned = engine.plan(study_states(settings, bucket), POLICY, at)
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    return seconds, (peak[0] - base) / 2**20, len(planned.decisions)
+
+
+async def apply_throughput(work: Path, studies: int) -> tuple[int, float, float]:
+    """Studies moved, seconds, MB moved by a real node's apply."""
+    files = generate(
+        work / "samples",
+        tuple((SeriesPlan("MR2_UNCI.dcm", "MR", 8, tile=512),) for _ in range(studies)),
+    )
+    config = replace(
+        config_module.load(), data_dir=work / "node", port=0, key_file=work / "keys" / "keys.json"
+    )
+    stack = Stack(config, embedded=True)
+    await stack.start()
+    try:
+        with StrataClient(stack.address, stack.tokens.first) as client:
+            outcomes = await asyncio.to_thread(lambda: list(client.ingest_files(files)))
+        assert {o.status for o in outcomes} == {"stored"}
+        everything = parse_policy(
+            {
+                "rules": [{"name": "all cold", "from": "hot", "to": "cold"}],
+                "tiers": {"hot": {}, "warm": {}, "cold": {"storage_class": "REDUCED_REDUNDANCY"}},
+            }
+        )
+        started = time.perf_counter()
+        last = None
+        async for step in stack.apply_tiering(everything):
+            last = step
+        seconds = time.perf_counter() - started
+        assert last is not None and last.studies_failed == 0
+        return last.studies_done, seconds, last.bytes_done / 1e6
+    finally:
+        await stack.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--per-study", type=int, default=10)
+    parser.add_argument("--changes", type=int, default=1000)
+    parser.add_argument("--apply-studies", type=int, default=24)
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    ensure_minio_binary()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        server = MinioServer(work / "minio", drives=4).start()
+        table = Table(title="tier plan (the whole archive read: this version's limit)")
+        for column in (
+            "studies",
+            "instance rows",
+            "write s",
+            "plan today s",
+            "MiB",
+            "changes",
+            "plan tomorrow s",
+            "MiB ",
+            "changes ",
+        ):
+            table.add_column(column, justify="right")
+        try:
+            for size in sizes:
+                bucket = f"bench-tiering-{size}"
+                started = time.perf_counter()
+                write_archive(server.settings, bucket, size, args.per_study, args.changes)
+                written = time.perf_counter() - started
+                today = timed_plan(server.settings, bucket, NOW)
+                tomorrow = timed_plan(server.settings, bucket, NOW + timedelta(days=1))
+                table.add_row(
+                    f"{size:,}",
+                    f"{size * args.per_study:,}",
+                    f"{written:.0f}",
+                    f"{today[0]:.2f}",
+                    f"{today[1]:.0f}",
+                    f"{today[2]:,}",
+                    f"{tomorrow[0]:.2f}",
+                    f"{tomorrow[1]:.0f}",
+                    f"{tomorrow[2]:,}",
+                )
+                console.print(table)
+        finally:
+            server.stop()
+        first, last = sizes[0], sizes[-1]
+        console.print(
+            f"goal: a daily plan over 10⁷ studies under 5 s, growing with the "
+            f"studies that change ({args.changes:,} a day here at every size), "
+            f"not with the archive ({last // first}× from {first:,} to {last:,})"
+        )
+        moved, seconds, mb = asyncio.run(apply_throughput(work / "apply", args.apply_studies))
+        console.print(
+            f"apply on real MinIO: {moved} studies ({mb:.1f} MB stored) in "
+            f"{seconds:.1f} s: {moved / seconds:.2f} studies/s, {mb / seconds:.1f} MB/s "
+            "(copy, verify every instance by rebuilding it, commit, delete the source)"
+        )
+
+
+if __name__ == "__main__":
+    main()
