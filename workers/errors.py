@@ -34,6 +34,9 @@ class Reason(StrEnum):
     DATA_LOSS = "data_loss"  # the stored object cannot be read back or failed its checks
     TIMEOUT = "timeout"  # a step did not answer within its deadline
     BUSY = "busy"  # as many calls are being served as the archive may serve at once
+    # The study was deleted at the end of its retention (crypto-shredded): it cannot be
+    # read, and a re-sent copy is not stored again.
+    DELETED = "deleted"
 
 
 class RejectError(Exception):

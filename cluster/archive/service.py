@@ -40,6 +40,7 @@ from cluster.archive.dispatch import (
 )
 from cluster.archive.find import UNIQUE, FindError, Found, Query, latest
 from cluster.archive.find import find as find_matches
+from cluster.catalog.placements import DELETED
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import StudyRow
 from workers.dicom.identity import IdentityKeys, identity_keys
@@ -340,7 +341,11 @@ class Archive:
         self._inflight[sha256] = future
         try:
             known = await self._lookup(sha256)
-            if known is not None:
+            if known is not None and known.tier == DELETED:
+                result = FileResult(
+                    file_id, "rejected", reason=Reason.DELETED.value, message=_DELETED
+                )
+            elif known is not None:
                 result = FileResult(file_id, "duplicate", record=known)
             else:
                 # The budget stays held until Ray has let go of the bytes too, even if
@@ -419,6 +424,8 @@ class Archive:
             raise ArchiveError(Reason.UNAVAILABLE, _CATALOG_DOWN) from None
         if record is None:
             raise ArchiveError(Reason.NOT_FOUND, "no stored instance has that SOP Instance UID")
+        if record.tier == DELETED:
+            raise ArchiveError(Reason.DELETED, _DELETED)
         return record
 
     @contextlib.asynccontextmanager
@@ -429,6 +436,8 @@ class Archive:
         ``stored``, or a transfer syntax UID to transcode to losslessly); the worker stops
         as soon as the block is left, whether the caller read everything or not."""
         self.check_available()
+        if record.tier == DELETED:
+            raise ArchiveError(Reason.DELETED, _DELETED)
         ref = ObjectRef.of(record)
         stream = _restore_stream.remote(ref, form, self._settings_ref, RETRIEVE_CHUNK)
         try:
@@ -462,6 +471,8 @@ class Archive:
         if not numbers:
             raise ArchiveError(Reason.BAD_REQUEST, "no frame numbers given")
         self.check_available()
+        if record.tier == DELETED:
+            raise ArchiveError(Reason.DELETED, _DELETED)
         ref = ObjectRef.of(record)
         task = _frames_task.remote(ref, list(numbers), self._settings_ref, decoded)
         frames: list[FrameData] = await self._reading(task, record)  # cancelled there if late
@@ -650,6 +661,10 @@ _PARTS_LOST = (
     "send it again"
 )
 _CATALOG_DOWN = "the catalog is not answering; try again shortly"
+_DELETED = (
+    "this instance's study was deleted at the end of its retention (its keys destroyed); "
+    "it cannot be read, and a copy sent again is not stored"
+)
 _SEARCH_TIMEOUT = "the catalog search did not finish in time; narrow it or try again"
 _IDENTITY_UNREADABLE = (
     "the identity index could not be read (a box failed its check); the search was not "

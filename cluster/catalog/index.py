@@ -50,7 +50,7 @@ from typing import Any
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cluster.catalog.placements import PLACEMENTS_SCHEMA
+from cluster.catalog.placements import DELETED, PLACEMENTS_SCHEMA
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
     ACCESS,
@@ -614,6 +614,8 @@ class CatalogIndex:
                 else None,
             ),
             ("tier = ?", filters.tier),
+            # A study deleted at its retention end is found only when asked for by tier.
+            ("coalesce(tier, '') != ?", None if filters.tier == DELETED else DELETED),
             ("study_date >= ?", filters.date_from.isoformat() if filters.date_from else None),
             ("study_date <= ?", filters.date_to.isoformat() if filters.date_to else None),
         ]
@@ -649,6 +651,8 @@ class CatalogIndex:
         conditions += [
             ("i.study_date >= ?", _days(filters.date_from)),
             ("i.study_date <= ?", _days(filters.date_to)),
+            # Instances deleted at their study's retention end are never found.
+            ("coalesce(p.tier, i.tier) != ?", self._codes.known(DELETED)),
         ]
         where, values = _where(conditions)
         # Studies in the order of their keys, which the B-tree holds: a search with no
@@ -754,11 +758,25 @@ class CatalogIndex:
 
     def _write(self, name: str, rows: list[tuple[Any, ...]]) -> None:
         if name == IDENTITY:
+            if (deleted := self._codes.known(DELETED)) is not None:  # a rebuild, say
+                shredded = {
+                    sha
+                    for chunk, marks in _in_lists([sha for sha, _, _ in rows])
+                    for (sha,) in self._db.execute(
+                        f"SELECT sha256 FROM placements WHERE tier = ? AND sha256 IN ({marks})",
+                        (deleted, *chunk),
+                    )
+                }
+                rows = [row for row in rows if row[0] not in shredded]
             self._db.executemany(_IDENTIFY, [(sha, sealed) for sha, sealed, _ in rows])
             self._db.executemany(_TOKEN, [token for _, _, tokens in rows for token in tokens])
             return
         statement = {INSTANCES: _INSERT, PLACEMENTS: _PLACE, ACCESS: _ACCESSED}[name]
         self._db.executemany(statement, rows)
+        if name == PLACEMENTS and (deleted := self._codes.known(DELETED)) is not None:
+            # A deleted instance's sealed identity box goes from the index with it.
+            gone = [(row[0],) for row in rows if row[1] == deleted]
+            self._db.executemany("DELETE FROM identity WHERE sha256 = ?", gone)
 
     def _derive(self, study_uids: Iterable[str]) -> None:
         """Derive these studies' rows again (their last access is kept)."""

@@ -7,6 +7,12 @@ rotation appends a row to the ``placements`` table (append-only, partitioned by
 writer's index (retrieval follows it at once) and for analysts (docs/catalog.md). History
 is never rewritten: a move costs one small append, and where an object was on any day
 remains a query.
+
+A study deleted at the end of its retention is placed nowhere: each instance's last
+placement is in the tier ``deleted`` (no bucket, no object, no key), with the rule that
+ended it in ``reason``. That row is the catalog's record of the deletion; the searches
+and lookups of the doors no longer find the study, and its keys objects are gone from
+the store (crypto-shredding: ``cluster.tiering.apply``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
+
+DELETED = "deleted"  # the tier of an instance whose study's retention ended
 
 PLACEMENTS_SCHEMA = pa.schema(
     [
@@ -70,3 +78,28 @@ def placements_table(placements: Iterable[Placement]) -> pa.Table:
         row["placed_date"] = row["placed_time"].date()
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=PLACEMENTS_SCHEMA)
+
+
+def deletion(
+    sha256: str,
+    sop_instance_uid: str,
+    version: int,
+    study_instance_uid: str,
+    reason: str,
+    placed_time: datetime,
+) -> Placement:
+    """The placement that records an instance deleted (its data key destroyed)."""
+    return Placement(
+        sha256,
+        sop_instance_uid,
+        version,
+        study_instance_uid,
+        DELETED,
+        "",
+        "",
+        0,
+        0,
+        "",
+        reason,
+        placed_time,
+    )

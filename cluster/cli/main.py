@@ -568,22 +568,24 @@ def _tier_apply(args: argparse.Namespace) -> int:
     if last is None:
         raise CommandError("the node sent no progress; run the apply again")
     table = Table(title="tier apply")
-    for column in ("planned", "moved", "failed", "GB moved", "resumed", "not carried out"):
+    for column in ("planned", "moved", "deleted", "failed", "GB", "resumed"):
         table.add_column(column, justify="right")
     table.add_row(
         str(last.studies_total),
-        str(last.studies_done),
+        str(last.studies_done - last.studies_deleted),
+        str(last.studies_deleted),
         str(last.studies_failed),
         f"{last.bytes_done / 1e9:.3f}",
         str(last.resumed),
-        str(last.not_carried_out),
     )
     Console().print(table)
-    if last.not_carried_out:
+    if last.studies_deleted:
         Console().print(
-            f"{last.not_carried_out} retention deletions were planned and not carried out: "
-            "crypto-shredding is not built yet"
+            f"Deleted at the end of their retention: {last.studies_deleted} studies (their "
+            "data keys destroyed, crypto-shredded; the catalog's placements record it)"
         )
+    if last.not_carried_out:
+        Console().print(f"Not carried out: {last.not_carried_out} decisions")
     return 1 if last.studies_failed else 0
 
 

@@ -105,6 +105,7 @@ class TierApplyProgress(_message.Message):
     RESUMED_FIELD_NUMBER: _builtins.int
     NOT_CARRIED_OUT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    STUDIES_DELETED_FIELD_NUMBER: _builtins.int
     studies_total: _builtins.int
     """moves the plan holds"""
     studies_done: _builtins.int
@@ -116,9 +117,11 @@ class TierApplyProgress(_message.Message):
     resumed: _builtins.int
     """moves an earlier, interrupted apply had begun, finished"""
     not_carried_out: _builtins.int
-    """decisions this version does not carry out (deletions)"""
+    """decisions this version does not carry out"""
     message: _builtins.str
     """what the last step did or why a study failed (no PHI)"""
+    studies_deleted: _builtins.int
+    """of studies_done: past their retention, keys destroyed"""
     def __init__(
         self,
         *,
@@ -130,10 +133,11 @@ class TierApplyProgress(_message.Message):
         resumed: _builtins.int = ...,
         not_carried_out: _builtins.int = ...,
         message: _builtins.str = ...,
+        studies_deleted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "message", b"message", "not_carried_out", b"not_carried_out", "resumed", b"resumed", "studies_done", b"studies_done", "studies_failed", b"studies_failed", "studies_total", b"studies_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "message", b"message", "not_carried_out", b"not_carried_out", "resumed", b"resumed", "studies_deleted", b"studies_deleted", "studies_done", b"studies_done", "studies_failed", b"studies_failed", "studies_total", b"studies_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,8 +19,22 @@ if not, the copies are deleted (the study is planned again). So no object is los
 source is deleted only after its copy is proven and committed), none is left orphaned,
 and the catalog never places a study in two tiers.
 
-Not yet: a cold tier's different codec (re-encoding on the way), and deletion at the
-end of retention (crypto-shredding); such decisions are counted as not carried out.
+A study whose retention has ended is deleted by crypto-shredding, also resumable:
+
+1. A marker ``tiering/deleting/<study hash>.json`` names the study's packs.
+2. Every instance (every version) is placed in the tier ``deleted`` (one journal group):
+   from then on the catalog records the deletion (the rule, the time) and no door finds
+   or reads the study; a copy sent again is refused, not stored.
+3. The keys objects of its packs are deleted (the data keys are gone, so the packs are
+   ciphertext nobody can open), then the packs, then whatever else lies under the
+   study's prefix that no live instance names; a listing checks that no keys object of
+   the study is left in any tier.
+4. The marker is deleted.
+
+Killed before step 2 landed, the next apply drops the marker (nothing was touched, the
+study is planned again); after it, the next apply shreds what is left.
+
+Not yet: a cold tier's different codec (re-encoding on the way).
 """
 
 from __future__ import annotations
@@ -37,12 +51,12 @@ from typing import Any
 import ray
 from minio.commonconfig import REPLACE, CopySource
 
-from cluster.catalog.placements import Placement
+from cluster.catalog.placements import Placement, deletion
 from cluster.catalog.queries import InstanceFilters
 from cluster.tiering.engine import Decision
 from cluster.tiering.policy import Policy, Tier
 from workers.objects import store
-from workers.objects.envelope import keys_key_for
+from workers.objects.envelope import KEYS_SUFFIX, keys_key_for
 from workers.pipeline.ingest import PipelineSettings
 from workers.pipeline.restore import ObjectRef, restore
 from workers.records import InstanceRecord, StoreSettings
@@ -50,6 +64,7 @@ from workers.records import InstanceRecord, StoreSettings
 log = logging.getLogger("strata.tiering")
 
 MARKERS = "tiering/moving/"
+DELETING = "tiering/deleting/"
 MOVE_DEADLINE_S = 1800.0  # one study's copy and verification
 _MOST_INSTANCES = 1_000_000  # of one study, asked of the catalog at once
 
@@ -85,8 +100,30 @@ class Marker:
         return cls(document["study"], document["from"], document["to"], tuple(document["packs"]))
 
 
-def marker_key(study_instance_uid: str) -> str:
-    return MARKERS + hashlib.sha256(study_instance_uid.encode()).hexdigest()[:32] + ".json"
+@dataclass(frozen=True)
+class DeletionMarker:
+    """A retention deletion begun: the study and its packs, as (tier, key)."""
+
+    study_instance_uid: str
+    packs: tuple[tuple[str, str], ...]
+
+    @property
+    def key(self) -> str:
+        return marker_key(self.study_instance_uid, DELETING)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {"study": self.study_instance_uid, "packs": [list(pack) for pack in self.packs]}
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeletionMarker:
+        document = json.loads(data)
+        return cls(document["study"], tuple((tier, key) for tier, key in document["packs"]))
+
+
+def marker_key(study_instance_uid: str, prefix: str = MARKERS) -> str:
+    return prefix + hashlib.sha256(study_instance_uid.encode()).hexdigest()[:32] + ".json"
 
 
 def packs_in_motion(settings: StoreSettings, catalog_bucket: str) -> frozenset[str]:
@@ -161,6 +198,7 @@ class ApplyProgress:
     bytes_total: int = 0
     bytes_done: int = 0
     resumed: int = 0
+    studies_deleted: int = 0  # past their retention: placed nowhere, keys destroyed
     not_carried_out: int = 0
     message: str = ""
     failures: list[str] = field(default_factory=list)
@@ -189,7 +227,7 @@ class TierApplier:
         """Finish interrupted moves, then carry out ``decisions``; yields progress after
         each step."""
         progress = ApplyProgress()
-        moves = [d for d in decisions if d.action == "move"]
+        moves = [d for d in decisions if d.action in ("move", "delete")]
         progress.not_carried_out = len(decisions) - len(moves)
         progress.studies_total = len(moves)
         progress.bytes_total = sum(d.study.bytes_stored for d in moves)
@@ -202,17 +240,25 @@ class TierApplier:
 
         async def one(decision: Decision) -> None:
             async with slots:
+                deleting = decision.action == "delete"
                 try:
-                    await self.move(decision)
+                    await (self.delete(decision) if deleting else self.move(decision))
                 except Exception as error:  # noqa: BLE001 - this study stays; the rest go on
                     progress.studies_failed += 1
                     progress.message = f"a study stayed in {decision.study.tier}: {error}"
                     progress.failures.append(str(error))
-                    log.error("tier move failed, the study stays where it was: %s", error)
+                    log.error("tier %s failed: %s", "deletion" if deleting else "move", error)
                 else:
                     progress.studies_done += 1
                     progress.bytes_done += decision.study.bytes_stored
-                    progress.message = f"moved a study {decision.study.tier} → {decision.to}"
+                    if deleting:
+                        progress.studies_deleted += 1
+                        progress.message = (
+                            f"deleted a study at its retention end ({decision.rule}): "
+                            "its keys are destroyed"
+                        )
+                    else:
+                        progress.message = f"moved a study {decision.study.tier} → {decision.to}"
                 await queue.put(progress)
 
         tasks = [asyncio.create_task(one(decision)) for decision in moves]
@@ -268,7 +314,93 @@ class TierApplier:
         )
         await self._finish(marker, placed=True)
 
+    async def delete(self, decision: Decision) -> None:
+        """Delete a study at the end of its retention: record it in the catalog, then
+        destroy its keys (see the module's docstring)."""
+        study = decision.study.study_instance_uid
+        records: list[InstanceRecord] = await self._catalog.find_instances.remote(
+            InstanceFilters(study_uid=study), _MOST_INSTANCES
+        )
+        if not records:
+            return  # deleted already (by an earlier apply): nothing to do
+        packs = tuple(sorted({(record.tier, record.object_key) for record in records}))
+        marker = DeletionMarker(study, packs)
+        await asyncio.to_thread(store.put, self._store, self._bucket, marker.key, marker.to_bytes())
+        now = datetime.now(UTC)
+        reason = f"retention end: {decision.rule}; data keys destroyed (crypto-shredded)"
+        await self._catalog.place.remote(
+            [
+                deletion(record.sha256, record.sop_instance_uid, record.version, study, reason, now)
+                for record in records
+            ]
+        )
+        await self._shred(marker)
+
+    async def _shred(self, marker: DeletionMarker) -> None:
+        """Destroy the keys of a study whose deletion the catalog holds, then its packs and
+        anything else under its prefix that no live instance names; then the marker."""
+        study = marker.study_instance_uid
+        live: list[InstanceRecord] = await self._catalog.find_instances.remote(
+            InstanceFilters(study_uid=study), _MOST_INSTANCES
+        )  # instances of the study stored after the deletion was decided are kept
+        keep = {(store.tier_bucket(record.tier), record.object_key) for record in live}
+        buckets = {tier.bucket_name for tier in self._policy.tiers.values()}
+        buckets |= {store.tier_bucket(tier) for tier, _ in marker.packs}
+        prefix = store.study_prefix(study)
+
+        def shred() -> None:
+            for bucket in sorted(buckets):
+                if not store.bucket_exists(self._store, bucket):
+                    continue
+                named = [key for tier, key in marker.packs if store.tier_bucket(tier) == bucket]
+                found = {
+                    key.removesuffix(KEYS_SUFFIX)
+                    for key in store.list_keys(self._store, bucket, prefix)
+                }
+                kept = {key for b, key in keep if b == bucket}
+                packs = sorted((found | set(named)) - kept)
+                # The keys first: once they are gone the packs can no longer be opened.
+                store.delete_many(self._store, bucket, [keys_key_for(pack) for pack in packs])
+                store.delete_many(self._store, bucket, packs)
+                left = [
+                    key
+                    for key in store.list_keys(self._store, bucket, prefix)
+                    if key.endswith(KEYS_SUFFIX)
+                    and (bucket, key.removesuffix(KEYS_SUFFIX)) not in keep
+                ]
+                if left:
+                    raise MoveError(
+                        f"{len(left)} keys objects of a deleted study are left in {bucket}"
+                    )
+
+        await asyncio.to_thread(shred)
+        await asyncio.to_thread(store.delete, self._store, self._bucket, marker.key)
+
     async def recover(self) -> int:
+        """Finish the moves and deletions whose markers are left; returns how many there
+        were."""
+        resumed = 0
+        keys = await asyncio.to_thread(
+            lambda: list(store.list_keys(self._store, self._bucket, DELETING))
+        )
+        for key in keys:
+            marker = DeletionMarker.from_bytes(
+                await asyncio.to_thread(store.get, self._store, self._bucket, key)
+            )
+            live: list[InstanceRecord] = await self._catalog.find_instances.remote(
+                InstanceFilters(study_uid=marker.study_instance_uid), _MOST_INSTANCES
+            )
+            named = {key for _, key in marker.packs}
+            if any(record.object_key in named for record in live):
+                log.info("an interrupted retention deletion had not been recorded: undone")
+                await asyncio.to_thread(store.delete, self._store, self._bucket, key)
+            else:
+                log.info("finishing an interrupted retention deletion: destroying its keys")
+                await self._shred(marker)
+            resumed += 1
+        return resumed + await self._recover_moves()
+
+    async def _recover_moves(self) -> int:
         """Finish the moves whose markers are left; returns how many there were."""
         keys = await asyncio.to_thread(
             lambda: list(store.list_keys(self._store, self._bucket, MARKERS))

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Literal
 
+from cluster.catalog import placements
 from cluster.config import TIERS
 from cluster.tiering.policy import ORDER, Policy, Retention, Rule
 
-DELETED = "deleted"  # the "to" of a study whose retention ended (crypto-shredded)
+# The "to" of a study whose retention ended (crypto-shredded), and then its tier.
+DELETED = placements.DELETED
 GB = 1e9  # prices are per decimal GB-month, as storage is billed
 
 
@@ -79,6 +81,8 @@ def decide(study: StudyState, policy: Policy, now: datetime) -> Decision | None:
     A held study is never deleted and never moved down (a rule that would move it down
     is passed over; one that moves it up still applies). Retention is decided first: a
     study past its retention end is deleted whatever the move rules say."""
+    if study.tier == DELETED:
+        return None  # gone for good
     is_held = held(study, policy)
     if not is_held:
         for retention in policy.retention:

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from cluster.catalog import queries
+from cluster.catalog.placements import DELETED
 from cluster.catalog.schema import ACCESS, DEFAULT_BUCKET, INSTANCES, PLACEMENTS, STUDIES
 from cluster.tiering.engine import StudyState
 from workers.records import StoreSettings
@@ -43,6 +44,7 @@ FROM {STUDIES} s
 LEFT JOIN last_read r USING (study_instance_uid)
 LEFT JOIN last_placed p USING (study_instance_uid)
 LEFT JOIN parts b USING (study_instance_uid)
+WHERE coalesce(p.tier, s.tier) <> '{DELETED}'
 """
 
 
@@ -59,7 +61,7 @@ def study_states(
     else:
         connection.register("wanted", pa.table({"study_instance_uid": list(studies)}))
         result = connection.execute(
-            f"{_SQL} WHERE s.study_instance_uid IN (SELECT study_instance_uid FROM wanted)"
+            f"{_SQL} AND s.study_instance_uid IN (SELECT study_instance_uid FROM wanted)"
         )
     while rows := result.fetchmany(10_000):
         for row in rows:

@@ -40,6 +40,7 @@ _STORE = {
     Reason.BUSY: OUT_OF_RESOURCES + 0x05,
     Reason.TIMEOUT: OUT_OF_RESOURCES + 0x06,
     Reason.INTERNAL: CANNOT_UNDERSTAND + 0x02,
+    Reason.DELETED: CANNOT_UNDERSTAND + 0x03,  # its study's retention ended: not stored again
 }
 
 

@@ -35,6 +35,7 @@ _STATUS = {
 # Each reason the archive gives, as a gRPC status.
 CODES = {
     Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.DELETED: grpc.StatusCode.NOT_FOUND,
     Reason.NO_SUCH_FRAME: grpc.StatusCode.OUT_OF_RANGE,
     Reason.TRANSCODE_REFUSED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
@@ -320,6 +321,7 @@ class TieringService(pb_grpc.TieringServicer):
                 bytes_done=progress.bytes_done,
                 resumed=progress.resumed,
                 not_carried_out=progress.not_carried_out,
+                studies_deleted=progress.studies_deleted,
                 message=progress.message,
             )
 

@@ -70,6 +70,7 @@ FRAME_MEDIA_TYPES = {
 _HTTP = {
     Reason.BAD_REQUEST: 400,
     Reason.NOT_FOUND: 404,
+    Reason.DELETED: 410,  # deleted at the end of its retention
     Reason.NO_SUCH_FRAME: 404,
     Reason.TRANSCODE_REFUSED: 406,
     Reason.BUSY: 503,
@@ -88,6 +89,7 @@ _FAILURE_REASON = {  # PS3.18 Table 10.5.3-1 (and PS3.4 C-STORE statuses)
     Reason.MISSING_UID: 0xA900,
     Reason.PIXEL_LENGTH_MISMATCH: 0xA900,
     Reason.NOT_DICOM: 0xC000,
+    Reason.DELETED: 0xC000,
 }
 QIDO_LIMIT = 1000
 _PAGING = {"limit", "offset", "includefield", "fuzzymatching"}

@@ -336,6 +336,46 @@ def test_a_placement_moves_an_object_without_rewriting_history(
         ray.kill(again)
 
 
+def test_a_deletion_places_an_instance_nowhere_and_no_search_finds_it(
+    ray_local: None, minio: MinioServer, bucket_name: str, tmp_path: Any
+) -> None:
+    settings = minio.settings
+    index_path = str(tmp_path / "index.sqlite")
+    writer = start_writer(settings, bucket_name, max_wait_s=0.01, index_path=index_path)
+    done = ray.get(writer.commit.remote([stored(make_record(uid)) for uid in ("7.1.1", "7.1.2")]))
+    gone = done[0].record
+    ray.get(
+        writer.place.remote(
+            [
+                catalog.placements.deletion(
+                    gone.sha256,
+                    gone.sop_instance_uid,
+                    1,
+                    STUDY_A,
+                    "retention end: r",
+                    datetime.now(UTC),
+                )
+            ]
+        )
+    )
+
+    def seen(w: Any) -> tuple[str, list[str]]:
+        found = ray.get(w.find_instances.remote(catalog.InstanceFilters(study_uid=STUDY_A), 100))
+        return ray.get(w.latest.remote("7.1.1")).tier, [r.sop_instance_uid for r in found]
+
+    assert seen(writer) == ("deleted", ["7.1.2"])  # the other instance is untouched
+    assert ray.get(writer.lookup_sha256.remote(gone.sha256)).tier == "deleted"
+    ray.get(writer.close.remote())
+    ray.kill(writer)
+    # Kept by a restart and by a rebuild of a lost index.
+    for lose_index in (False, True):
+        if lose_index:
+            Path(index_path).unlink()
+        again = start_writer(settings, bucket_name, index_path=index_path)
+        assert seen(again) == ("deleted", ["7.1.2"])
+        ray.kill(again)
+
+
 def test_a_commit_the_store_cannot_take_fails_every_caller_and_stores_nothing(
     tmp_path: Path,
 ) -> None:

@@ -194,6 +194,8 @@ def test_retention_ends_by_the_first_matching_retention() -> None:
     assert kept is not None and kept.action == "move"
     gone = decide(study(age_days=7300), policy, NOW)
     assert gone is not None and gone.rule == "everything else, 20 years"
+    # Once deleted, a study is left alone: no rule moves it, no retention ends it again.
+    assert decide(study(tier=engine.DELETED, age_days=7300), policy, NOW) is None
 
 
 def test_the_plan_sums_flows_and_prices_the_tiers_before_and_after() -> None:
