@@ -190,8 +190,15 @@ _INSERT = (
     f"VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
 )
 # An instance's record with its current placement applied, in RECORD_FIELDS' order.
+# A placement's byte range is also the instance's stored size there (a tier with its own
+# codec stores fewer bytes; a deleted instance none).
 _SELECT = "SELECT " + ", ".join(
-    f"coalesce(p.{name}, i.{name})" if name in _PLACED else f"i.{name}" for name in RECORD_FIELDS
+    f"coalesce(p.{name}, i.{name})"
+    if name in _PLACED
+    else "coalesce(p.byte_length, i.bytes_stored)"
+    if name == "bytes_stored"
+    else f"i.{name}"
+    for name in RECORD_FIELDS
 )
 _SELECT += " FROM instances i LEFT JOIN placements p ON p.sha256 = i.sha256"
 _PLACE = (
@@ -226,9 +233,10 @@ _DERIVE = (
     "s.first_ingest_time, s.last_ingest_time, NULL, 1 "
     "FROM (SELECT study_key, study_instance_uid, min(study_date) AS study_date, "
     "sum(version = 1) AS instance_count, count(DISTINCT series_instance_uid) AS series_count, "
-    "sum(bytes_in) AS bytes_in, sum(bytes_stored) AS bytes_stored, "
+    "sum(bytes_in) AS bytes_in, sum(coalesce(p.byte_length, i.bytes_stored)) AS bytes_stored, "
     "min(ingest_time) AS first_ingest_time, max(ingest_time) AS last_ingest_time "
-    "FROM instances WHERE study_key IN ({keys}) AND study_instance_uid IN ({uids}) "
+    "FROM instances i LEFT JOIN placements p ON p.sha256 = i.sha256 "
+    "WHERE study_key IN ({keys}) AND study_instance_uid IN ({uids}) "
     "GROUP BY study_key, study_instance_uid) s WHERE 1 "
     "ON CONFLICT (study_instance_uid) DO UPDATE SET "
     + ", ".join(

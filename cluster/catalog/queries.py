@@ -112,7 +112,9 @@ WITH latest AS (
     SELECT * FROM {INSTANCES}
     QUALIFY row_number() OVER (PARTITION BY sop_instance_uid ORDER BY version DESC) = 1
 ), placed AS (
-    SELECT sha256, arg_max(tier, placed_time) AS tier FROM {PLACEMENTS} GROUP BY 1
+    SELECT sha256, arg_max(tier, placed_time) AS tier,
+           arg_max(byte_length, placed_time) AS byte_length
+    FROM {PLACEMENTS} GROUP BY 1
 ), reads AS (
     SELECT study_instance_uid, count(*) AS reads, max(access_time) AS last_read
     FROM {ACCESS} GROUP BY 1
@@ -132,8 +134,8 @@ SELECT
     l.columns,
     l.bits_stored,
     l.bytes_in,
-    l.bytes_stored,
-    l.bytes_in / nullif(l.bytes_stored, 0) AS compression_ratio,
+    coalesce(p.byte_length, l.bytes_stored) AS bytes_stored,  -- where it is now
+    l.bytes_in / nullif(coalesce(p.byte_length, l.bytes_stored), 0) AS compression_ratio,
     coalesce(p.tier, l.tier) AS tier,
     coalesce(r.reads, 0) AS study_reads,
     year(r.last_read) AS last_read_year

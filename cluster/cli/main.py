@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -63,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.run(args)
         return code
     except ConfigError as error:
-        console.print(f"[red]configuration error:[/red] {error}")
+        console.print(f"[red]configuration error:[/red] {escape(str(error))}")
         return 2
     except grpc.RpcError as error:
-        console.print(f"[red]{_rpc_failure(error, getattr(args, 'server', ''))}[/red]")
+        console.print(f"[red]{escape(_rpc_failure(error, getattr(args, 'server', '')))}[/red]")
         return 1
     except CommandError as error:
-        console.print(f"[red]{error}[/red]")
+        console.print(f"[red]{escape(str(error))}[/red]")  # "[tiers]" is not markup
         return 1
     except KeyboardInterrupt:
         return 130
@@ -583,6 +584,12 @@ def _tier_apply(args: argparse.Namespace) -> int:
         Console().print(
             f"Deleted at the end of their retention: {last.studies_deleted} studies (their "
             "data keys destroyed, crypto-shredded; the catalog's placements record it)"
+        )
+    if last.recoded_bytes_before:
+        before, after = last.recoded_bytes_before, last.recoded_bytes_after
+        Console().print(
+            f"Re-encoded with the target tier's codec and verified: {before / 1e6:.1f} MB → "
+            f"{after / 1e6:.1f} MB ({1 - after / before:.1%} smaller)"
         )
     if last.not_carried_out:
         Console().print(f"Not carried out: {last.not_carried_out} decisions")

@@ -106,6 +106,8 @@ class TierApplyProgress(_message.Message):
     NOT_CARRIED_OUT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     STUDIES_DELETED_FIELD_NUMBER: _builtins.int
+    RECODED_BYTES_BEFORE_FIELD_NUMBER: _builtins.int
+    RECODED_BYTES_AFTER_FIELD_NUMBER: _builtins.int
     studies_total: _builtins.int
     """moves the plan holds"""
     studies_done: _builtins.int
@@ -122,6 +124,9 @@ class TierApplyProgress(_message.Message):
     """what the last step did or why a study failed (no PHI)"""
     studies_deleted: _builtins.int
     """of studies_done: past their retention, keys destroyed"""
+    recoded_bytes_before: _builtins.int
+    """Members re-encoded with their target tier's own codec: bytes before and after."""
+    recoded_bytes_after: _builtins.int
     def __init__(
         self,
         *,
@@ -134,10 +139,12 @@ class TierApplyProgress(_message.Message):
         not_carried_out: _builtins.int = ...,
         message: _builtins.str = ...,
         studies_deleted: _builtins.int = ...,
+        recoded_bytes_before: _builtins.int = ...,
+        recoded_bytes_after: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "message", b"message", "not_carried_out", b"not_carried_out", "resumed", b"resumed", "studies_deleted", b"studies_deleted", "studies_done", b"studies_done", "studies_failed", b"studies_failed", "studies_total", b"studies_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "message", b"message", "not_carried_out", b"not_carried_out", "recoded_bytes_after", b"recoded_bytes_after", "recoded_bytes_before", b"recoded_bytes_before", "resumed", b"resumed", "studies_deleted", b"studies_deleted", "studies_done", b"studies_done", "studies_failed", b"studies_failed", "studies_total", b"studies_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

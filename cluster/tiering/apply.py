@@ -34,7 +34,11 @@ A study whose retention has ended is deleted by crypto-shredding, also resumable
 Killed before step 2 landed, the next apply drops the marker (nothing was touched, the
 study is planned again); after it, the next apply shreds what is left.
 
-Not yet: a cold tier's different codec (re-encoding on the way).
+A tier with its own ``codec`` (say, JPEG-LS for cold) gets new packs instead of copies:
+``workers.pipeline.recode`` decodes each instance's pixels, encodes them with the tier's
+codec, proves every frame bit for bit and every instance's rebuilt SHA-256, and the
+placements name the new packs' byte ranges (the marker names the new keys before they
+are written, so an interrupted move deletes them).
 """
 
 from __future__ import annotations
@@ -53,11 +57,13 @@ from minio.commonconfig import REPLACE, CopySource
 
 from cluster.catalog.placements import Placement, deletion
 from cluster.catalog.queries import InstanceFilters
+from cluster.config import CODECS
 from cluster.tiering.engine import Decision
 from cluster.tiering.policy import Policy, Tier
 from workers.objects import store
 from workers.objects.envelope import KEYS_SUFFIX, keys_key_for
 from workers.pipeline.ingest import PipelineSettings
+from workers.pipeline.recode import RecodeError, RecodeReport, recode_packs
 from workers.pipeline.restore import ObjectRef, restore
 from workers.records import InstanceRecord, StoreSettings
 
@@ -75,14 +81,23 @@ class MoveError(Exception):
 
 @dataclass(frozen=True)
 class Marker:
+    """A move begun: the study, its packs in the source tier, and their copies' keys in
+    the target (the same keys for a copy; new ones for packs rewritten with the target
+    tier's codec)."""
+
     study_instance_uid: str
     source: str
     target: str
     packs: tuple[str, ...]
+    copies: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
         return marker_key(self.study_instance_uid)
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        return self.copies or self.packs
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -91,13 +106,20 @@ class Marker:
                 "from": self.source,
                 "to": self.target,
                 "packs": list(self.packs),
+                "copies": list(self.copies),
             }
         ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Marker:
         document = json.loads(data)
-        return cls(document["study"], document["from"], document["to"], tuple(document["packs"]))
+        return cls(
+            document["study"],
+            document["from"],
+            document["to"],
+            tuple(document["packs"]),
+            tuple(document.get("copies", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -132,7 +154,8 @@ def packs_in_motion(settings: StoreSettings, catalog_bucket: str) -> frozenset[s
     found: set[str] = set()
     for key in store.list_keys(settings, catalog_bucket, MARKERS):
         try:
-            found.update(Marker.from_bytes(store.get(settings, catalog_bucket, key)).packs)
+            marker = Marker.from_bytes(store.get(settings, catalog_bucket, key))
+            found.update(marker.packs, marker.target_keys)
         except store.ObjectUnreadableError:
             continue  # finished meanwhile
     return frozenset(found)
@@ -188,6 +211,7 @@ def copy_and_verify(
 
 
 _copy_task = ray.remote(num_cpus=1, max_retries=2)(copy_and_verify)
+_recode_task = ray.remote(num_cpus=1, max_retries=2)(recode_packs)
 
 
 @dataclass
@@ -199,6 +223,8 @@ class ApplyProgress:
     bytes_done: int = 0
     resumed: int = 0
     studies_deleted: int = 0  # past their retention: placed nowhere, keys destroyed
+    recoded_bytes_before: int = 0  # members re-encoded with the target tier's codec
+    recoded_bytes_after: int = 0
     not_carried_out: int = 0
     message: str = ""
     failures: list[str] = field(default_factory=list)
@@ -222,6 +248,8 @@ class TierApplier:
         self._bucket = catalog_bucket
         self._policy = policy
         self._concurrency = max(1, concurrency)
+        # Bytes of the members re-encoded for a tier's own codec, before and after.
+        self.recoded_bytes = [0, 0]
 
     async def apply(self, decisions: Sequence[Decision]) -> AsyncIterator[ApplyProgress]:
         """Finish interrupted moves, then carry out ``decisions``; yields progress after
@@ -251,6 +279,7 @@ class TierApplier:
                 else:
                     progress.studies_done += 1
                     progress.bytes_done += decision.study.bytes_stored
+                    progress.recoded_bytes_before, progress.recoded_bytes_after = self.recoded_bytes
                     if deleting:
                         progress.studies_deleted += 1
                         progress.message = (
@@ -276,12 +305,29 @@ class TierApplier:
         if not moving:
             return  # already moved (by an earlier apply): nothing to do
         packs = tuple(sorted({record.object_key for record in moving}))
-        marker = Marker(study, source, target.name, packs)
+        codec = CODECS.get(target.codec) if target.codec else None
+        # A tier with its own codec gets new packs (rewritten), under keys chosen now so
+        # that the marker names them before they exist.
+        copies = tuple(store.pack_key_for(study) for _ in packs) if codec else ()
+        marker = Marker(study, source, target.name, packs, copies)
         await asyncio.to_thread(store.put, self._store, self._bucket, marker.key, marker.to_bytes())
         refs = [ObjectRef.of(record) for record in moving]
-        ref = _copy_task.remote(self._settings, list(packs), source, target, refs)
+        ref: ray.ObjectRef[Any]
+        if codec:
+            ref = _recode_task.remote(
+                self._settings,
+                source,
+                target.name,
+                target.bucket_name,
+                target.storage_class,
+                codec,
+                list(zip(packs, copies, strict=True)),
+                refs,
+            )
+        else:
+            ref = _copy_task.remote(self._settings, list(packs), source, target, refs)
         try:
-            await asyncio.wait_for(ref, MOVE_DEADLINE_S)
+            report = await asyncio.wait_for(ref, MOVE_DEADLINE_S)
         except Exception as error:  # noqa: BLE001 - whatever failed, the copies are undone
             if isinstance(error, TimeoutError):
                 ray.cancel(ref, force=True)
@@ -291,10 +337,22 @@ class TierApplier:
                     f"copying a study did not finish within {MOVE_DEADLINE_S:g} s"
                 ) from None
             cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
-            raise MoveError(str(cause) if isinstance(cause, MoveError) else repr(cause)) from None
+            known = isinstance(cause, MoveError | RecodeError)
+            raise MoveError(str(cause) if known else repr(cause)) from None
         now = datetime.now(UTC)
-        await self._catalog.place.remote(
-            [
+        reason = f"tier move: {decision.rule}"
+        if isinstance(report, RecodeReport):
+            where = {one.sha256: one for one in report.placed}
+            recoded = sum(one.recoded for one in report.placed)
+            reason += f"; {recoded} of {len(report.placed)} re-encoded as {target.codec}"
+            self.recoded_bytes[0] += report.bytes_before
+            self.recoded_bytes[1] += report.bytes_after
+        else:
+            where = {}
+        placements = []
+        for record in moving:
+            new = where.get(record.sha256)
+            placements.append(
                 Placement(
                     record.sha256,
                     record.sop_instance_uid,
@@ -302,16 +360,15 @@ class TierApplier:
                     study,
                     target.name,
                     target.bucket_name,
-                    record.object_key,
-                    record.byte_offset,
-                    record.byte_length,
-                    record.key_id,
-                    f"tier move: {decision.rule}",
+                    new.object_key if new else record.object_key,
+                    new.byte_offset if new else record.byte_offset,
+                    new.byte_length if new else record.byte_length,
+                    new.key_id if new else record.key_id,
+                    reason,
                     now,
                 )
-                for record in moving
-            ]
-        )
+            )
+        await self._catalog.place.remote(placements)
         await self._finish(marker, placed=True)
 
     async def delete(self, decision: Decision) -> None:
@@ -412,8 +469,17 @@ class TierApplier:
             records: list[InstanceRecord] = await self._catalog.find_instances.remote(
                 InstanceFilters(study_uid=marker.study_instance_uid), _MOST_INSTANCES
             )
-            in_packs = [record for record in records if record.object_key in marker.packs]
-            placed = bool(in_packs) and all(record.tier == marker.target for record in in_packs)
+            still = [
+                record
+                for record in records
+                if record.tier == marker.source and record.object_key in marker.packs
+            ]
+            copied = [
+                record
+                for record in records
+                if record.tier == marker.target and record.object_key in marker.target_keys
+            ]
+            placed = bool(copied) and not still  # the placements land in one group
             log.info(
                 "finishing an interrupted tier move (%s → %s): %s",
                 marker.source,
@@ -430,7 +496,8 @@ class TierApplier:
         """Delete the sources (the move was committed) or the copies (it was not), then the
         marker."""
         bucket = store.tier_bucket(marker.source if placed else marker.target)
-        keys = [key for pack in marker.packs for key in (pack, keys_key_for(pack))]
+        packs = marker.packs if placed else marker.target_keys
+        keys = [key for pack in packs for key in (pack, keys_key_for(pack))]
         if await asyncio.to_thread(store.bucket_exists, self._store, bucket):
             await asyncio.to_thread(store.delete_many, self._store, bucket, keys)
         await asyncio.to_thread(store.delete, self._store, self._bucket, marker.key)

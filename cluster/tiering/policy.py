@@ -163,13 +163,10 @@ def parse_policy(document: Mapping[str, Any], where: str = "policy") -> Policy:
     if tiers_table is None:
         tiers = dict(default_policy().tiers)
     else:
-        tiers = {
-            name: _tier(name, value, f"{where}: [tiers.{name}]")
-            for name, value in _table(tiers_table, f"{where}: [tiers]").items()
-        }
-        missing = [name for name in TIERS if name not in tiers]
-        if missing:
-            raise PolicyError(f"{where}: [tiers] has no {', '.join(missing)} (all of {TIERS})")
+        # A tier the file leaves out keeps its default (price, parity, the node's codec).
+        tiers = dict(default_policy().tiers)
+        for name, value in _table(tiers_table, f"{where}: [tiers]").items():
+            tiers[name] = _tier(name, value, f"{where}: [tiers.{name}]")
     rules = tuple(
         _rule(value, f"{where}: rule {number}")
         for number, value in enumerate(_list(document.get("rules", []), f"{where}: rules"), 1)

@@ -384,12 +384,23 @@ def bucket_exists(settings: StoreSettings, bucket: str) -> bool:
         raise _failure("bucket_exists", settings, bucket, "", error, started) from error
 
 
-def put(settings: StoreSettings, bucket: str, key: str, data: bytes) -> None:
-    """Write one object; returns only once MinIO has acknowledged it (quorum written)."""
+def put(
+    settings: StoreSettings, bucket: str, key: str, data: bytes, storage_class: str = ""
+) -> None:
+    """Write one object (with ``storage_class``, MinIO's parity for it, if given); returns
+    only once MinIO has acknowledged it (quorum written)."""
     started = time.monotonic()
+    headers: dict[str, str | list[str] | tuple[str]] | None = (
+        {"x-amz-storage-class": storage_class} if storage_class else None
+    )
     try:
         client(settings).put_object(
-            bucket, key, io.BytesIO(data), len(data), content_type="application/octet-stream"
+            bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type="application/octet-stream",
+            metadata=headers,
         )
     except _STORE_ERRORS as error:
         raise _failure("put", settings, bucket, key, error, started) from error

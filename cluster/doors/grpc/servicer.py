@@ -322,6 +322,8 @@ class TieringService(pb_grpc.TieringServicer):
                 resumed=progress.resumed,
                 not_carried_out=progress.not_carried_out,
                 studies_deleted=progress.studies_deleted,
+                recoded_bytes_before=progress.recoded_bytes_before,
+                recoded_bytes_after=progress.recoded_bytes_after,
                 message=progress.message,
             )
 

@@ -138,8 +138,10 @@ def test_errors_name_the_rule_and_the_field(change: str, message: str) -> None:
 
 
 def test_other_policy_mistakes_are_refused() -> None:
-    with pytest.raises(PolicyError, match="no cold"):
-        policy_of("[tiers.hot]\nprice_per_gb_month = 1\n[tiers.warm]\nprice_per_gb_month = 1\n")
+    # A tier the file leaves out keeps its defaults (no mistake).
+    partial = policy_of('[tiers.cold]\ncodec = "jpegls"\n')
+    assert partial.tiers["cold"].codec == "jpegls"
+    assert partial.tiers["hot"] == default_policy().tiers["hot"]
     with pytest.raises(PolicyError, match="more than one rule is named 'a'"):
         policy_of('[[rules]]\nname = "a"\nto = "cold"\n[[rules]]\nname = "a"\nto = "warm"\n')
     with pytest.raises(PolicyError, match="needs 'to'"):
