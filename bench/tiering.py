@@ -226,12 +226,13 @@ def timed_plan(
     return seconds, (peak[0] - base) / 2**20, len(planned.decisions)
 
 
-async def apply_throughput(work: Path, studies: int) -> tuple[int, float, float]:
-    """Studies moved, seconds, MB moved by a real node's apply."""
-    files = generate(
-        work / "samples",
-        tuple((SeriesPlan("MR2_UNCI.dcm", "MR", 8, tile=512),) for _ in range(studies)),
-    )
+async def apply_run(
+    work: Path, plan: tuple[tuple[SeriesPlan, ...], ...], codec: str = ""
+) -> tuple[int, float, float, dict[str, list[int]]]:
+    """A real node ingests ``plan``'s studies and its apply moves every one hot → cold
+    (REDUCED_REDUNDANCY, with ``codec`` if given). Returns the studies moved, seconds, MB
+    moved, and per modality the bytes stored before and after."""
+    files = generate(work / "samples", plan)
     config = replace(
         config_module.load(), data_dir=work / "node", port=0, key_file=work / "keys" / "keys.json"
     )
@@ -241,21 +242,40 @@ async def apply_throughput(work: Path, studies: int) -> tuple[int, float, float]
         with StrataClient(stack.address, stack.tokens.first) as client:
             outcomes = await asyncio.to_thread(lambda: list(client.ingest_files(files)))
         assert {o.status for o in outcomes} == {"stored"}
+        before = await asyncio.to_thread(sizes_by_modality, stack)
+        cold = {"storage_class": "REDUCED_REDUNDANCY", **({"codec": codec} if codec else {})}
         everything = parse_policy(
-            {
-                "rules": [{"name": "all cold", "from": "hot", "to": "cold"}],
-                "tiers": {"hot": {}, "warm": {}, "cold": {"storage_class": "REDUCED_REDUNDANCY"}},
-            }
+            {"rules": [{"name": "all cold", "from": "hot", "to": "cold"}], "tiers": {"cold": cold}}
         )
         started = time.perf_counter()
         last = None
         async for step in stack.apply_tiering(everything):
             last = step
         seconds = time.perf_counter() - started
-        assert last is not None and last.studies_failed == 0
-        return last.studies_done, seconds, last.bytes_done / 1e6
+        assert last is not None and last.studies_failed == 0, last
+        after = await asyncio.to_thread(sizes_by_modality, stack)
+        by_modality = {m: [before[m], after.get(m, 0)] for m in before}
+        return last.studies_done, seconds, last.bytes_done / 1e6, by_modality
     finally:
         await stack.stop()
+
+
+def sizes_by_modality(stack: Stack) -> dict[str, int]:
+    """Bytes stored now (placements applied) by modality, from the node's catalog."""
+    found: dict[str, int] = {}
+    with StrataClient(stack.address, stack.tokens.first) as client:
+        for instance in client.find_instances(limit=100_000):
+            found[instance.modality] = found.get(instance.modality, 0) + instance.bytes_stored
+    return found
+
+
+# pydicom-data's real images, whole (not tiled): what a cold tier's own codec saves.
+REAL_PLAN: tuple[tuple[SeriesPlan, ...], ...] = (
+    (SeriesPlan("MR2_UNCI.dcm", "MR", 4),),
+    (SeriesPlan("RG1_UNCI.dcm", "CR", 1), SeriesPlan("RG3_UNCI.dcm", "CR", 1)),
+    (SeriesPlan("US1_UNCI.dcm", "US", 4),),
+    (SeriesPlan("693_UNCI.dcm", "CT", 4),),
+)
 
 
 def main() -> None:
@@ -311,12 +331,32 @@ def main() -> None:
             f"studies that change ({args.changes:,} a day here at every size), "
             f"not with the archive ({last // first}× from {first:,} to {last:,})"
         )
-        moved, seconds, mb = asyncio.run(apply_throughput(work / "apply", args.apply_studies))
+        if not args.apply_studies:
+            return
+        mr_sized = tuple(
+            (SeriesPlan("MR2_UNCI.dcm", "MR", 8, tile=512),) for _ in range(args.apply_studies)
+        )
+        moved, seconds, mb, _ = asyncio.run(apply_run(work / "apply", mr_sized))
         console.print(
             f"apply on real MinIO: {moved} studies ({mb:.1f} MB stored) in "
             f"{seconds:.1f} s: {moved / seconds:.2f} studies/s, {mb / seconds:.1f} MB/s "
             "(copy, verify every instance by rebuilding it, commit, delete the source)"
         )
+        codecs = Table(title="a cold tier's own codec: pydicom-data's images, moved from HTJ2K")
+        for column in ("codec", "modality", "hot MB (HTJ2K)", "cold MB", "saved", "studies/s"):
+            codecs.add_column(column, justify="right")
+        for codec in ("jpegls", "jpeg2000"):
+            moved, seconds, _, sizes = asyncio.run(apply_run(work / codec, REAL_PLAN, codec))
+            for modality, (hot, cold) in sorted(sizes.items()):
+                codecs.add_row(
+                    codec,
+                    modality,
+                    f"{hot / 1e6:.2f}",
+                    f"{cold / 1e6:.2f}",
+                    f"{1 - cold / hot:.1%}",
+                    f"{moved / seconds:.2f}",
+                )
+        console.print(codecs)
 
 
 if __name__ == "__main__":

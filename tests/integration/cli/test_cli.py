@@ -110,6 +110,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert moved is not None and int(moved.group(1)) > 0, out[-3000:]
     assert moved.group(1) == moved.group(2)
     assert re.search(r"an instance read back from cold\W+byte-identical", out), out[-3000:]
+    # ... re-encoded as JPEG 2000 on the way, and smaller for it.
+    saved = re.search(r"JPEG 2000 for cold.*?\(([\d.]+)% smaller\)", out, re.S)
+    assert saved is not None and float(saved.group(1)) > 0, out[-3000:]
 
 
 def _one_clear_line(result: subprocess.CompletedProcess[str]) -> str:
