@@ -340,6 +340,11 @@ class StrataClient:
     def find_instances(self, **filters: object) -> list[pb.Instance]:
         return list(self.catalog.FindInstances(pb.FindRequest(**filters)).instances)  # type: ignore[arg-type]
 
+    def plan_tiering(self, policy_toml: str, at: str = "") -> pb.TierPlan:
+        """What a tier policy would do on the node (changing nothing)."""
+        plan: pb.TierPlan = self.tiering.Plan(pb.TierApplyRequest(policy_toml=policy_toml, at=at))
+        return plan
+
     def apply_tiering(self, policy_toml: str, at: str = "") -> Iterator[pb.TierApplyProgress]:
         """Have the node carry out a tier policy's plan; its progress, step by step."""
         return iter(self.tiering.Apply(pb.TierApplyRequest(policy_toml=policy_toml, at=at)))

@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import ray
 
 from cluster.catalog import CatalogCommitFailedError, Committed
+from cluster.catalog.placements import DELETED, DELETED_MESSAGE
 from workers import errors
 from workers.errors import Reason
 from workers.pipeline.ingest import BatchResult, PipelineSettings, ingest_batch
@@ -496,6 +497,10 @@ def _drop_if_cancelled(pending: _Pending, future: asyncio.Future[FileResult]) ->
 def _committed_result(row: Committed, retried: bool) -> FileResult:
     # A retry after an unknown outcome may find the first attempt's rows already there:
     # the file is stored, and it was this send that stored it.
+    if row.status == "duplicate" and row.record.tier == DELETED:  # the lookup was skipped
+        return FileResult(
+            row.file_id, "rejected", reason=Reason.DELETED.value, message=DELETED_MESSAGE
+        )
     status = "stored" if retried and row.status == "duplicate" else row.status
     return FileResult(row.file_id, status, record=row.record)
 

@@ -41,6 +41,7 @@ from cluster.archive.dispatch import (
 from cluster.archive.find import UNIQUE, FindError, Found, Query, latest
 from cluster.archive.find import find as find_matches
 from cluster.catalog.placements import DELETED
+from cluster.catalog.placements import DELETED_MESSAGE as _DELETED
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import StudyRow
 from workers.dicom.identity import IdentityKeys, identity_keys
@@ -661,10 +662,6 @@ _PARTS_LOST = (
     "send it again"
 )
 _CATALOG_DOWN = "the catalog is not answering; try again shortly"
-_DELETED = (
-    "this instance's study was deleted at the end of its retention (its keys destroyed); "
-    "it cannot be read, and a copy sent again is not stored"
-)
 _SEARCH_TIMEOUT = "the catalog search did not finish in time; narrow it or try again"
 _IDENTITY_UNREADABLE = (
     "the identity index could not be read (a box failed its check); the search was not "

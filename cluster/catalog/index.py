@@ -152,6 +152,13 @@ _STUDY_COLUMNS = tuple(StudyRow.__dataclass_fields__)
 # modality code contains.
 MODALITY_SEPARATOR = "\\"
 
+# When the tiering policy must look at a study again (microseconds since the epoch, UTC;
+# 0: now). Set to 0 whenever the study changes (ingest, move, read); the plan sets it to
+# the moment its time conditions could next flip (``engine.next_change``).
+_TIER_DUE = "tier_due INTEGER NOT NULL DEFAULT 0"
+NEVER_DUE = 2**62
+_DUE_INDEX = "CREATE INDEX IF NOT EXISTS studies_due ON studies (tier_due, study_instance_uid)"
+
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS instances (id INTEGER PRIMARY KEY, "
     + ", ".join(_INSTANCE_COLUMNS)
@@ -163,7 +170,7 @@ _TABLES = (
     "CREATE TABLE IF NOT EXISTS studies ("
     + ", ".join(_STUDY_COLUMNS)
     + ", dirty INTEGER NOT NULL DEFAULT 1, delta_date TEXT, fold INTEGER, fold_date TEXT"
-    ", PRIMARY KEY (study_instance_uid));\n"
+    f", {_TIER_DUE}, PRIMARY KEY (study_instance_uid));\n"
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
     "CREATE TABLE IF NOT EXISTS journal (source TEXT NOT NULL, seq INTEGER NOT NULL, "
     "rows INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (source, seq));\n"
@@ -183,6 +190,7 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_pseudonym);\n"
     "CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession_pseudonym);\n"
     "CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date);\n"
+    f"{_DUE_INDEX};\n"
 )
 
 _INSERT = (
@@ -242,11 +250,11 @@ _DERIVE = (
     + ", ".join(
         f"{name} = excluded.{name}" for name in _STUDY_COLUMNS[1:] if name != "last_access_time"
     )
-    + ", dirty = studies.dirty + 1"
+    + ", dirty = studies.dirty + 1, tier_due = 0"
 )
 # The last access is the latest one seen, whatever order the rows arrive in.
 _ACCESSED = (
-    "UPDATE studies SET last_access_time = ? WHERE study_instance_uid = ? "
+    "UPDATE studies SET last_access_time = ?, tier_due = 0 WHERE study_instance_uid = ? "
     "AND (last_access_time IS NULL OR last_access_time < ?)"
 )
 # A row folded into Delta: where it now is there (whatever changed since), and clean if
@@ -325,6 +333,11 @@ class CatalogIndex:
             return self._rebuild(tables, options, studies)
         if meta.get("format") != str(FORMAT):
             raise StaleIndexError(f"it has format {meta.get('format')}, not {FORMAT}")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(studies)")}
+        if "tier_due" not in columns:  # an index of an earlier version: every study due
+            with self._db:
+                self._db.execute(f"ALTER TABLE studies ADD COLUMN {_TIER_DUE}")
+                self._db.execute(_DUE_INDEX)
         done = []
         for name in SOURCES:
             table = tables[name]
@@ -671,6 +684,89 @@ class CatalogIndex:
         )
         return [self._record(row) for row in self._db.execute(sql, (*values, limit, offset))]
 
+    # -- tiering ------------------------------------------------------------------------
+
+    def due_studies(
+        self, upto: datetime, after: tuple[int, str] | None, limit: int, *, every: bool = False
+    ) -> list[tuple[StudyRow, tuple[int, str]]]:
+        """Up to ``limit`` studies (not deleted) the tiering policy must look at before
+        ``upto`` — changed since it last did, or whose due moment has come — after the
+        position ``after`` (each row comes with its own position, to page on). One range
+        of one B-tree: the cost grows with those studies, not with the archive. With
+        ``every``, every study (a policy whose due moments were never computed)."""
+        where = "coalesce(tier, '') != ?"
+        values: list[Any] = [DELETED]
+        if not every:
+            where += " AND tier_due < ?"
+            values.append(_micros_of(upto))
+        if after is not None:
+            where += " AND (tier_due, study_instance_uid) > (?, ?)"
+            values += [after[0], _uid(after[1])]
+        sql = (
+            f"SELECT {', '.join(_STUDY_COLUMNS)}, tier_due FROM studies WHERE {where} "
+            "ORDER BY tier_due, study_instance_uid LIMIT ?"
+        )
+        found = []
+        for row in self._db.execute(sql, (*values, limit)):
+            study = _study(row[:-1])
+            found.append((study, (int(row[-1]), study.study_instance_uid)))
+        return found
+
+    def studies_by_uid(self, study_uids: Sequence[str]) -> list[StudyRow]:
+        found = []
+        for uid in study_uids:
+            row = self.study(uid)
+            if row is not None and row.tier != DELETED:
+                found.append(row)
+        return found
+
+    def tier_facts(self, study_instance_uid: str) -> tuple[tuple[str, ...], datetime | None]:
+        """A study's body parts (upper case) and when its latest placement was made (None:
+        never moved, in its tier since ingest): what the policy reads beside its row."""
+        key, uid = uid_key(study_instance_uid), _uid(study_instance_uid)
+        parts = self._db.execute(
+            "SELECT DISTINCT upper(c.value) FROM instances i JOIN codes c ON c.id = i.body_part"
+            " WHERE i.study_key = ? AND i.study_instance_uid = ? AND c.value != ''",
+            (key, uid),
+        ).fetchall()
+        (placed,) = self._db.execute(
+            "SELECT max(p.placed_time) FROM instances i JOIN placements p ON p.sha256 = i.sha256"
+            " WHERE i.study_key = ? AND i.study_instance_uid = ?",
+            (key, uid),
+        ).fetchone()
+        return tuple(sorted(part for (part,) in parts)), _from_micros(placed)
+
+    def set_due(self, due: Sequence[tuple[str, datetime | None]]) -> None:
+        """When the policy must look at each study again (None: not unless it changes).
+        The caller reads the studies and sets their due moments in one step of the
+        writer's loop, so no ingest, move or read of them can fall in between."""
+        with self._db:
+            self._db.executemany(
+                "UPDATE studies SET tier_due = ? WHERE study_instance_uid = ?",
+                [
+                    (NEVER_DUE if moment is None else _micros_of(moment), _uid(uid))
+                    for uid, moment in due
+                ],
+            )
+
+    def policy_matches(self, digest: str) -> bool:
+        """Whether the due moments were computed under the policy with this digest."""
+        return self._meta().get("tier.policy") == digest
+
+    def adopt_policy(self, digest: str) -> None:
+        """Every study due now (one pass under a new policy), and the digest recorded."""
+        with self._db:
+            self._db.execute("UPDATE studies SET tier_due = 0 WHERE tier_due != 0")
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('tier.policy', ?)", (digest,)
+            )
+
+    def stored_by_tier(self) -> dict[str, int]:
+        """Bytes stored in each tier (a scan of the study rows: for a plan's prices, not
+        for the daily plan itself)."""
+        rows = self._db.execute("SELECT tier, sum(bytes_stored) FROM studies GROUP BY tier")
+        return {str(tier): int(total or 0) for tier, total in rows if tier != DELETED}
+
     def dirty_studies(self, limit: int) -> list[tuple[StudyRow, int, date | None]]:
         """Up to ``limit`` study rows changed since last folded into Delta, each with its
         change counter (for ``mark_written``) and the partition Delta holds it in (None
@@ -1005,6 +1101,11 @@ def _micros(column: pa.Array | pa.ChunkedArray) -> list[int]:
 
 def _days(day: date | None) -> int | None:
     return None if day is None else (day - _EPOCH_DAY).days
+
+
+def _micros_of(moment: datetime) -> int:
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
 def _from_micros(value: int | None) -> datetime | None:

@@ -25,6 +25,10 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 DELETED = "deleted"  # the tier of an instance whose study's retention ended
+DELETED_MESSAGE = (
+    "this instance's study was deleted at the end of its retention (its keys destroyed); "
+    "it cannot be read, and a copy sent again is not stored"
+)
 
 PLACEMENTS_SCHEMA = pa.schema(
     [

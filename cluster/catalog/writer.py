@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
@@ -382,10 +383,12 @@ class CatalogWriter:
             await self.ready()
             await self._enqueue([], list(study_uids), [])
 
-    async def place(self, placements: list[Placement]) -> None:
+    async def place(self, placements: list[Placement], from_tiers: list[str] | None = None) -> None:
         """Record where objects live now (a tier move, a key rotation), with the next group
         commit; retrieval follows the new placement as soon as this returns. Raises
-        ``ValueError`` naming the first SHA-256 the catalog does not hold."""
+        ``ValueError`` naming the first SHA-256 the catalog does not hold, or (with
+        ``from_tiers``) the first that is no longer in one of those tiers: a move decided
+        on what the catalog said then never overrides what it says now."""
         if not placements:
             return
         await self.ready()
@@ -401,7 +404,32 @@ class CatalogWriter:
                     f"the placement of {placement.sha256} names another instance than the "
                     "catalogued object"
                 )
+            if from_tiers is not None and record.tier not in from_tiers:
+                raise ValueError(
+                    f"the object {placement.sha256} is in the {record.tier} tier now, not in "
+                    f"{' or '.join(from_tiers)} as when its move began"
+                )
         await self._enqueue([], [], list(placements))
+
+    async def plan_tiering(
+        self,
+        policy: Any,
+        at: datetime | None = None,
+        studies: list[str] | None = None,
+        totals: bool = False,
+    ) -> Any:
+        """The tier plan of ``policy`` (``cluster.tiering.due``): the studies due, or only
+        ``studies``; as of ``at`` (changing nothing) or now. Other calls are served
+        between its batches."""
+        from cluster.tiering.due import plan_steps  # the tiering engine uses the catalog
+
+        await self.ready()
+        assert self._index is not None
+        for step in plan_steps(self._index, policy, at, studies, totals=totals):
+            if step is not None:
+                return step
+            await asyncio.sleep(0)
+        raise AssertionError("the plan ended without a result")
 
     async def close(self) -> None:
         """Commit everything queued so far, flush the journal into Delta and fold the study

@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         "plan", help="show what the policy would move (changes nothing)"
     )
     tier_plan.add_argument("--policy", type=Path, help="policy file (default: tier_policy)")
-    tier_plan.add_argument("--data-dir", type=Path, help="data dir of an embedded node")
+    tier_plan.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
     tier_plan.add_argument(
         "--at",
         type=_moment,
@@ -410,38 +410,36 @@ def _moment(text: str) -> datetime:
 
 
 def _tier_plan(args: argparse.Namespace) -> int:
-    from deltalake.exceptions import DeltaError
-
-    from cluster.ops.node import node_store_settings
+    from cluster.client import StrataClient
     from cluster.tiering import engine
     from cluster.tiering.policy import PolicyError, default_policy, load_policy
     from cluster.tiering.policy import warnings as policy_warnings
-    from cluster.tiering.states import study_states
 
-    config = _load(args, data_dir=args.data_dir)
+    config = _load(args)
     path = args.policy or (Path(config.tier_policy) if config.tier_policy else None)
     try:
         policy = load_policy(path) if path is not None else default_policy()
     except PolicyError as error:
         raise CommandError(str(error)) from None
-    try:
-        settings = node_store_settings(config)
-    except RuntimeError as error:
-        raise CommandError(str(error)) from None
-    try:
-        planned = engine.plan(study_states(settings, config.catalog_bucket), policy, args.at)
-    except (OSError, DeltaError):
-        raise CommandError(
-            "the catalog cannot be read: its object store does not answer (is the node "
-            "running?) or the catalog tables do not exist yet"
-        ) from None
+    at = args.at.isoformat() if args.at else ""
+    with StrataClient(args.server, _token(args)) as client:
+        answer = client.plan_tiering(path.read_text() if path is not None else "", at)
+    flows = [
+        engine.Flow(f.source, f.to, f.studies, f.instances, f.bytes_stored) for f in answer.flows
+    ]
+    planned = engine.Plan(
+        [], answer.considered, dict(answer.stored_before), dict(answer.stored_after)
+    )
     console = Console()
     for warning in policy_warnings(policy):
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    moves = Table(title=f"tier plan: {planned.considered} studies considered, nothing changed")
+    moves = Table(
+        title=f"tier plan: {planned.considered} studies due and considered "
+        f"({answer.seconds:.2f} s in the node), nothing changed"
+    )
     for column in ("from", "to", "studies", "instances", "GB stored"):
         moves.add_column(column, justify="right" if column not in ("from", "to") else "left")
-    for flow in planned.flows:
+    for flow in flows:
         moves.add_row(
             flow.source,
             flow.to,
@@ -449,7 +447,7 @@ def _tier_plan(args: argparse.Namespace) -> int:
             str(flow.instances),
             f"{flow.bytes_stored / engine.GB:.3f}",
         )
-    console.print(moves if planned.flows else "tier plan: the policy moves no study now")
+    console.print(moves if flows else "tier plan: the policy moves no study now")
     before = engine.monthly_cost(planned.stored_before, policy)
     after = engine.monthly_cost(planned.stored_after, policy)
     costs = Table(

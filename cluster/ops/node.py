@@ -38,9 +38,8 @@ from cluster.ops.ray_runtime import init_local_ray
 from cluster.ops.reconcile import ReconcileReport, remove_orphans
 from cluster.security import tokens as access
 from cluster.tiering.apply import ApplyProgress, TierApplier, packs_in_motion
-from cluster.tiering.engine import plan
+from cluster.tiering.engine import Plan
 from cluster.tiering.policy import Policy, load_policy
-from cluster.tiering.states import study_states
 from workers.objects import store
 from workers.objects.keys import create_key_file, load_key_file
 from workers.pipeline.fanout import FrameFanout
@@ -189,7 +188,7 @@ class Stack:
         self._server, self.port, self._health = await start_server(
             ArchiveService(self._archive),
             CatalogService(lambda: self._archive),
-            TieringService(self.apply_tiering),
+            TieringService(self.apply_tiering, self.plan_tiering),
             config.host,
             config.port,
             self.tokens,
@@ -408,20 +407,22 @@ class Stack:
             except Exception as error:  # noqa: BLE001 - tried again at the next occasion
                 log.error("tiering failed (%s: %s)", type(error).__name__, error)
 
+    async def plan_tiering(
+        self, policy: Policy, at: datetime | None = None, totals: bool = True
+    ) -> Plan:
+        """What ``policy`` would do now (or as of ``at``), from the catalog writer's index:
+        the studies that are due (``cluster.tiering.due``); changes no study."""
+        planned: Plan = await self._catalog.plan_tiering.remote(policy, at, None, totals)
+        return planned
+
     async def apply_tiering(
         self, policy: Policy, at: datetime | None = None, studies: list[str] | None = None
     ) -> AsyncIterator[ApplyProgress]:
-        """Plan ``policy`` over the catalog (folded first, so the plan sees every study
-        committed so far), or over ``studies`` only, and carry the plan out; progress
-        after each step. One apply at a time: a second one waits."""
+        """Plan ``policy`` (the studies due, or only ``studies``) and carry the plan out;
+        progress after each step. One apply at a time: a second one waits."""
         async with self._tiering:
-            if studies is None:
-                await self.flush_catalog()  # new studies are folded into `studies`
-            # (A few studies just read are old ones, folded long ago, and their reads are
-            # read from the journal: no flush, which would write small Delta files.)
-            assert self.store_settings is not None and self.pipeline_settings is not None
-            states = study_states(self.store_settings, self.config.catalog_bucket, studies)
-            planned = await asyncio.to_thread(plan, states, policy, at)
+            assert self.pipeline_settings is not None
+            planned: Plan = await self._catalog.plan_tiering.remote(policy, at, studies)
             applier = TierApplier(
                 self.pipeline_settings,
                 self._catalog,

@@ -25,47 +25,59 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63luster/rpc/strata.proto\x12\tstrata.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\x10TierApplyRequest\x12\x13\n\x0bpolicy_toml\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\t\"\x90\x02\n\x11TierApplyProgress\x12\x15\n\rstudies_total\x18\x01 \x01(\x03\x12\x14\n\x0cstudies_done\x18\x02 \x01(\x03\x12\x16\n\x0estudies_failed\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x12\n\nbytes_done\x18\x05 \x01(\x03\x12\x0f\n\x07resumed\x18\x06 \x01(\x03\x12\x17\n\x0fnot_carried_out\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x17\n\x0fstudies_deleted\x18\t \x01(\x03\x12\x1c\n\x14recoded_bytes_before\x18\n \x01(\x03\x12\x1b\n\x13recoded_bytes_after\x18\x0b \x01(\x03\":\n\x0bIngestChunk\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"\x88\x02\n\x0cIngestResult\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.strata.v1.IngestStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x05 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\r\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\t \x01(\x04\x12\x1e\n\x16transfer_syntax_stored\x18\n \x01(\t\x12\x0e\n\x06sha256\x18\x0b \x01(\t\"\x80\x01\n\x0fRetrieveRequest\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12)\n\x06syntax\x18\x02 \x01(\x0e\x32\x19.strata.v1.RetrieveSyntax\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x17\n\x0ftransfer_syntax\x18\x04 \x01(\t\"c\n\x15RetrieveFramesRequest\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x66rames\x18\x03 \x03(\r\x12\x0f\n\x07\x64\x65\x63oded\x18\x04 \x01(\x08\"R\n\x05\x46rame\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x17\n\x0ftransfer_syntax\x18\x03 \x01(\t\x12\x12\n\nbytes_read\x18\x04 \x01(\x04\"Z\n\rRetrieveChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0ftransfer_syntax\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xb1\x01\n\x0b\x46indRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x17\n\x0fstudy_date_from\x18\x05 \x01(\t\x12\x15\n\rstudy_date_to\x18\x06 \x01(\t\x12\r\n\x05limit\x18\x07 \x01(\r\"\x80\x02\n\x05Study\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x19\n\x11patient_pseudonym\x18\x02 \x01(\t\x12\x12\n\nstudy_date\x18\x03 \x01(\t\x12\x12\n\nmodalities\x18\x04 \x03(\t\x12\x16\n\x0einstance_count\x18\x05 \x01(\x04\x12\x14\n\x0cseries_count\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x08 \x01(\x04\x12\x0c\n\x04tier\x18\t \x01(\t\x12\x34\n\x10last_access_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x03\n\x08Instance\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\x12\x10\n\x08modality\x18\x05 \x01(\t\x12\x12\n\nstudy_date\x18\x06 \x01(\t\x12\x1a\n\x12transfer_syntax_in\x18\x07 \x01(\t\x12\x1e\n\x16transfer_syntax_stored\x18\x08 \x01(\t\x12\x16\n\x0estorage_action\x18\t \x01(\t\x12\x0e\n\x06\x66rames\x18\n \x01(\r\x12\x0c\n\x04rows\x18\x0b \x01(\r\x12\x0f\n\x07\x63olumns\x18\x0c \x01(\r\x12\x10\n\x08\x62ytes_in\x18\r \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x0e \x01(\x04\x12\x0e\n\x06sha256\x18\x0f \x01(\t\x12\x0f\n\x07version\x18\x10 \x01(\r\x12\x0c\n\x04tier\x18\x11 \x01(\t\x12\x14\n\x0cstorage_note\x18\x12 \x01(\t\"8\n\x13\x46indStudiesResponse\x12!\n\x07studies\x18\x01 \x03(\x0b\x32\x10.strata.v1.Study\"?\n\x15\x46indInstancesResponse\x12&\n\tinstances\x18\x01 \x03(\x0b\x32\x13.strata.v1.Instance*\x80\x01\n\x0cIngestStatus\x12\x1d\n\x19INGEST_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INGEST_STATUS_STORED\x10\x01\x12\x1b\n\x17INGEST_STATUS_DUPLICATE\x10\x02\x12\x1a\n\x16INGEST_STATUS_REJECTED\x10\x03*k\n\x0eRetrieveSyntax\x12\x1f\n\x1bRETRIEVE_SYNTAX_UNSPECIFIED\x10\x00\x12\x1c\n\x18RETRIEVE_SYNTAX_ORIGINAL\x10\x01\x12\x1a\n\x16RETRIEVE_SYNTAX_STORED\x10\x02\x32\xd4\x01\n\x07\x41rchive\x12=\n\x06Ingest\x12\x16.strata.v1.IngestChunk\x1a\x17.strata.v1.IngestResult(\x01\x30\x01\x12\x42\n\x08Retrieve\x12\x1a.strata.v1.RetrieveRequest\x1a\x18.strata.v1.RetrieveChunk0\x01\x12\x46\n\x0eRetrieveFrames\x12 .strata.v1.RetrieveFramesRequest\x1a\x10.strata.v1.Frame0\x01\x32\x9b\x01\n\x07\x43\x61talog\x12\x45\n\x0b\x46indStudies\x12\x16.strata.v1.FindRequest\x1a\x1e.strata.v1.FindStudiesResponse\x12I\n\rFindInstances\x12\x16.strata.v1.FindRequest\x1a .strata.v1.FindInstancesResponse2O\n\x07Tiering\x12\x44\n\x05\x41pply\x12\x1b.strata.v1.TierApplyRequest\x1a\x1c.strata.v1.TierApplyProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63luster/rpc/strata.proto\x12\tstrata.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x08TierFlow\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0f\n\x07studies\x18\x03 \x01(\x03\x12\x11\n\tinstances\x18\x04 \x01(\x03\x12\x14\n\x0c\x62ytes_stored\x18\x05 \x01(\x03\"\xb6\x02\n\x08TierPlan\x12\x12\n\nconsidered\x18\x01 \x01(\x03\x12\"\n\x05\x66lows\x18\x02 \x03(\x0b\x32\x13.strata.v1.TierFlow\x12<\n\rstored_before\x18\x03 \x03(\x0b\x32%.strata.v1.TierPlan.StoredBeforeEntry\x12:\n\x0cstored_after\x18\x04 \x03(\x0b\x32$.strata.v1.TierPlan.StoredAfterEntry\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x1a\x33\n\x11StoredBeforeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x32\n\x10StoredAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"3\n\x10TierApplyRequest\x12\x13\n\x0bpolicy_toml\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\t\"\x90\x02\n\x11TierApplyProgress\x12\x15\n\rstudies_total\x18\x01 \x01(\x03\x12\x14\n\x0cstudies_done\x18\x02 \x01(\x03\x12\x16\n\x0estudies_failed\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x12\n\nbytes_done\x18\x05 \x01(\x03\x12\x0f\n\x07resumed\x18\x06 \x01(\x03\x12\x17\n\x0fnot_carried_out\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x17\n\x0fstudies_deleted\x18\t \x01(\x03\x12\x1c\n\x14recoded_bytes_before\x18\n \x01(\x03\x12\x1b\n\x13recoded_bytes_after\x18\x0b \x01(\x03\":\n\x0bIngestChunk\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"\x88\x02\n\x0cIngestResult\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.strata.v1.IngestStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x05 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\r\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\t \x01(\x04\x12\x1e\n\x16transfer_syntax_stored\x18\n \x01(\t\x12\x0e\n\x06sha256\x18\x0b \x01(\t\"\x80\x01\n\x0fRetrieveRequest\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12)\n\x06syntax\x18\x02 \x01(\x0e\x32\x19.strata.v1.RetrieveSyntax\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x17\n\x0ftransfer_syntax\x18\x04 \x01(\t\"c\n\x15RetrieveFramesRequest\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x66rames\x18\x03 \x03(\r\x12\x0f\n\x07\x64\x65\x63oded\x18\x04 \x01(\x08\"R\n\x05\x46rame\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x17\n\x0ftransfer_syntax\x18\x03 \x01(\t\x12\x12\n\nbytes_read\x18\x04 \x01(\x04\"Z\n\rRetrieveChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0ftransfer_syntax\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xb1\x01\n\x0b\x46indRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x17\n\x0fstudy_date_from\x18\x05 \x01(\t\x12\x15\n\rstudy_date_to\x18\x06 \x01(\t\x12\r\n\x05limit\x18\x07 \x01(\r\"\x80\x02\n\x05Study\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x19\n\x11patient_pseudonym\x18\x02 \x01(\t\x12\x12\n\nstudy_date\x18\x03 \x01(\t\x12\x12\n\nmodalities\x18\x04 \x03(\t\x12\x16\n\x0einstance_count\x18\x05 \x01(\x04\x12\x14\n\x0cseries_count\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x08 \x01(\x04\x12\x0c\n\x04tier\x18\t \x01(\t\x12\x34\n\x10last_access_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x03\n\x08Instance\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\x12\x10\n\x08modality\x18\x05 \x01(\t\x12\x12\n\nstudy_date\x18\x06 \x01(\t\x12\x1a\n\x12transfer_syntax_in\x18\x07 \x01(\t\x12\x1e\n\x16transfer_syntax_stored\x18\x08 \x01(\t\x12\x16\n\x0estorage_action\x18\t \x01(\t\x12\x0e\n\x06\x66rames\x18\n \x01(\r\x12\x0c\n\x04rows\x18\x0b \x01(\r\x12\x0f\n\x07\x63olumns\x18\x0c \x01(\r\x12\x10\n\x08\x62ytes_in\x18\r \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x0e \x01(\x04\x12\x0e\n\x06sha256\x18\x0f \x01(\t\x12\x0f\n\x07version\x18\x10 \x01(\r\x12\x0c\n\x04tier\x18\x11 \x01(\t\x12\x14\n\x0cstorage_note\x18\x12 \x01(\t\"8\n\x13\x46indStudiesResponse\x12!\n\x07studies\x18\x01 \x03(\x0b\x32\x10.strata.v1.Study\"?\n\x15\x46indInstancesResponse\x12&\n\tinstances\x18\x01 \x03(\x0b\x32\x13.strata.v1.Instance*\x80\x01\n\x0cIngestStatus\x12\x1d\n\x19INGEST_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INGEST_STATUS_STORED\x10\x01\x12\x1b\n\x17INGEST_STATUS_DUPLICATE\x10\x02\x12\x1a\n\x16INGEST_STATUS_REJECTED\x10\x03*k\n\x0eRetrieveSyntax\x12\x1f\n\x1bRETRIEVE_SYNTAX_UNSPECIFIED\x10\x00\x12\x1c\n\x18RETRIEVE_SYNTAX_ORIGINAL\x10\x01\x12\x1a\n\x16RETRIEVE_SYNTAX_STORED\x10\x02\x32\xd4\x01\n\x07\x41rchive\x12=\n\x06Ingest\x12\x16.strata.v1.IngestChunk\x1a\x17.strata.v1.IngestResult(\x01\x30\x01\x12\x42\n\x08Retrieve\x12\x1a.strata.v1.RetrieveRequest\x1a\x18.strata.v1.RetrieveChunk0\x01\x12\x46\n\x0eRetrieveFrames\x12 .strata.v1.RetrieveFramesRequest\x1a\x10.strata.v1.Frame0\x01\x32\x9b\x01\n\x07\x43\x61talog\x12\x45\n\x0b\x46indStudies\x12\x16.strata.v1.FindRequest\x1a\x1e.strata.v1.FindStudiesResponse\x12I\n\rFindInstances\x12\x16.strata.v1.FindRequest\x1a .strata.v1.FindInstancesResponse2\x89\x01\n\x07Tiering\x12\x44\n\x05\x41pply\x12\x1b.strata.v1.TierApplyRequest\x1a\x1c.strata.v1.TierApplyProgress0\x01\x12\x38\n\x04Plan\x12\x1b.strata.v1.TierApplyRequest\x1a\x13.strata.v1.TierPlanb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cluster.rpc.strata_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INGESTSTATUS']._serialized_start=2095
-  _globals['_INGESTSTATUS']._serialized_end=2223
-  _globals['_RETRIEVESYNTAX']._serialized_start=2225
-  _globals['_RETRIEVESYNTAX']._serialized_end=2332
-  _globals['_TIERAPPLYREQUEST']._serialized_start=72
-  _globals['_TIERAPPLYREQUEST']._serialized_end=123
-  _globals['_TIERAPPLYPROGRESS']._serialized_start=126
-  _globals['_TIERAPPLYPROGRESS']._serialized_end=398
-  _globals['_INGESTCHUNK']._serialized_start=400
-  _globals['_INGESTCHUNK']._serialized_end=458
-  _globals['_INGESTRESULT']._serialized_start=461
-  _globals['_INGESTRESULT']._serialized_end=725
-  _globals['_RETRIEVEREQUEST']._serialized_start=728
-  _globals['_RETRIEVEREQUEST']._serialized_end=856
-  _globals['_RETRIEVEFRAMESREQUEST']._serialized_start=858
-  _globals['_RETRIEVEFRAMESREQUEST']._serialized_end=957
-  _globals['_FRAME']._serialized_start=959
-  _globals['_FRAME']._serialized_end=1041
-  _globals['_RETRIEVECHUNK']._serialized_start=1043
-  _globals['_RETRIEVECHUNK']._serialized_end=1133
-  _globals['_FINDREQUEST']._serialized_start=1136
-  _globals['_FINDREQUEST']._serialized_end=1313
-  _globals['_STUDY']._serialized_start=1316
-  _globals['_STUDY']._serialized_end=1572
-  _globals['_INSTANCE']._serialized_start=1575
-  _globals['_INSTANCE']._serialized_end=1969
-  _globals['_FINDSTUDIESRESPONSE']._serialized_start=1971
-  _globals['_FINDSTUDIESRESPONSE']._serialized_end=2027
-  _globals['_FINDINSTANCESRESPONSE']._serialized_start=2029
-  _globals['_FINDINSTANCESRESPONSE']._serialized_end=2092
-  _globals['_ARCHIVE']._serialized_start=2335
-  _globals['_ARCHIVE']._serialized_end=2547
-  _globals['_CATALOG']._serialized_start=2550
-  _globals['_CATALOG']._serialized_end=2705
-  _globals['_TIERING']._serialized_start=2707
-  _globals['_TIERING']._serialized_end=2786
+  _globals['_TIERPLAN_STOREDBEFOREENTRY']._loaded_options = None
+  _globals['_TIERPLAN_STOREDBEFOREENTRY']._serialized_options = b'8\001'
+  _globals['_TIERPLAN_STOREDAFTERENTRY']._loaded_options = None
+  _globals['_TIERPLAN_STOREDAFTERENTRY']._serialized_options = b'8\001'
+  _globals['_INGESTSTATUS']._serialized_start=2506
+  _globals['_INGESTSTATUS']._serialized_end=2634
+  _globals['_RETRIEVESYNTAX']._serialized_start=2636
+  _globals['_RETRIEVESYNTAX']._serialized_end=2743
+  _globals['_TIERFLOW']._serialized_start=72
+  _globals['_TIERFLOW']._serialized_end=168
+  _globals['_TIERPLAN']._serialized_start=171
+  _globals['_TIERPLAN']._serialized_end=481
+  _globals['_TIERPLAN_STOREDBEFOREENTRY']._serialized_start=378
+  _globals['_TIERPLAN_STOREDBEFOREENTRY']._serialized_end=429
+  _globals['_TIERPLAN_STOREDAFTERENTRY']._serialized_start=431
+  _globals['_TIERPLAN_STOREDAFTERENTRY']._serialized_end=481
+  _globals['_TIERAPPLYREQUEST']._serialized_start=483
+  _globals['_TIERAPPLYREQUEST']._serialized_end=534
+  _globals['_TIERAPPLYPROGRESS']._serialized_start=537
+  _globals['_TIERAPPLYPROGRESS']._serialized_end=809
+  _globals['_INGESTCHUNK']._serialized_start=811
+  _globals['_INGESTCHUNK']._serialized_end=869
+  _globals['_INGESTRESULT']._serialized_start=872
+  _globals['_INGESTRESULT']._serialized_end=1136
+  _globals['_RETRIEVEREQUEST']._serialized_start=1139
+  _globals['_RETRIEVEREQUEST']._serialized_end=1267
+  _globals['_RETRIEVEFRAMESREQUEST']._serialized_start=1269
+  _globals['_RETRIEVEFRAMESREQUEST']._serialized_end=1368
+  _globals['_FRAME']._serialized_start=1370
+  _globals['_FRAME']._serialized_end=1452
+  _globals['_RETRIEVECHUNK']._serialized_start=1454
+  _globals['_RETRIEVECHUNK']._serialized_end=1544
+  _globals['_FINDREQUEST']._serialized_start=1547
+  _globals['_FINDREQUEST']._serialized_end=1724
+  _globals['_STUDY']._serialized_start=1727
+  _globals['_STUDY']._serialized_end=1983
+  _globals['_INSTANCE']._serialized_start=1986
+  _globals['_INSTANCE']._serialized_end=2380
+  _globals['_FINDSTUDIESRESPONSE']._serialized_start=2382
+  _globals['_FINDSTUDIESRESPONSE']._serialized_end=2438
+  _globals['_FINDINSTANCESRESPONSE']._serialized_start=2440
+  _globals['_FINDINSTANCESRESPONSE']._serialized_end=2503
+  _globals['_ARCHIVE']._serialized_start=2746
+  _globals['_ARCHIVE']._serialized_end=2958
+  _globals['_CATALOG']._serialized_start=2961
+  _globals['_CATALOG']._serialized_end=3116
+  _globals['_TIERING']._serialized_start=3119
+  _globals['_TIERING']._serialized_end=3256
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,117 @@ RETRIEVE_SYNTAX_STORED: RetrieveSyntax.ValueType  # 2
 Global___RetrieveSyntax: _TypeAlias = RetrieveSyntax  # noqa: Y015
 
 @_typing.final
+class TierFlow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    STUDIES_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    BYTES_STORED_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """tier"""
+    to: _builtins.str
+    """tier, or "deleted" (retention ended)"""
+    studies: _builtins.int
+    instances: _builtins.int
+    bytes_stored: _builtins.int
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        to: _builtins.str = ...,
+        studies: _builtins.int = ...,
+        instances: _builtins.int = ...,
+        bytes_stored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_stored", b"bytes_stored", "instances", b"instances", "source", b"source", "studies", b"studies", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierFlow: _TypeAlias = TierFlow  # noqa: Y015
+
+@_typing.final
+class TierPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class StoredBeforeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class StoredAfterEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CONSIDERED_FIELD_NUMBER: _builtins.int
+    FLOWS_FIELD_NUMBER: _builtins.int
+    STORED_BEFORE_FIELD_NUMBER: _builtins.int
+    STORED_AFTER_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    considered: _builtins.int
+    """studies the policy was applied to (the due ones)"""
+    seconds: _builtins.float
+    """the plan's own time in the node"""
+    @_builtins.property
+    def flows(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierFlow]: ...
+    @_builtins.property
+    def stored_before(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """bytes by tier"""
+
+    @_builtins.property
+    def stored_after(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        considered: _builtins.int = ...,
+        flows: _abc.Iterable[Global___TierFlow] | None = ...,
+        stored_before: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        stored_after: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["considered", b"considered", "flows", b"flows", "seconds", b"seconds", "stored_after", b"stored_after", "stored_before", b"stored_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierPlan: _TypeAlias = TierPlan  # noqa: Y015
+
+@_typing.final
 class TierApplyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

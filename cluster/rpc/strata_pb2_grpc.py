@@ -325,6 +325,11 @@ class TieringStub:
                 request_serializer=cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.SerializeToString,
                 response_deserializer=cluster_dot_rpc_dot_strata__pb2.TierApplyProgress.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/strata.v1.Tiering/Plan',
+                request_serializer=cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.SerializeToString,
+                response_deserializer=cluster_dot_rpc_dot_strata__pb2.TierPlan.FromString,
+                _registered_method=True)
 
 
 class TieringServicer:
@@ -342,6 +347,15 @@ class TieringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """What the policy would do now (or as of `at`), changing nothing: the flows between
+        tiers and the bytes in each tier before and after. Reads only the studies that are
+        due (changed, or whose day came), plus one pass over the study rows for the totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TieringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -349,6 +363,11 @@ def add_TieringServicer_to_server(servicer, server):
                     servicer.Apply,
                     request_deserializer=cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.FromString,
                     response_serializer=cluster_dot_rpc_dot_strata__pb2.TierApplyProgress.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.FromString,
+                    response_serializer=cluster_dot_rpc_dot_strata__pb2.TierPlan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -379,6 +398,33 @@ class Tiering:
             '/strata.v1.Tiering/Apply',
             cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.SerializeToString,
             cluster_dot_rpc_dot_strata__pb2.TierApplyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Tiering/Plan',
+            cluster_dot_rpc_dot_strata__pb2.TierApplyRequest.SerializeToString,
+            cluster_dot_rpc_dot_strata__pb2.TierPlan.FromString,
             options,
             channel_credentials,
             insecure,

@@ -146,6 +146,11 @@ class TieringStub:
     interruption finishes what was begun. A policy that cannot be used is refused
     INVALID_ARGUMENT, naming the rule and field.
     """
+    Plan: _grpc.UnaryUnaryMultiCallable[_strata_pb2.TierApplyRequest, _strata_pb2.TierPlan]
+    """What the policy would do now (or as of `at`), changing nothing: the flows between
+    tiers and the bytes in each tier before and after. Reads only the studies that are
+    due (changed, or whose day came), plus one pass over the study rows for the totals.
+    """
 
 @_typing.type_check_only
 class TieringAsyncStub(TieringStub):
@@ -158,6 +163,11 @@ class TieringAsyncStub(TieringStub):
     committed, then its source deleted. Progress is streamed; running it again after an
     interruption finishes what was begun. A policy that cannot be used is refused
     INVALID_ARGUMENT, naming the rule and field.
+    """
+    Plan: _aio.UnaryUnaryMultiCallable[_strata_pb2.TierApplyRequest, _strata_pb2.TierPlan]  # type: ignore[assignment]
+    """What the policy would do now (or as of `at`), changing nothing: the flows between
+    tiers and the bytes in each tier before and after. Reads only the studies that are
+    due (changed, or whose day came), plus one pass over the study rows for the totals.
     """
 
 class TieringServicer(metaclass=_abc_1.ABCMeta):
@@ -174,6 +184,17 @@ class TieringServicer(metaclass=_abc_1.ABCMeta):
         committed, then its source deleted. Progress is streamed; running it again after an
         interruption finishes what was begun. A policy that cannot be used is refused
         INVALID_ARGUMENT, naming the rule and field.
+        """
+
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _strata_pb2.TierApplyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_strata_pb2.TierPlan, _abc.Awaitable[_strata_pb2.TierPlan]]:
+        """What the policy would do now (or as of `at`), changing nothing: the flows between
+        tiers and the bytes in each tier before and after. Reads only the studies that are
+        due (changed, or whose day came), plus one pass over the study rows for the totals.
         """
 
 def add_TieringServicer_to_server(servicer: TieringServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

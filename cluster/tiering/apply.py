@@ -61,7 +61,7 @@ from cluster.config import CODECS
 from cluster.tiering.engine import Decision
 from cluster.tiering.policy import Policy, Tier
 from workers.objects import store
-from workers.objects.envelope import KEYS_SUFFIX, keys_key_for
+from workers.objects.envelope import keys_key_for
 from workers.pipeline.ingest import PipelineSettings
 from workers.pipeline.recode import RecodeError, RecodeReport, recode_packs
 from workers.pipeline.restore import ObjectRef, restore
@@ -291,9 +291,16 @@ class TierApplier:
                 await queue.put(progress)
 
         tasks = [asyncio.create_task(one(decision)) for decision in moves]
-        for _ in tasks:
-            yield await queue.get()
-        await asyncio.gather(*tasks)
+        try:
+            for _ in tasks:
+                yield await queue.get()
+            await asyncio.gather(*tasks)
+        finally:
+            # Left early (the caller went away): no move goes on behind the next apply's
+            # back; what a cancelled one had begun, its marker says, and the next finishes.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def move(self, decision: Decision) -> None:
         study = decision.study.study_instance_uid
@@ -328,6 +335,9 @@ class TierApplier:
             ref = _copy_task.remote(self._settings, list(packs), source, target, refs)
         try:
             report = await asyncio.wait_for(ref, MOVE_DEADLINE_S)
+        except asyncio.CancelledError:
+            ray.cancel(ref, force=True)  # it writes no copy after this; the marker stays
+            raise
         except Exception as error:  # noqa: BLE001 - whatever failed, the copies are undone
             if isinstance(error, TimeoutError):
                 ray.cancel(ref, force=True)
@@ -368,7 +378,19 @@ class TierApplier:
                     now,
                 )
             )
-        await self._catalog.place.remote(placements)
+        try:
+            await self._catalog.place.remote(placements, [source])
+        except ray.exceptions.RayTaskError as error:
+            await self._undo(marker)  # the catalog refused it: the study stays where it is
+            raise MoveError(str(error.cause)) from None
+        # The sources go only once the catalog is seen to place every instance in the copy.
+        now_records: list[InstanceRecord] = await self._catalog.find_instances.remote(
+            InstanceFilters(study_uid=study), _MOST_INSTANCES
+        )
+        where_now = {record.sha256: (record.tier, record.object_key) for record in now_records}
+        if any(where_now.get(p.sha256) != (p.tier, p.object_key) for p in placements):
+            await self._undo(marker)
+            raise MoveError("the catalog did not take the study's new placements; it stays")
         await self._finish(marker, placed=True)
 
     async def delete(self, decision: Decision) -> None:
@@ -385,45 +407,39 @@ class TierApplier:
         await asyncio.to_thread(store.put, self._store, self._bucket, marker.key, marker.to_bytes())
         now = datetime.now(UTC)
         reason = f"retention end: {decision.rule}; data keys destroyed (crypto-shredded)"
-        await self._catalog.place.remote(
-            [
-                deletion(record.sha256, record.sop_instance_uid, record.version, study, reason, now)
-                for record in records
-            ]
-        )
+        try:
+            await self._catalog.place.remote(
+                [
+                    deletion(
+                        record.sha256, record.sop_instance_uid, record.version, study, reason, now
+                    )
+                    for record in records
+                ],
+                sorted({record.tier for record in records}),
+            )
+        except ray.exceptions.RayTaskError as error:
+            await asyncio.to_thread(store.delete, self._store, self._bucket, marker.key)
+            raise MoveError(str(error.cause)) from None
         await self._shred(marker)
 
     async def _shred(self, marker: DeletionMarker) -> None:
-        """Destroy the keys of a study whose deletion the catalog holds, then its packs and
-        anything else under its prefix that no live instance names; then the marker."""
-        study = marker.study_instance_uid
-        live: list[InstanceRecord] = await self._catalog.find_instances.remote(
-            InstanceFilters(study_uid=study), _MOST_INSTANCES
-        )  # instances of the study stored after the deletion was decided are kept
-        keep = {(store.tier_bucket(record.tier), record.object_key) for record in live}
-        buckets = {tier.bucket_name for tier in self._policy.tiers.values()}
-        buckets |= {store.tier_bucket(tier) for tier, _ in marker.packs}
-        prefix = store.study_prefix(study)
+        """Destroy the keys of the packs a deletion the catalog holds names, then the packs;
+        then the marker. Only those: a pack of the same study being stored meanwhile (an
+        instance sent after the deletion was decided) is not this deletion's, and packs no
+        row names are the reconciler's."""
+        by_bucket: dict[str, list[str]] = {}
+        for tier, key in marker.packs:
+            by_bucket.setdefault(store.tier_bucket(tier), []).append(key)
 
         def shred() -> None:
-            for bucket in sorted(buckets):
+            for bucket, packs in sorted(by_bucket.items()):
                 if not store.bucket_exists(self._store, bucket):
                     continue
-                named = [key for tier, key in marker.packs if store.tier_bucket(tier) == bucket]
-                found = {
-                    key.removesuffix(KEYS_SUFFIX)
-                    for key in store.list_keys(self._store, bucket, prefix)
-                }
-                kept = {key for b, key in keep if b == bucket}
-                packs = sorted((found | set(named)) - kept)
                 # The keys first: once they are gone the packs can no longer be opened.
                 store.delete_many(self._store, bucket, [keys_key_for(pack) for pack in packs])
                 store.delete_many(self._store, bucket, packs)
                 left = [
-                    key
-                    for key in store.list_keys(self._store, bucket, prefix)
-                    if key.endswith(KEYS_SUFFIX)
-                    and (bucket, key.removesuffix(KEYS_SUFFIX)) not in keep
+                    pack for pack in packs if store.exists(self._store, bucket, keys_key_for(pack))
                 ]
                 if left:
                     raise MoveError(
@@ -448,12 +464,16 @@ class TierApplier:
                 InstanceFilters(study_uid=marker.study_instance_uid), _MOST_INSTANCES
             )
             named = {key for _, key in marker.packs}
-            if any(record.object_key in named for record in live):
-                log.info("an interrupted retention deletion had not been recorded: undone")
-                await asyncio.to_thread(store.delete, self._store, self._bucket, key)
-            else:
-                log.info("finishing an interrupted retention deletion: destroying its keys")
-                await self._shred(marker)
+            try:
+                if any(record.object_key in named for record in live):
+                    log.info("an interrupted retention deletion had not been recorded: undone")
+                    await asyncio.to_thread(store.delete, self._store, self._bucket, key)
+                else:
+                    log.info("finishing an interrupted retention deletion: destroying its keys")
+                    await self._shred(marker)
+            except Exception as error:  # noqa: BLE001 - the next apply tries it again
+                log.error("an interrupted retention deletion could not be finished: %s", error)
+                continue
             resumed += 1
         return resumed + await self._recover_moves()
 
@@ -486,7 +506,10 @@ class TierApplier:
                 marker.target,
                 "committed, deleting the sources" if placed else "not committed, undoing the copy",
             )
-            await self._finish(marker, placed=placed)
+            try:
+                await self._finish(marker, placed=placed)
+            except Exception as error:  # noqa: BLE001 - the next apply tries it again
+                log.error("an interrupted tier move could not be finished: %s", error)
         return len(keys)
 
     async def _undo(self, marker: Marker) -> None:

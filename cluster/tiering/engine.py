@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Literal
 
 from cluster.catalog import placements
@@ -98,6 +98,38 @@ def decide(study: StudyState, policy: Policy, now: datetime) -> Decision | None:
         if _matches(rule, study, now):
             return Decision(study, "move", rule.to, rule.name)
     return None
+
+
+def next_change(study: StudyState, policy: Policy, now: datetime) -> datetime | None:
+    """The earliest moment after ``now`` at which ``decide`` could answer otherwise for
+    ``study`` if nothing happens to it meanwhile (no ingest, read or move, which the
+    catalog notes itself); None when no time condition of the policy can ever flip.
+
+    Conservative: every time threshold of every rule and retention counts (the earliest
+    one is when the study must be looked at again), so a study is never looked at late;
+    at worst a little early. With it the daily plan reads only the studies whose state
+    changed or whose day has come (``CatalogIndex.due_states``), not the archive."""
+    if study.tier == DELETED:
+        return None
+    born = datetime.combine(
+        study.study_date or _utc(study.first_ingest_time).date(), time(0), tzinfo=UTC
+    )
+    last_read = study.last_access_time
+    unread_since = _utc(last_read or study.first_ingest_time)
+    since = _utc(study.tier_since)
+    moments: list[datetime] = []
+    for rule in policy.rules:
+        if rule.min_age_days is not None:
+            moments.append(born + timedelta(days=rule.min_age_days))
+        if rule.unread_days is not None:
+            moments.append(unread_since + timedelta(days=rule.unread_days))
+        if rule.read_within_days is not None and last_read is not None:
+            moments.append(_utc(last_read) + timedelta(days=rule.read_within_days, microseconds=1))
+        if rule.min_residency_days:
+            moments.append(since + timedelta(days=rule.min_residency_days))
+    moments += [born + timedelta(days=retention.keep_days) for retention in policy.retention]
+    later = [moment for moment in moments if moment > now]
+    return min(later) if later else None
 
 
 def _matches(rule: Rule, study: StudyState, now: datetime) -> bool:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime
 from typing import Any, NoReturn
 
@@ -299,19 +300,41 @@ class CatalogService(pb_grpc.CatalogServicer):
 class TieringService(pb_grpc.TieringServicer):
     """Carry out a tier policy's plan on this node (see cluster/tiering/apply.py)."""
 
-    def __init__(self, apply: Callable[[Policy, datetime | None], AsyncIterator[Any]]) -> None:
+    def __init__(
+        self,
+        apply: Callable[[Policy, datetime | None], AsyncIterator[Any]],
+        plan: Callable[[Policy, datetime | None], Awaitable[Any]],
+    ) -> None:
         self._apply = apply
+        self._plan = plan
+
+    async def Plan(  # noqa: N802 - gRPC method name
+        self, request: pb.TierApplyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TierPlan:
+        policy, at = await _policy_and_moment(request, context)
+        started = time.perf_counter()
+        planned = await self._plan(policy, at)
+        return pb.TierPlan(
+            considered=planned.considered,
+            flows=[
+                pb.TierFlow(
+                    source=flow.source,
+                    to=flow.to,
+                    studies=flow.studies,
+                    instances=flow.instances,
+                    bytes_stored=flow.bytes_stored,
+                )
+                for flow in planned.flows
+            ],
+            stored_before=dict(planned.stored_before),
+            stored_after=dict(planned.stored_after),
+            seconds=time.perf_counter() - started,
+        )
 
     async def Apply(  # noqa: N802 - gRPC method name
         self, request: pb.TierApplyRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TierApplyProgress]:
-        try:
-            policy = parse_policy(tomllib.loads(request.policy_toml), "policy")
-            at = datetime.fromisoformat(request.at) if request.at else None
-        except (PolicyError, tomllib.TOMLDecodeError, ValueError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        if at is not None and at.tzinfo is None:
-            at = at.replace(tzinfo=UTC)
+        policy, at = await _policy_and_moment(request, context)
         async for progress in self._apply(policy, at):
             yield pb.TierApplyProgress(
                 studies_total=progress.studies_total,
@@ -326,6 +349,21 @@ class TieringService(pb_grpc.TieringServicer):
                 recoded_bytes_after=progress.recoded_bytes_after,
                 message=progress.message,
             )
+
+
+async def _policy_and_moment(
+    request: pb.TierApplyRequest, context: grpc.aio.ServicerContext
+) -> tuple[Policy, datetime | None]:
+    """The request's policy and moment; a policy that cannot be used is refused
+    INVALID_ARGUMENT, naming the rule and the field."""
+    try:
+        policy = parse_policy(tomllib.loads(request.policy_toml), "policy")
+        at = datetime.fromisoformat(request.at) if request.at else None
+    except (PolicyError, tomllib.TOMLDecodeError, ValueError) as error:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if at is not None and at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return policy, at
 
 
 def _filters(request: pb.FindRequest) -> tuple[InstanceFilters, int]:

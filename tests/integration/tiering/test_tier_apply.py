@@ -91,9 +91,16 @@ def apply(node: Node, policy: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+SUMMARY = ("planned", "moved", "deleted", "failed", "GB", "resumed")
+
+
 def summary(result: subprocess.CompletedProcess[str]) -> list[str]:
-    """The numbers row of the apply's summary table."""
-    rows = [" ".join(line.replace("│", " ").split()) for line in result.stdout.splitlines()]
+    """The numbers row of the apply's summary table (columns as in ``SUMMARY``)."""
+    rows = [
+        " ".join(line.replace("│", " ").replace("┃", " ").split())
+        for line in result.stdout.splitlines()
+    ]
+    assert any(row.split() == list(SUMMARY) for row in rows), result.stdout
     numbers = [row for row in rows if row and row.split()[0].isdigit()]
     return numbers[-1].split()
 
@@ -155,8 +162,8 @@ def test_apply_moves_exactly_the_planned_studies_byte_for_byte(node: Node, tmp_p
 
     done = apply(node, policy)
     assert done.returncode == 0, done.stdout + done.stderr
-    planned, moved, failed = summary(done)[:3]
-    assert (planned, moved, failed) == ("1", "1", "0")
+    planned, moved, deleted, failed = summary(done)[:4]
+    assert (planned, moved, deleted, failed) == ("1", "1", "0", "0")
     assert tiers_by_study(node, study_of(old)) == {"cold"}
     assert tiers_by_study(node, study_of(recent)) == {"hot"}
     assert tiers_by_study(node, study_of(held)) == {"hot"}
@@ -210,7 +217,7 @@ def test_an_apply_killed_mid_way_finishes_when_run_again(node: Node, tmp_path: P
 
     second = apply(node, policy)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert int(summary(second)[4]) >= 1  # resumed: the moves the kill cut off
+    assert int(summary(second)[SUMMARY.index("resumed")]) >= 1  # the moves the kill cut off
     store = node.object_store()  # the restarted node's MinIO listens elsewhere
     for files in studies:
         assert tiers_by_study(node, study_of(files)) == {"cold"}  # never in two tiers

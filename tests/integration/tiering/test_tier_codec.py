@@ -74,7 +74,7 @@ def test_a_cold_study_is_re_encoded_and_returns_its_original_bytes(
 
     done = apply(node, policy)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert summary(done)[:3] == ["1", "1", "0"]
+    assert summary(done)[:4] == ["1", "1", "0", "0"]
     assert "Re-encoded with the target tier's codec" in done.stdout
     assert tiers_by_study(node, study) == {"cold"}
     # New packs, in cold only, smaller than the hot ones were; the hot ones are gone.

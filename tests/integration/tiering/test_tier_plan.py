@@ -1,6 +1,7 @@
-"""`strata tier plan` over a real catalog (the real writer, Delta tables in real MinIO):
-each study's state is read as the policy needs it, the right studies are planned, the
-costs are printed, and nothing is changed."""
+"""The tier plan over a real catalog (the real writer and its index, Delta tables in real
+MinIO): each study's state is read as the policy needs it, the right studies are
+planned, the costs are summed, nothing is changed, and a plan looks only at the studies
+that are due; `strata tier plan` asks a running node; the forecast reads the catalog."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import csv
 import os
 import subprocess
 import sys
-from datetime import UTC, date, datetime
+import tomllib
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from cluster.catalog import CatalogWriter, Placement
 from cluster.ops.minio import MinioServer
-from cluster.tiering.states import study_states
+from cluster.tiering.engine import Plan
+from cluster.tiering.policy import parse_policy
 from tests.integration.conftest import make_record, stored
 from workers.objects import store
 
@@ -60,8 +63,9 @@ def test_the_plan_reads_each_study_as_the_policy_needs_and_changes_nothing(
         make_record("7.3.1", study_uid=held, study_date=date(2019, 5, 5)),
         make_record("7.4.1", study_uid=moved, study_date=date(2018, 2, 2), modality="MR"),
     ]
+    policy = parse_policy(tomllib.loads(POLICY), "policy.toml")
 
-    async def write() -> None:
+    async def write_and_plan() -> list[Plan]:
         index = str(tmp_path / "i")
         writer = CatalogWriter(settings, bucket_name, max_wait_s=0.0, index_path=index)
         await writer.commit([stored(record) for record in records])
@@ -87,21 +91,109 @@ def test_the_plan_reads_each_study_as_the_policy_needs_and_changes_nothing(
         )
         await writer.record_access([moved])
         await writer.flush_now(raise_errors=True)
+        before = sorted(store.list_keys(settings, bucket_name, ""))
+        plans = [await writer.plan_tiering(policy, totals=True)]  # a policy new to it
+        plans.append(await writer.plan_tiering(policy))  # right after: only the decided
+        assert sorted(store.list_keys(settings, bucket_name, "")) == before  # nothing changed
+        await writer.record_access([recent])  # a read makes a study due again
+        plans.append(await writer.plan_tiering(policy))
+        # As of 400 days on (changing nothing), the recent CT is a year old: it goes cold.
+        plans.append(await writer.plan_tiering(policy, AT + timedelta(days=400)))
+        # Another policy: every study is looked at again.
+        other = parse_policy(tomllib.loads(POLICY.replace("365", "366")), "other.toml")
+        plans.append(await writer.plan_tiering(other))
         await writer.close()
+        return plans
 
-    asyncio.run(write())
-    states = {state.study_instance_uid: state for state in study_states(settings, bucket_name)}
-    assert set(states) == {old, recent, held, moved}
-    assert states[old].instances == 2 and states[old].bytes_stored == 500 + 1500
-    assert states[old].body_parts == ("CHEST",) and states[old].modalities == ("CT",)
-    assert states[old].last_access_time is None
-    assert states[moved].tier == "cold"
-    assert states[moved].tier_since == datetime(2025, 1, 1, tzinfo=UTC)
-    assert states[moved].last_access_time is not None
+    first, second, after_read, later, other = asyncio.run(write_and_plan())
+    decided = {d.study.study_instance_uid: d for d in first.decisions}
+    assert first.considered == 4
+    # The old CT goes cold; the held one does not; the recent one stays; 7.4 comes back.
+    assert {uid: (d.study.tier, d.to) for uid, d in decided.items()} == {
+        old: ("hot", "cold"),
+        moved: ("cold", "hot"),
+    }
+    # Each study's state as the policy reads it: sizes, parts, modalities, its tier's
+    # start (the placement) and its last read.
+    state = decided[old].study
+    assert state.instances == 2 and state.bytes_stored == 500 + 1500
+    assert state.body_parts == ("CHEST",) and state.modalities == ("CT",)
+    assert state.last_access_time is None
+    promoted = decided[moved].study
+    assert promoted.tier_since == datetime(2025, 1, 1, tzinfo=UTC)
+    assert promoted.last_access_time is not None
+    assert first.stored_before == {"hot": 2000 + 500 + 500, "cold": 500}
+    assert first.stored_after == {"hot": 500 + 500 + 500, "cold": 2000}
+    # Incremental: the next plan looks only at the studies it decided (not carried out),
+    # then also at the one read meanwhile; a plan as of later sees the recent CT's day.
+    assert second.considered == 2
+    assert after_read.considered == 3
+    assert {d.study.study_instance_uid for d in later.decisions} >= {recent}
+    assert other.considered == 4
+
+
+def test_strata_tier_plan_asks_the_node(tmp_path: Path) -> None:
+    """The CLI's plan comes from a running node (its index), and a broken policy is
+    refused naming the rule and the field."""
+    from tests.integration.node import TEST_TOKEN, Node
 
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    before = sorted(store.list_keys(settings, bucket_name, ""))
+    broken = tmp_path / "broken.toml"
+    broken.write_text(POLICY.replace('to = "cold"', 'to = "freezer"'))
+    environment = {**os.environ, "STRATA_TOKEN": TEST_TOKEN}
+    (tmp_path / "node").mkdir()
+    with Node(tmp_path / "node") as node:
+        shown = subprocess.run(
+            [
+                *(sys.executable, "-m", "cluster.cli", "tier", "plan"),
+                *("--policy", str(policy), "--server", node.address),
+            ],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=120,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "the policy moves no study now" in shown.stdout  # an empty archive
+        lines = [" ".join(line.replace("│", " ").split()) for line in shown.stdout.splitlines()]
+        assert "total 0.00 0.00" in lines, shown.stdout
+        refused = subprocess.run(
+            [
+                *(sys.executable, "-m", "cluster.cli", "tier", "plan"),
+                *("--policy", str(broken), "--server", node.address),
+            ],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=120,
+            check=False,
+        )
+    assert refused.returncode != 0
+    assert "rule 2 ('cold after a year') to must name a tier" in refused.stderr + refused.stdout
+
+
+def test_the_forecast_reads_the_catalog(
+    minio: MinioServer, bucket_name: str, tmp_path: Path
+) -> None:
+    settings = minio.settings
+    records = [
+        make_record("8.1.1", study_uid="8.1", study_date=date(2020, 1, 1)),
+        make_record("8.2.1", study_uid="8.2", study_date=AT.date()),
+    ]
+
+    async def write() -> None:
+        writer = CatalogWriter(
+            settings, bucket_name, max_wait_s=0.0, index_path=str(tmp_path / "i")
+        )
+        await writer.commit([stored(record) for record in records])
+        await writer.flush_now(raise_errors=True)
+        await writer.close()
+
+    asyncio.run(write())
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
     environment = {
         **os.environ,
         "STRATA_MINIO_ENDPOINT": settings.endpoint,
@@ -109,25 +201,6 @@ def test_the_plan_reads_each_study_as_the_policy_needs_and_changes_nothing(
         "STRATA_MINIO_SECRET_KEY": settings.secret_key,
         "STRATA_CATALOG_BUCKET": bucket_name,
     }
-    shown = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "tier", "plan", "--policy", str(policy)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-        check=False,
-    )
-    assert shown.returncode == 0, shown.stderr
-    lines = [" ".join(line.replace("│", " ").split()) for line in shown.stdout.splitlines()]
-    assert "tier plan: 4 studies considered, nothing changed" in lines
-    # The old CT goes cold; the held one does not; the recent one stays; 7.4 comes back.
-    assert "hot cold 1 2 0.000" in lines
-    assert "cold hot 1 1 0.000" in lines
-    assert sum(1 for line in lines if line.startswith(("hot ", "warm ", "cold "))) >= 2
-    assert not any(line.startswith(("hot warm", "hot deleted")) for line in lines)
-    assert any(line.startswith("total") for line in lines)
-    assert sorted(store.list_keys(settings, bucket_name, "")) == before  # nothing changed
-
     # The forecast reads the same catalog: two years at 20 %, 1 raw TB a year now.
     projected = subprocess.run(
         [
@@ -149,16 +222,3 @@ def test_the_plan_reads_each_study_as_the_policy_needs_and_changes_nothing(
     # stored byte is half its raw bytes (the records' ratio).
     assert float(years[0]["hot_tb"]) > 0 and float(years[1]["cold_tb"]) > 0
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
-
-    broken = tmp_path / "broken.toml"
-    broken.write_text(POLICY.replace('to = "cold"', 'to = "freezer"'))
-    refused = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "tier", "plan", "--policy", str(broken)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-        check=False,
-    )
-    assert refused.returncode != 0
-    assert "rule 2 ('cold after a year') to must name a tier" in refused.stderr + refused.stdout

@@ -7,6 +7,8 @@ import tomllib
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.tiering import engine
 from cluster.tiering.engine import StudyState, decide
@@ -244,3 +246,42 @@ def test_age_is_counted_from_ingest_when_a_study_has_no_date() -> None:
         datetime(2026, 1, 1, tzinfo=UTC),
     )
     assert undated.age_days(NOW) == (date(2027, 6, 1) - date(2026, 1, 1)).days
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tier=st.sampled_from(["hot", "warm", "cold"]),
+    age_days=st.integers(0, 8000),
+    unread_days=st.one_of(st.none(), st.integers(0, 4000)),
+    resident_days=st.integers(0, 400),
+    modality=st.sampled_from(["CT", "MG", "US", "MR"]),
+    body_part=st.sampled_from(["CHEST", "HEAD"]),
+)
+def test_no_decision_changes_before_the_studys_next_change(
+    tier: str,
+    age_days: int,
+    unread_days: int | None,
+    resident_days: int,
+    modality: str,
+    body_part: str,
+) -> None:
+    """What the incremental plan relies on: until ``next_change``, ``decide`` answers as
+    it does now (so a study not looked at before its due moment is never late)."""
+    policy = policy_of()
+    one = study(
+        tier=tier,
+        age_days=min(age_days, resident_days + age_days),
+        unread_days=None if unread_days is None else min(unread_days, age_days),
+        resident_days=min(resident_days, age_days),
+        modalities=(modality,),
+        body_parts=(body_part,),
+    )
+    now = decide(one, policy, NOW)
+    due = engine.next_change(one, policy, NOW)
+    horizon = due or NOW + timedelta(days=30_000)
+    assert horizon > NOW
+    step = (horizon - NOW) / 17
+    for k in range(17):
+        assert decide(one, policy, NOW + step * k) == now
+    if due is not None:
+        assert decide(one, policy, due - timedelta(microseconds=1)) == now
