@@ -182,6 +182,9 @@ def synthetic_columns(first: int, count: int, per_study: int) -> pa.Table:
         "photometric_interpretation": "MONOCHROME2",
         "tier": "hot",
         "key_id": "kek-1",
+        "source": "grpc",
+        "manufacturer": "SYNTHETIC",
+        "model": "BENCH-1",
     }
     ints = {"frames": 1, "rows": 512, "columns": 512, "bits_allocated": 16}
     ints |= {"bits_stored": 12, "samples_per_pixel": 1, "version": 1}

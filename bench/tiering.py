@@ -41,6 +41,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from catalog import ROOT, synthetic_columns
+from full_scan_states import study_states
 
 from cluster import catalog
 from cluster import config as config_module
@@ -53,7 +54,6 @@ from cluster.ops.node import Stack
 from cluster.tiering import due, engine
 from cluster.tiering.engine import StudyState
 from cluster.tiering.policy import parse_policy
-from cluster.tiering.states import study_states
 
 console = Console(width=160)
 MODALITIES = ("CT", "MR", "CR", "US", "DX")

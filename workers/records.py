@@ -38,6 +38,7 @@ class IngestItem:
     sha256: str
     parts: tuple[Any, ...] = ()
     parts_bytes: int = 0
+    source: str = ""  # the door it came through (see InstanceRecord.source)
 
     @property
     def size(self) -> int:
@@ -50,15 +51,21 @@ class IngestItem:
         # PickleBuffer, the bytes go out of band: Ray copies them once, straight from the
         # front end's buffer into the object store.
         data = pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data)
-        return (_item, (self.file_id, data, self.sha256, self.parts, self.parts_bytes))
+        fields = (self.file_id, data, self.sha256, self.parts, self.parts_bytes, self.source)
+        return (_item, fields)
 
 
 def _item(
-    file_id: str, data: Any, sha256: str, parts: tuple[Any, ...], parts_bytes: int
+    file_id: str,
+    data: Any,
+    sha256: str,
+    parts: tuple[Any, ...],
+    parts_bytes: int,
+    source: str = "",
 ) -> IngestItem:
     # Out of band, ``data`` is a read-only view of Ray's object store, valid only while
     # the task's arguments are pinned: the worker takes its own copy.
-    return IngestItem(file_id, bytes(data), sha256, parts, parts_bytes)
+    return IngestItem(file_id, bytes(data), sha256, parts, parts_bytes, source)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,11 @@ class InstanceRecord:
     # Where in the pack its member lies (set when the pack is built).
     byte_offset: int = 0
     byte_length: int = 0
+    # Where it came from: the door, and for DIMSE the calling AE title ("dimse:CT_SCANNER_1",
+    # "grpc", "dicomweb"); and the equipment that made it (from its header). Not PHI.
+    source: str = ""
+    manufacturer: str = ""
+    model: str = ""
 
 
 @dataclass(frozen=True)

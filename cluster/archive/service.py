@@ -113,6 +113,7 @@ class Incoming:
     rejected: bool = False
     # Handed to the dispatcher, which then says when its budget may be released.
     submitted: bool = False
+    source: str = ""  # the door (and DIMSE's calling AE): InstanceRecord.source
 
     def _add(self, data: bytes | memoryview, generation: int) -> None:
         self.size += len(data)
@@ -127,7 +128,9 @@ class Incoming:
             self.data = bytearray()
 
     def _take(self, file_id: str, sha256: str) -> IngestItem:
-        item = IngestItem(file_id, self.data, sha256, tuple(self.parts), self.parts_bytes)
+        item = IngestItem(
+            file_id, self.data, sha256, tuple(self.parts), self.parts_bytes, self.source
+        )
         self.drop()
         return item
 
@@ -211,8 +214,10 @@ class Archive:
 
     # -- storing ----------------------------------------------------------------------
 
-    def incoming(self, file_id: str) -> Incoming:
-        return Incoming(file_id)
+    def incoming(self, file_id: str, source: str = "") -> Incoming:
+        """A file about to be received, through ``source`` (``"grpc"``, ``"dicomweb"``,
+        ``"dimse:<calling AE title>"``), which its catalog row keeps."""
+        return Incoming(file_id, source=source)
 
     async def receive(self, incoming: Incoming, data: bytes | memoryview, owner: object) -> None:
         """Take the next bytes of ``incoming`` (from the sender ``owner``, whose fair share
@@ -290,6 +295,7 @@ class Archive:
         owner: object,
         *,
         one_at_a_time: bool = False,
+        source: str = "",
     ) -> FileResult:
         """Store a file the door already holds whole (DIMSE, DICOMweb): ``receive``, then
         ``store``. A refusal comes back as a ``rejected`` result.
@@ -298,7 +304,7 @@ class Archive:
         (a DIMSE association), so the dispatcher may hold a batch briefly for it (see
         ``Dispatcher.sender_answered``); ``sender_gone`` says when it has gone."""
         sender = owner if one_at_a_time else None
-        incoming = self.incoming(file_id)
+        incoming = self.incoming(file_id, source)
         try:
             try:
                 await self.receive(incoming, data, owner)

@@ -59,6 +59,7 @@ from cluster.catalog.schema import (
     IDENTITY_SCHEMA,
     INSTANCES,
     JOURNALED,
+    LATER_INSTANCE_COLUMNS,
     PLACEMENTS,
     RECORD_FIELDS,
     StudyRow,
@@ -95,6 +96,9 @@ _CODED = (
     "photometric_interpretation",
     "tier",
     "key_id",
+    "source",
+    "manufacturer",
+    "model",
 )
 # Lowercase hex, kept as the bytes it spells.
 _HEXED = ("sha256", "patient_pseudonym", "accession_pseudonym")
@@ -223,6 +227,9 @@ _OF_STUDY = "{t}.study_key = s.study_key AND {t}.study_instance_uid = s.study_in
 # Pseudonyms come from the first stored instance, the tier from the latest; modalities
 # are sorted when read (``_study``). Ties in ingest time are broken by SHA-256 (its bytes
 # sort as its hex does).
+# An instance not deleted at its study's retention end (``t`` its alias, ``q`` its
+# placement's), in SQL: counts, sizes, modalities and the tier are of these.
+_LIVE = "coalesce({q}.tier, {t}.tier) IS NOT (SELECT id FROM codes WHERE value = '" + DELETED + "')"
 _DERIVE = (
     f"INSERT INTO studies ({', '.join(_STUDY_COLUMNS)}, dirty) "
     "SELECT s.study_instance_uid, "
@@ -232,16 +239,23 @@ _DERIVE = (
     " ORDER BY f.ingest_time, f.sha256 LIMIT 1), "
     "date(s.study_date * 86400, 'unixepoch'), "
     f"(SELECT group_concat(c.value, '{MODALITY_SEPARATOR}') FROM"
-    f" (SELECT DISTINCT m.modality AS code FROM instances m WHERE {_OF_STUDY.format(t='m')}) d"
+    " (SELECT DISTINCT m.modality AS code FROM instances m"
+    " LEFT JOIN placements q ON q.sha256 = m.sha256"
+    f" WHERE {_OF_STUDY.format(t='m')} AND {_LIVE.format(q='q', t='m')}) d"
     " JOIN codes c ON c.id = d.code WHERE c.value != ''), "
     "s.instance_count, s.series_count, s.bytes_in, s.bytes_stored, "
+    # The latest live instance's tier; ``deleted`` when none is left.
     "(SELECT c.value FROM instances l LEFT JOIN placements p ON p.sha256 = l.sha256"
     " JOIN codes c ON c.id = coalesce(p.tier, l.tier)"
-    f" WHERE {_OF_STUDY.format(t='l')} ORDER BY l.ingest_time DESC, l.sha256 DESC LIMIT 1), "
+    f" WHERE {_OF_STUDY.format(t='l')} ORDER BY {_LIVE.format(q='p', t='l')} DESC,"
+    " l.ingest_time DESC, l.sha256 DESC LIMIT 1), "
     "s.first_ingest_time, s.last_ingest_time, NULL, 1 "
     "FROM (SELECT study_key, study_instance_uid, min(study_date) AS study_date, "
-    "sum(version = 1) AS instance_count, count(DISTINCT series_instance_uid) AS series_count, "
-    "sum(bytes_in) AS bytes_in, sum(coalesce(p.byte_length, i.bytes_stored)) AS bytes_stored, "
+    f"sum(version = 1 AND {_LIVE.format(q='p', t='i')}) AS instance_count, "
+    f"count(DISTINCT CASE WHEN {_LIVE.format(q='p', t='i')} THEN series_instance_uid END)"
+    " AS series_count, "
+    f"sum(CASE WHEN {_LIVE.format(q='p', t='i')} THEN bytes_in ELSE 0 END) AS bytes_in, "
+    "sum(coalesce(p.byte_length, i.bytes_stored)) AS bytes_stored, "
     "min(ingest_time) AS first_ingest_time, max(ingest_time) AS last_ingest_time "
     "FROM instances i LEFT JOIN placements p ON p.sha256 = i.sha256 "
     "WHERE study_key IN ({keys}) AND study_instance_uid IN ({uids}) "
@@ -338,6 +352,11 @@ class CatalogIndex:
             with self._db:
                 self._db.execute(f"ALTER TABLE studies ADD COLUMN {_TIER_DUE}")
                 self._db.execute(_DUE_INDEX)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
+        with self._db:  # columns added later: null (read as "") in older rows
+            for name in LATER_INSTANCE_COLUMNS:
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE instances ADD COLUMN {name}")
         done = []
         for name in SOURCES:
             table = tables[name]
@@ -720,12 +739,20 @@ class CatalogIndex:
                 found.append(row)
         return found
 
-    def tier_facts(self, study_instance_uid: str) -> tuple[tuple[str, ...], datetime | None]:
-        """A study's body parts (upper case) and when its latest placement was made (None:
-        never moved, in its tier since ingest): what the policy reads beside its row."""
+    def tier_facts(
+        self, study_instance_uid: str
+    ) -> tuple[tuple[str, ...], datetime | None, tuple[str, ...]]:
+        """A study's body parts (upper case), when its latest placement was made (None:
+        never moved, in its tier since ingest) and the sources of its instances: what the
+        policy reads beside its row."""
         key, uid = uid_key(study_instance_uid), _uid(study_instance_uid)
         parts = self._db.execute(
             "SELECT DISTINCT upper(c.value) FROM instances i JOIN codes c ON c.id = i.body_part"
+            " WHERE i.study_key = ? AND i.study_instance_uid = ? AND c.value != ''",
+            (key, uid),
+        ).fetchall()
+        sources = self._db.execute(
+            "SELECT DISTINCT c.value FROM instances i JOIN codes c ON c.id = i.source"
             " WHERE i.study_key = ? AND i.study_instance_uid = ? AND c.value != ''",
             (key, uid),
         ).fetchall()
@@ -734,7 +761,11 @@ class CatalogIndex:
             " WHERE i.study_key = ? AND i.study_instance_uid = ?",
             (key, uid),
         ).fetchone()
-        return tuple(sorted(part for (part,) in parts)), _from_micros(placed)
+        return (
+            tuple(sorted(part for (part,) in parts)),
+            _from_micros(placed),
+            tuple(sorted(source for (source,) in sources)),
+        )
 
     def set_due(self, due: Sequence[tuple[str, datetime | None]]) -> None:
         """When the policy must look at each study again (None: not unless it changes).
@@ -898,6 +929,8 @@ class CatalogIndex:
             for name in RECORD_FIELDS
             if name not in ("study_date", "ingest_time")
         }
+        for name in LATER_INSTANCE_COLUMNS:
+            values[name] = [value or "" for value in values[name]]  # null in older rows
         for name in _CODED:
             values[name] = self._codes.ids(values[name])
         for name in _HEXED:
@@ -925,7 +958,8 @@ class CatalogIndex:
     def _record(self, row: Sequence[Any]) -> InstanceRecord:
         values = dict(zip(RECORD_FIELDS, row, strict=True))
         for name in _CODED:
-            values[name] = self._codes.value(values[name])
+            code = values[name]
+            values[name] = "" if code is None else self._codes.value(code)  # older rows
         for name in _HEXED:
             values[name] = _unpacked(values[name])
         for name in _KEYS:
@@ -1184,10 +1218,20 @@ def _batches(
     if paths is not None and not paths:
         return
     dataset = table_dataset(table, options, paths)
+    # A table written before a later column has none: it reads as null (a string).
+    present = [name for name in columns if name in dataset.schema.names]
     # One batch decoded at a time: the readahead's defaults hold about a million rows.
-    yield from dataset.to_batches(
-        columns=list(columns), batch_size=_BATCH, batch_readahead=1, fragment_readahead=1
-    )
+    for batch in dataset.to_batches(
+        columns=present, batch_size=_BATCH, batch_readahead=1, fragment_readahead=1
+    ):
+        if len(present) == len(columns):
+            yield batch
+            continue
+        arrays = {name: batch.column(name) for name in present}
+        yield pa.RecordBatch.from_arrays(
+            [arrays.get(name, pa.nulls(batch.num_rows, pa.string())) for name in columns],
+            names=list(columns),
+        )
 
 
 def log_actions(

@@ -77,10 +77,15 @@ def encode(rows: pa.Table) -> bytes:
 
 
 def decode(data: bytes, schema: pa.Schema) -> pa.Table:
-    """The rows of a journal object, in ``schema``."""
+    """The rows of a journal object, in ``schema`` (a nullable column added to the schema
+    since the object was written reads as null)."""
     if data[:4] == _PARQUET_MAGIC:
         return pq.read_table(io.BytesIO(data), schema=schema)
-    return pa.ipc.open_stream(data).read_all().cast(schema)
+    rows = pa.ipc.open_stream(data).read_all()
+    for field in schema:
+        if field.name not in rows.schema.names and field.nullable:
+            rows = rows.append_column(field, pa.nulls(rows.num_rows, field.type))
+    return rows.select(schema.names).cast(schema)
 
 
 _GROUP_SCHEMA = pa.schema([("table", pa.string()), ("data", pa.binary())])

@@ -30,7 +30,7 @@ import pyarrow.dataset as pa_dataset
 import pyarrow.fs as pa_fs
 from deltalake import DeltaTable
 
-from cluster.catalog.placements import PLACEMENTS_SCHEMA
+from cluster.catalog.placements import DELETED, PLACEMENTS_SCHEMA
 from workers.dicom.identity import IdentityRow
 from workers.objects.store import ensure_bucket
 from workers.records import InstanceRecord, StoreSettings
@@ -78,8 +78,15 @@ INSTANCES_SCHEMA = pa.schema(
         pa.field("byte_offset", pa.int64(), nullable=False),
         pa.field("byte_length", pa.int64(), nullable=False),
         pa.field("ingest_date", pa.date32(), nullable=False),
+        # Added later: rows written before them read as null.
+        pa.field("source", pa.string(), nullable=True),
+        pa.field("manufacturer", pa.string(), nullable=True),
+        pa.field("model", pa.string(), nullable=True),
     ]
 )
+# Columns of ``instances`` added after tables were first written: a journal group or a
+# table file without them reads them as null, and a flush adds them to an older table.
+LATER_INSTANCE_COLUMNS = ("source", "manufacturer", "model")
 
 STUDIES_SCHEMA = pa.schema(
     [
@@ -421,8 +428,10 @@ def access_table(study_uids: Sequence[str], when: datetime) -> pa.Table:
 
 
 def record_from_row(row: Mapping[str, Any]) -> InstanceRecord:
-    values = {name: row[name] for name in RECORD_FIELDS}
+    values: dict[str, Any] = {name: row.get(name) for name in RECORD_FIELDS}
     values["ingest_time"] = utc(values["ingest_time"])
+    for name in LATER_INSTANCE_COLUMNS:
+        values[name] = values[name] or ""  # a row from before the column
     return InstanceRecord(**values)
 
 
@@ -456,21 +465,24 @@ def derive_study(records: Sequence[InstanceRecord], last_access_time: datetime |
         raise ValueError("a study row needs at least one stored instance")
     # Ties in ingest time are broken by SHA-256, the same way in the index's SQL.
     first = min(records, key=lambda r: (utc(r.ingest_time), r.sha256))
-    last = max(records, key=lambda r: (utc(r.ingest_time), r.sha256))
     dates = [r.study_date for r in records if r.study_date is not None]
+    # Counts, sizes, modalities and the tier are of the instances not deleted at the
+    # study's retention end (an instance may arrive after it); none left: "deleted".
+    live = [r for r in records if r.tier != DELETED]
+    last = max(live or records, key=lambda r: (utc(r.ingest_time), r.sha256))
     return StudyRow(
         study_instance_uid=first.study_instance_uid,
         patient_pseudonym=first.patient_pseudonym,
         accession_pseudonym=first.accession_pseudonym,
         study_date=min(dates) if dates else None,
-        modalities=tuple(sorted({r.modality for r in records if r.modality})),
-        instance_count=sum(1 for r in records if r.version == 1),
-        series_count=len({r.series_instance_uid for r in records}),
-        bytes_in=sum(r.bytes_in for r in records),
+        modalities=tuple(sorted({r.modality for r in live if r.modality})),
+        instance_count=sum(1 for r in live if r.version == 1),
+        series_count=len({r.series_instance_uid for r in live}),
+        bytes_in=sum(r.bytes_in for r in live),
         bytes_stored=sum(r.bytes_stored for r in records),
         tier=last.tier,
         first_ingest_time=utc(first.ingest_time),
-        last_ingest_time=utc(last.ingest_time),
+        last_ingest_time=max(utc(r.ingest_time) for r in records),
         last_access_time=last_access_time,
     )
 

@@ -888,6 +888,7 @@ def _append_journal(
         table,
         pa.concat_tables(rows),
         mode="append",
+        schema_mode="merge",  # a table written before later columns gains them
         commit_properties=CommitProperties(
             app_transactions=[Transaction(journal.JOURNAL_APP, upto)]
         ),

@@ -46,7 +46,7 @@ def policy_digest(policy: Policy) -> str:
 
 
 def state_of(index: CatalogIndex, row: StudyRow) -> StudyState:
-    parts, placed = index.tier_facts(row.study_instance_uid)
+    parts, placed, sources = index.tier_facts(row.study_instance_uid)
     return StudyState(
         study_instance_uid=row.study_instance_uid,
         patient_pseudonym=row.patient_pseudonym,
@@ -59,6 +59,7 @@ def state_of(index: CatalogIndex, row: StudyRow) -> StudyState:
         body_parts=parts,
         instances=row.instance_count,
         bytes_stored=row.bytes_stored,
+        sources=sources,
     )
 
 

@@ -39,6 +39,7 @@ class StudyState:
     body_parts: tuple[str, ...] = ()
     instances: int = 0
     bytes_stored: int = 0
+    sources: tuple[str, ...] = ()  # of its instances: "grpc", "dimse:<calling AE>", …
 
     def age_days(self, now: datetime) -> int:
         born = self.study_date or _utc(self.first_ingest_time).date()
@@ -143,7 +144,14 @@ def _matches(rule: Rule, study: StudyState, now: datetime) -> bool:
         return False
     if rule.body_parts and not set(rule.body_parts) & {b.upper() for b in study.body_parts}:
         return False
+    if rule.sources and not set(rule.sources) & _doors_and_sources(study.sources):
+        return False
     return study.residency_days(now) >= rule.min_residency_days
+
+
+def _doors_and_sources(sources: tuple[str, ...]) -> set[str]:
+    """Each source, and its door alone (a rule naming "dimse" matches "dimse:CT_1")."""
+    return set(sources) | {source.partition(":")[0] for source in sources}
 
 
 def _retention_matches(retention: Retention, study: StudyState) -> bool:

@@ -35,7 +35,9 @@ A rule matches a study when every condition it names holds: the study is in one 
 ``from`` (all tiers when left out), at least ``min_age_days`` old (by study date, or first
 ingest when it has none), unread for ``unread_days`` (since its last read, or ingest), or
 read within ``read_within_days``; has one of ``modality`` and one of ``body_part`` (when
-given); and has been in its tier for ``min_residency_days``. Errors name the rule and the
+given), and an instance that came through one of ``source`` (a door: ``dimse``, ``grpc``,
+``dicomweb``, or ``dimse:<calling AE title>``); and has been in its tier for
+``min_residency_days``. Errors name the rule and the
 field, so that an operator fixes the file without guessing.
 
 Why a file and not rows in the catalog: a policy is reviewed and versioned like code
@@ -90,6 +92,8 @@ class Rule:
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     min_residency_days: int = 0
+    # Doors ("dimse", "grpc", "dicomweb") or door and calling AE ("dimse:CT_SCANNER_1").
+    sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ _RULE_FIELDS = {
     "modality",
     "body_part",
     "min_residency_days",
+    "source",
 }
 
 
@@ -252,6 +257,7 @@ def _rule(value: Any, where: str) -> Rule:
         modalities=_upper(table.get("modality", []), f"{where} modality"),
         body_parts=_upper(table.get("body_part", []), f"{where} body_part"),
         min_residency_days=_days(table, "min_residency_days", where) or 0,
+        sources=_sources(table.get("source", []), f"{where} source"),
     )
     if rule.unread_days is not None and rule.read_within_days is not None:
         raise PolicyError(f"{where}: unread_days and read_within_days cannot both hold")
@@ -274,6 +280,23 @@ def _retention(value: Any, where: str) -> Retention:
         _upper(table.get("modality", []), f"{where} modality"),
         _upper(table.get("body_part", []), f"{where} body_part"),
     )
+
+
+DOORS = ("dimse", "grpc", "dicomweb")
+
+
+def _sources(value: Any, where: str) -> tuple[str, ...]:
+    """Doors, or ``dimse:<calling AE title>``: what the catalog's ``source`` holds."""
+    found = []
+    for item in _strings(value, where):
+        door, _, title = item.strip().partition(":")
+        if door.lower() not in DOORS or (title and door.lower() != "dimse"):
+            raise PolicyError(
+                f"{where} must name a door ({', '.join(DOORS)}) or dimse:<calling AE title>, "
+                f"not {item!r}"
+            )
+        found.append(f"{door.lower()}:{title.strip()}" if title else door.lower())
+    return tuple(found)
 
 
 def _days(table: Mapping[str, Any], key: str, where: str) -> int | None:

@@ -76,6 +76,8 @@ _HEADER_TAGS = [
     0x00080020,  # Study Date
     0x00080050,  # Accession Number
     0x00080060,  # Modality
+    0x00080070,  # Manufacturer
+    0x00081090,  # Manufacturer's Model Name
     0x00100010,  # Patient's Name
     0x00100020,  # Patient ID
     0x00180015,  # Body Part Examined
@@ -146,6 +148,8 @@ class InstanceHeader:
     accession_number: str  # PHI likewise
     patient_name: str  # PHI likewise
     transfer_syntax: str  # UID from the file meta information; "" when absent
+    manufacturer: str = ""  # (0008,0070), of the equipment: not PHI
+    model: str = ""  # (0008,1090) Manufacturer's Model Name
 
 
 @dataclass(frozen=True)
@@ -790,6 +794,8 @@ def _header(attributes: _Attributes, transfer_syntax: str) -> InstanceHeader:
         accession_number=attributes.text(0x00080050),
         patient_name=attributes.text(0x00100010),
         transfer_syntax=transfer_syntax,
+        manufacturer=attributes.text(0x00080070),
+        model=attributes.text(0x00081090),
     )
 
 

@@ -11,8 +11,8 @@ Two shapes:
 The manifest makes every object self-describing, so that the archive can be rebuilt from
 the object store alone if the catalog is lost: with the stored file's header it gives every
 column of the object's catalog row (``cluster/catalog/rebuild.py``). ``sop_instance_uid``,
-``ingest_time`` and ``storage_note`` were added later; a manifest without them reads as empty
-values, and readers that do not know them ignore them.
+``ingest_time``, ``storage_note`` and ``source`` were added later; a manifest without them
+reads as empty values, and readers that do not know them ignore them.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Manifest:
     sop_instance_uid: str = ""
     ingest_time: datetime | None = None  # UTC, to the microsecond, as in the catalog
     storage_note: str = ""
+    source: str = ""  # the door it came through (InstanceRecord.source)
 
     @property
     def storage_action(self) -> str:
@@ -75,6 +76,7 @@ class Manifest:
                 else None
             ),
             "storage_note": self.storage_note,
+            "source": self.source,
         }
         return json.dumps(document, separators=(",", ":")).encode()
 
@@ -99,6 +101,7 @@ class Manifest:
             sop_instance_uid=document.get("sop_instance_uid", ""),
             ingest_time=datetime.fromisoformat(moment) if moment else None,
             storage_note=document.get("storage_note", ""),
+            source=document.get("source", ""),
         )
 
     def frame_segment(self, frame: int) -> int:

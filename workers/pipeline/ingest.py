@@ -297,6 +297,7 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> Prepared:
         sop_instance_uid=header.sop_instance_uid,
         ingest_time=datetime.now(UTC),
         storage_note=note,
+        source=item.source,
     )
     member = seal_member(
         [manifest.to_bytes(), *segments],
@@ -371,6 +372,9 @@ def instance_record(
         ingest_time=manifest.ingest_time,
         byte_offset=byte_offset,
         byte_length=bytes_stored,
+        source=manifest.source,
+        manufacturer=header.manufacturer,
+        model=header.model,
     )
 
 

@@ -254,7 +254,13 @@ class DimseDoor:
         request: Any = event.request
         file_id = f"{event.assoc.name}:{request.MessageID}"
         result = self._call(
-            self._archive.store_bytes(file_id, data, event.assoc, one_at_a_time=True)
+            self._archive.store_bytes(
+                file_id,
+                data,
+                event.assoc,
+                one_at_a_time=True,
+                source=f"dimse:{_calling_ae(event)}",
+            )
         )
         answer = Dataset()
         answer.Status = status.store_status(result.status, result.reason)
@@ -611,3 +617,11 @@ def _item(sop_class: str, sop_instance: str) -> Dataset:
 def _same_host(configured: str, address: str) -> bool:
     """Whether a peer's configured host (an address, or ``localhost``) is ``address``."""
     return is_loopback(configured) and is_loopback(address)
+
+
+def _calling_ae(event: Event) -> str:
+    """The association's calling AE title, as the catalog's source keeps it (ASCII,
+    trimmed; an AE title is a name for equipment, not PHI)."""
+    title = event.assoc.requestor.ae_title
+    text = title.decode("ascii", "replace") if isinstance(title, bytes) else str(title)
+    return text.strip()

@@ -122,7 +122,7 @@ class ArchiveService(pb_grpc.ArchiveServicer):
                         )
                     current = None
                 if current is None:
-                    current = archive.incoming(chunk.file_id)
+                    current = archive.incoming(chunk.file_id, "grpc")
                     if chunk.file_id in unanswered:
                         await self._reject(current, results, owner, Reason.BAD_REQUEST, _REUSED_ID)
                 if not current.rejected:

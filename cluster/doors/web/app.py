@@ -193,7 +193,9 @@ class _Web:
         # All parts at once: they spread over the workers as a batch would.
         results = await asyncio.gather(
             *(
-                self._archive.store_bytes(f"stow:{id(request)}:{number}", data, request)
+                self._archive.store_bytes(
+                    f"stow:{id(request)}:{number}", data, request, source="dicomweb"
+                )
                 for number, data in enumerate(parts, 1)
             )
         )

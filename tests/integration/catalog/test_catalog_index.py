@@ -152,6 +152,15 @@ def test_study_rows_in_sql_match_their_definition(
             make_record("1.2.7.9", ingest_time=latest.ingest_time), tier="cold", version=1
         )
     )
+    # An instance deleted at the study's retention end (and one stored after it, above):
+    # not counted, not the study's tier.
+    records.append(
+        dataclasses.replace(
+            make_record("1.2.7.8", ingest_time=start + timedelta(seconds=30), modality="XA"),
+            tier="deleted",
+            version=1,
+        )
+    )
     _append(table, records[:5])
     path = tmp_path / "index.sqlite"
     _open(path, table, minio).close()
@@ -160,7 +169,8 @@ def test_study_rows_in_sql_match_their_definition(
     try:
         expected = catalog.derive_study(records, None)
         assert index.study(STUDY_A) == expected
-        assert expected.modalities == ("CT", "MR", "SR")
+        assert expected.modalities == ("CT", "MR", "SR")  # not the deleted XA
+        assert expected.instance_count == 5 and expected.tier != "deleted"
         assert expected.patient_pseudonym == records[-1].patient_pseudonym
     finally:
         index.close()

@@ -318,3 +318,70 @@ def test_a_read_of_a_cold_study_promotes_it_per_policy(
         assert_byte_exact(promoting, sent)
         assert not packs(promoting, "strata-cold")  # the cold copies went with the move
         assert tiers_by_study(promoting, study) == {"hot"}  # reads keep it there
+
+
+SOURCE_POLICY = """
+[[rules]]
+name = "the old PACS's studies to warm"
+from = "hot"
+to = "warm"
+source = "dimse:OLD_PACS"
+"""
+
+
+def test_a_rule_on_the_source_moves_only_what_came_through_it(node: Node, tmp_path: Path) -> None:
+    """The catalog keeps each instance's door (and DIMSE's calling AE) and the equipment's
+    manufacturer and model: a rule on the source moves only that sender's study, and the
+    analytics view shows the equipment."""
+    from tests.integration.conftest import dcmtk
+
+    legacy = study_files(2, "legacy", "20240101")
+    for number, (name, data) in enumerate(legacy):
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        dataset.Manufacturer = "ACME Imaging"
+        dataset.ManufacturerModelName = f"Scanner {number}"
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        legacy[number] = (name, buffer.getvalue())
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    for name, data in legacy:
+        (folder / f"{name}.dcm").write_bytes(data)
+    sent = dcmtk(
+        "storescu",
+        "-aet",
+        "OLD_PACS",
+        "-aec",
+        "STRATA",
+        "+sd",
+        "127.0.0.1",
+        str(node.dimse_port),
+        str(folder),
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    modern = study_files(2, "modern", "20240101")
+    ingest(node, tmp_path / "modern", modern)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(SOURCE_POLICY)
+
+    done = apply(node, policy)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary(done)[:2] == ["1", "1"]
+    assert tiers_by_study(node, study_of(legacy)) == {"warm"}
+    assert tiers_by_study(node, study_of(modern)) == {"hot"}
+    shown = subprocess.run(
+        [
+            *(sys.executable, "-m", "cluster.cli", "query", "--data-dir", str(node.data_dir)),
+            "SELECT manufacturer, model, source, tier FROM analytics "
+            "WHERE manufacturer = 'ACME Imaging' ORDER BY model",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STRATA_KEY_FILE": str(node.key_file), "COLUMNS": "4000"},
+        timeout=120,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = [" ".join(line.replace("│", " ").split()) for line in shown.stdout.splitlines()]
+    assert "ACME Imaging Scanner 0 dimse:OLD_PACS warm" in rows, shown.stdout
+    assert "ACME Imaging Scanner 1 dimse:OLD_PACS warm" in rows, shown.stdout

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from cluster.catalog import (
     INSTANCES_SCHEMA,
+    LATER_INSTANCE_COLUMNS,
     STUDIES_SCHEMA,
     IndexEntry,
     derive_study,
@@ -71,7 +72,11 @@ def record(
 
 def test_instances_schema_is_the_record_plus_the_partition_column() -> None:
     fields = [field.name for field in dataclasses.fields(InstanceRecord)]
-    assert INSTANCES_SCHEMA.names == [*fields, "ingest_date"]
+    first = [name for name in fields if name not in LATER_INSTANCE_COLUMNS]
+    # Columns added later come after the partition column, as a table written before
+    # them gains them (schema merge).
+    assert INSTANCES_SCHEMA.names == [*first, "ingest_date", *LATER_INSTANCE_COLUMNS]
+    assert fields == [*first, *LATER_INSTANCE_COLUMNS]
     assert "modalities" in STUDIES_SCHEMA.names
 
 

@@ -4,6 +4,7 @@ decisions and plan it makes, on hand-made studies whose answers are worked out b
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -285,3 +286,27 @@ def test_no_decision_changes_before_the_studys_next_change(
         assert decide(one, policy, NOW + step * k) == now
     if due is not None:
         assert decide(one, policy, due - timedelta(microseconds=1)) == now
+
+
+def test_a_rule_on_the_source_matches_the_door_or_the_calling_ae() -> None:
+    policy = policy_of(
+        '[[rules]]\nname = "legacy"\nfrom = "hot"\nto = "cold"\n'
+        'source = ["dimse:OLD_PACS", "dicomweb"]\n'
+        '[[rules]]\nname = "any dimse"\nfrom = "hot"\nto = "warm"\nsource = "DIMSE"\n'
+    )
+    assert policy.rules[0].sources == ("dimse:OLD_PACS", "dicomweb")
+    assert policy.rules[1].sources == ("dimse",)
+    base = study(age_days=10, unread_days=1)
+
+    def to(*sources: str) -> str | None:
+        decision = decide(replace(base, sources=sources), policy, NOW)
+        return None if decision is None else decision.to
+
+    assert to("dimse:OLD_PACS") == "cold"
+    assert to("dicomweb", "grpc") == "cold"
+    assert to("dimse:CT_1") == "warm"  # the door alone matches any calling AE
+    assert to("grpc") is None and to() is None
+    with pytest.raises(PolicyError, match=r"rule 1 \('x'\) source must name a door"):
+        policy_of('[[rules]]\nname = "x"\nto = "cold"\nsource = "ftp"\n')
+    with pytest.raises(PolicyError, match="must name a door"):
+        policy_of('[[rules]]\nname = "x"\nto = "cold"\nsource = "grpc:SOMEONE"\n')

@@ -1,14 +1,12 @@
-"""Each study's state as the policy reads it, from the catalog's Delta tables (DuckDB).
+"""The tier plan's study states as they were read before the due index: one DuckDB query
+over the catalog's Delta tables for every study. Kept only as the baseline that
+bench/tiering.py (``--full-scan``) times beside the plan of today
+(``cluster.tiering.due``), in the same run.
 
 One query joins ``studies`` (as of the last fold) with the latest read of each study
-(``access``), its latest placement (``placements``: a study moved since ingest is in the
-tier of its last move, since then) and its body parts (``instances``). Studies not yet
-folded into ``studies`` (the last few minutes' ingest) are not seen: they are new, and no
-rule moves a new study.
-
-Limit, for now: the query reads every study, so a plan's time grows with the archive,
-not with the studies whose state changes (the tiering issue's goal; measured in
-bench/tiering.py once written).
+(``access``), its latest placement (``placements``) and its body parts (``instances``):
+its time grows with the archive (~3,650 day partitions of ``studies`` and ``access`` in
+a ten-year archive, then every row).
 """
 
 from __future__ import annotations
