@@ -95,6 +95,9 @@ class Config:
     # `strata tier apply`); a read of a study in a lower tier is checked against the
     # policy's promotion rules within seconds either way.
     tier_apply_interval_s: int = 0
+    # Where tiers live when not in the node's MinIO as strata-<tier> (a TOML file: endpoint,
+    # bucket, TLS, credentials from the environment; see cluster/tiering/locations.py).
+    tier_locations: str = ""
     codec: str = "htj2k"
     # Exceptions to `codec`, keyed "TIER" or "TIER/MODALITY" (e.g. "cold" = "jpeg2000",
     # "hot/CR" = "jpegls"). In TOML a table [strata.codec_policy]; in the environment
@@ -214,6 +217,13 @@ class Config:
                 load_policy(Path(self.tier_policy))
             except PolicyError as error:
                 raise ConfigError(f"tier_policy: {error}") from None
+        if self.tier_locations:
+            from cluster.tiering.locations import LocationError, load_locations
+
+            try:
+                load_locations(Path(self.tier_locations), None)
+            except LocationError as error:
+                raise ConfigError(str(error)) from None
         if self.batch_hold_ms < 0:
             raise ConfigError(f"batch_hold_ms must not be negative, not {self.batch_hold_ms}")
         if not 0 <= self.dimse_port < 65536:

@@ -153,3 +153,13 @@ class StoreSettings:
     secret_key: str
     secure: bool = False
     region: str = "us-east-1"
+
+
+@dataclass(frozen=True)
+class TierLocation:
+    """Where one tier's objects live when not in the node's own MinIO bucket
+    ``strata-<tier>``: a bucket, in the same store or another S3 endpoint."""
+
+    tier: str
+    store: StoreSettings
+    bucket: str

@@ -67,7 +67,7 @@ from workers.pipeline.recover import (
     is_pack,
     read_pack,
 )
-from workers.records import InstanceRecord, StoreSettings
+from workers.records import InstanceRecord, StoreSettings, TierLocation
 
 # Objects read at once. The work is mostly waiting on ranged GETs (AES-GCM and zstd
 # release the GIL), so threads in this process suffice and need no Ray: the node, and
@@ -186,6 +186,7 @@ def rebuild_catalog(
     bucket: str = DEFAULT_BUCKET,
     force: bool = False,
     on_progress: Callable[[RebuildProgress], None] | None = None,
+    locations: Sequence[TierLocation] = (),
 ) -> RebuildReport:
     """Rebuild ``instances`` and ``studies`` in ``bucket`` from the objects of ``tiers``.
 
@@ -210,7 +211,7 @@ def rebuild_catalog(
     with tempfile.TemporaryDirectory(dir=index_path.parent, prefix="rebuild-") as scratch:
         staging = _Staging(Path(scratch) / "rows.sqlite")
         try:
-            _read_objects(settings, keys, tiers, staging, tally)
+            _read_objects(settings, keys, tiers, staging, tally, locations)
             staging.number_versions()
             _write_instances(settings, bucket, staging, tally)
         finally:
@@ -249,6 +250,7 @@ def _read_objects(
     tiers: Sequence[str],
     staging: _Staging,
     tally: _Tally,
+    locations: Sequence[TierLocation] = (),
 ) -> None:
     pending: dict[Future[tuple[list[RecoveredRow], list[MemberFailure]]], tuple[str, str]] = {}
 
@@ -276,14 +278,16 @@ def _read_objects(
 
     with ThreadPoolExecutor(READERS, thread_name_prefix="strata-rebuild") as pool:
         try:
+            placed = {where.tier: (where.store, where.bucket) for where in locations}
             for tier in tiers:
-                bucket = store.tier_bucket(tier)
-                if not store.bucket_exists(settings, bucket):
+                # A tier in a bucket or store of its own (tier_locations), else strata-<tier>.
+                source, bucket = placed.get(tier, (settings, store.tier_bucket(tier)))
+                if not store.bucket_exists(source, bucket):
                     continue
-                for listed in store.list_objects(settings, bucket):
+                for listed in store.list_objects(source, bucket):
                     if not is_pack(listed.key):
                         continue  # a keys object: read with its pack
-                    future = pool.submit(read_pack, settings, bucket, listed, tier, keys)
+                    future = pool.submit(read_pack, source, bucket, listed, tier, keys)
                     pending[future] = (bucket, listed.key)
                     tally.add(listed=1)
                     if len(pending) >= _IN_FLIGHT:

@@ -598,6 +598,7 @@ def _catalog_rebuild(args: argparse.Namespace) -> int:
     from cluster.catalog.rebuild import CatalogNotEmptyError, RebuildProgress, rebuild_catalog
     from cluster.config import TIERS
     from cluster.ops.node import catalog_index_path
+    from cluster.tiering.locations import load_locations
     from workers.objects.keys import KeyFileError, load_key_file
     from workers.objects.store import StoreError
 
@@ -623,6 +624,11 @@ def _catalog_rebuild(args: argparse.Namespace) -> int:
                 bucket=config.catalog_bucket,
                 force=args.force,
                 on_progress=show,
+                locations=(
+                    load_locations(Path(config.tier_locations), settings)
+                    if config.tier_locations
+                    else ()
+                ),
             )
         except CatalogNotEmptyError as error:
             raise CommandError(str(error)) from None

@@ -39,6 +39,7 @@ from cluster.ops.reconcile import ReconcileReport, remove_orphans
 from cluster.security import tokens as access
 from cluster.tiering.apply import ApplyProgress, TierApplier, packs_in_motion
 from cluster.tiering.engine import Plan
+from cluster.tiering.locations import load_locations
 from cluster.tiering.policy import Policy, load_policy
 from workers.objects import store
 from workers.objects.keys import create_key_file, load_key_file
@@ -135,8 +136,13 @@ class Stack:
                 config.fanout_min_frames, config.fanout_chunk_frames, config.fanout_min_bytes
             ),
             max_file_bytes=config.max_file_bytes,
+            locations=(
+                load_locations(Path(config.tier_locations), self.store_settings)
+                if config.tier_locations
+                else ()
+            ),
         )
-        store.ensure_bucket(self.store_settings, store.tier_bucket(config.tier))
+        store.ensure_bucket(*settings.location(config.tier))
         self.pipeline_settings = settings
 
         if not ray.is_initialized():
@@ -332,9 +338,9 @@ class Stack:
         moving = await asyncio.to_thread(
             packs_in_motion, self.store_settings, self.config.catalog_bucket
         )
+        assert self.pipeline_settings is not None
         return await remove_orphans(
-            self.store_settings,
-            store.tier_bucket(self.config.tier),
+            *self.pipeline_settings.location(self.config.tier),
             self.config.tier,
             self._catalog,
             self._dispatcher,

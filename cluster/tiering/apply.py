@@ -161,24 +161,32 @@ def packs_in_motion(settings: StoreSettings, catalog_bucket: str) -> frozenset[s
     return frozenset(found)
 
 
-def copy_packs(settings: StoreSettings, packs: Sequence[str], source: str, target: Tier) -> int:
-    """Copy each pack and its keys object from tier ``source`` to ``target`` inside the
-    store (server-side: the bytes do not pass through here); returns the bytes copied."""
-    client = store.client(settings)
-    store.ensure_bucket(settings, target.bucket_name)
+def copy_packs(settings: PipelineSettings, packs: Sequence[str], source: str, target: Tier) -> int:
+    """Copy each pack and its keys object from tier ``source`` to ``target``: inside the
+    store (server-side: the bytes do not pass through here) when both tiers are in one,
+    else read and written again; returns the bytes copied."""
+    source_store, source_bucket = settings.location(source)
+    target_store, target_bucket = settings.location(target.name)
+    store.ensure_bucket(target_store, target_bucket)
+    same_store = source_store == target_store
+    client = store.client(target_store)
     headers: dict[str, str | list[str] | tuple[str]] = {"x-amz-storage-class": target.storage_class}
     copied = 0
     for pack in packs:
         for key in (pack, keys_key_for(pack)):
             try:
-                client.copy_object(
-                    target.bucket_name,
-                    key,
-                    CopySource(store.tier_bucket(source), key),
-                    metadata=headers,
-                    metadata_directive=REPLACE,
-                )
-                copied += client.stat_object(target.bucket_name, key).size or 0
+                if same_store:
+                    client.copy_object(
+                        target_bucket,
+                        key,
+                        CopySource(source_bucket, key),
+                        metadata=headers,
+                        metadata_directive=REPLACE,
+                    )
+                else:  # another endpoint (a second deployment for cold): no server-side copy
+                    data = store.get(source_store, source_bucket, key)
+                    store.put(target_store, target_bucket, key, data, target.storage_class)
+                copied += client.stat_object(target_bucket, key).size or 0
             except Exception as error:  # noqa: BLE001 - the store's many failures, one error
                 raise MoveError(
                     f"copying a pack to the {target.name} tier failed: {store.describe(error)}"
@@ -196,7 +204,7 @@ def copy_and_verify(
     """Copy the packs (see ``copy_packs``), then prove every instance's copy: read from the
     target, decrypted, rebuilt, SHA-256 as catalogued. Returns the bytes copied; raises
     MoveError naming what failed (the sources are untouched either way)."""
-    copied = copy_packs(settings.store, packs, source, target)
+    copied = copy_packs(settings, packs, source, target)
     for ref in refs:
         try:
             restored = restore(replace(ref, tier=target.name), "original", settings)
@@ -325,7 +333,6 @@ class TierApplier:
                 self._settings,
                 source,
                 target.name,
-                target.bucket_name,
                 target.storage_class,
                 codec,
                 list(zip(packs, copies, strict=True)),
@@ -369,7 +376,7 @@ class TierApplier:
                     record.version,
                     study,
                     target.name,
-                    target.bucket_name,
+                    self._settings.location(target.name)[1],
                     new.object_key if new else record.object_key,
                     new.byte_offset if new else record.byte_offset,
                     new.byte_length if new else record.byte_length,
@@ -427,20 +434,19 @@ class TierApplier:
         then the marker. Only those: a pack of the same study being stored meanwhile (an
         instance sent after the deletion was decided) is not this deletion's, and packs no
         row names are the reconciler's."""
-        by_bucket: dict[str, list[str]] = {}
+        by_tier: dict[str, list[str]] = {}
         for tier, key in marker.packs:
-            by_bucket.setdefault(store.tier_bucket(tier), []).append(key)
+            by_tier.setdefault(tier, []).append(key)
 
         def shred() -> None:
-            for bucket, packs in sorted(by_bucket.items()):
-                if not store.bucket_exists(self._store, bucket):
+            for tier, packs in sorted(by_tier.items()):
+                where, bucket = self._settings.location(tier)
+                if not store.bucket_exists(where, bucket):
                     continue
                 # The keys first: once they are gone the packs can no longer be opened.
-                store.delete_many(self._store, bucket, [keys_key_for(pack) for pack in packs])
-                store.delete_many(self._store, bucket, packs)
-                left = [
-                    pack for pack in packs if store.exists(self._store, bucket, keys_key_for(pack))
-                ]
+                store.delete_many(where, bucket, [keys_key_for(pack) for pack in packs])
+                store.delete_many(where, bucket, packs)
+                left = [pack for pack in packs if store.exists(where, bucket, keys_key_for(pack))]
                 if left:
                     raise MoveError(
                         f"{len(left)} keys objects of a deleted study are left in {bucket}"
@@ -518,9 +524,9 @@ class TierApplier:
     async def _finish(self, marker: Marker, *, placed: bool) -> None:
         """Delete the sources (the move was committed) or the copies (it was not), then the
         marker."""
-        bucket = store.tier_bucket(marker.source if placed else marker.target)
+        where, bucket = self._settings.location(marker.source if placed else marker.target)
         packs = marker.packs if placed else marker.target_keys
         keys = [key for pack in packs for key in (pack, keys_key_for(pack))]
-        if await asyncio.to_thread(store.bucket_exists, self._store, bucket):
-            await asyncio.to_thread(store.delete_many, self._store, bucket, keys)
+        if await asyncio.to_thread(store.bucket_exists, where, bucket):
+            await asyncio.to_thread(store.delete_many, where, bucket, keys)
         await asyncio.to_thread(store.delete, self._store, self._bucket, marker.key)

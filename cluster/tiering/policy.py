@@ -72,11 +72,9 @@ class Tier:
     price_per_gb_month: float
     storage_class: str = "STANDARD"
     codec: str = ""  # empty: the codec the node writes (config ``codec``)
-
-    @property
-    def bucket_name(self) -> str:
-        """Its bucket in the node's MinIO (a bucket or endpoint of its own: not yet)."""
-        return f"strata-{self.name}"
+    # Where it lives (endpoint and bucket) is the node's configuration, not the policy's:
+    # ``tier_locations`` (cluster/tiering/locations.py), so that every policy reads the
+    # same objects.
 
 
 @dataclass(frozen=True)

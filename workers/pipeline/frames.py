@@ -53,19 +53,16 @@ def read_frames(
     ref: ObjectRef, numbers: list[int], settings: PipelineSettings, decoded: bool
 ) -> list[FrameData]:
     """Frames ``numbers`` (1-based) of one instance, in the order asked."""
-    bucket = store.tier_bucket(ref.tier)
     pending_key = READ_THREADS.submit(data_key, ref, settings)  # beside the member's first GET
-    first = _member_range(settings, bucket, ref, 0, min(_FIRST_READ, ref.byte_length))
+    first = _member_range(settings, ref, 0, min(_FIRST_READ, ref.byte_length))
     key = pending_key.result()
     needed = member_header_length(first)
     if needed > len(first):
-        first = _member_range(settings, bucket, ref, 0, needed)
+        first = _member_range(settings, ref, 0, needed)
     header = read_member_header(first)
     opener = Opener(header, data_key=key, sha256=ref.sha256, sop_instance_uid=ref.sop_instance_uid)
     start, length = header.segment_range(0)
-    manifest = Manifest.from_bytes(
-        opener.segment(0, _member_range(settings, bucket, ref, start, length))
-    )
+    manifest = Manifest.from_bytes(opener.segment(0, _member_range(settings, ref, start, length)))
     overhead = len(first) + length
     if manifest.kind != "split" or manifest.layout is None:
         return _from_whole(ref, numbers, settings, decoded, key)
@@ -77,7 +74,7 @@ def read_frames(
             )
         index = manifest.frame_segment(number - 1)
         start, length = header.segment_range(index)
-        codestream = opener.segment(index, _member_range(settings, bucket, ref, start, length))
+        codestream = opener.segment(index, _member_range(settings, ref, start, length))
         data, syntax = codestream, manifest.transfer_syntax_stored
         if decoded:
             frame = decode_frame(codestream, manifest.layout, manifest.transfer_syntax_stored)
@@ -87,13 +84,12 @@ def read_frames(
     return out
 
 
-def _member_range(
-    settings: PipelineSettings, bucket: str, ref: ObjectRef, start: int, length: int
-) -> bytes:
+def _member_range(settings: PipelineSettings, ref: ObjectRef, start: int, length: int) -> bytes:
     """``length`` bytes from ``start`` within the instance's member (never past its end)."""
     if start + length > ref.byte_length:
         raise RestoreError("the member's header describes bytes past its end")
-    return store.get(settings.store, bucket, ref.object_key, ref.byte_offset + start, length)
+    where, bucket = settings.location(ref.tier)
+    return store.get(where, bucket, ref.object_key, ref.byte_offset + start, length)
 
 
 def _from_whole(

@@ -48,6 +48,7 @@ from workers.records import (
     Rejected,
     Stored,
     StoreSettings,
+    TierLocation,
     syntax_name,
 )
 
@@ -82,6 +83,15 @@ class PipelineSettings:
     # The most bytes a data set may take once inflated or decoded (max_file_bytes): a
     # small deflated or compressed file that would expand past it is refused unexpanded.
     max_file_bytes: int | None = None
+    # Tiers whose objects live elsewhere than the bucket strata-<tier> of ``store``.
+    locations: tuple[TierLocation, ...] = ()
+
+    def location(self, tier: str) -> tuple[StoreSettings, str]:
+        """The store and bucket that hold ``tier``'s objects."""
+        for where in self.locations:
+            if where.tier == tier:
+                return where.store, where.bucket
+        return self.store, store.tier_bucket(tier)
 
     def codecs_for(self, modality: str) -> list[str]:
         """Lossless syntaxes to try, in order: the policy's choice, then the others."""
@@ -214,12 +224,12 @@ def pack_instances(study: Sequence[Prepared]) -> tuple[str, Pack, list[Stored]]:
 def store_pack(study: Sequence[Prepared], settings: PipelineSettings) -> list[Stored]:
     """Write one study's pack and its keys object; the files' rows (not yet committed)."""
     key, pack, stored = pack_instances(study)
-    bucket = store.tier_bucket(settings.tier)
+    target, bucket = settings.location(settings.tier)
     try:
         # Both PUTs at once: the batch waits for one round trip to MinIO, not two.
-        keys = _PUTS.submit(store.put, settings.store, bucket, keys_key_for(key), pack.keys)
+        keys = _PUTS.submit(store.put, target, bucket, keys_key_for(key), pack.keys)
         try:
-            store.put(settings.store, bucket, key, pack.data)
+            store.put(target, bucket, key, pack.data)
         finally:
             keys_error = keys.exception()
         if keys_error is not None:

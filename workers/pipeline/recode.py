@@ -116,17 +116,18 @@ def recode_packs(
     settings: PipelineSettings,
     source_tier: str,
     target_tier: str,
-    target_bucket: str,
     storage_class: str,
     transfer_syntax: str,
     packs: Sequence[tuple[str, str]],  # (source pack key, the new pack's key)
     refs: Sequence[ObjectRef],
 ) -> RecodeReport:
-    """Rewrite each source pack into its new key in ``target_bucket`` (see the module's
-    docstring); returns where every instance of ``refs`` now lies. Raises RecodeError."""
+    """Rewrite each source pack into its new key in the target tier's bucket (see the
+    module's docstring); returns where every instance of ``refs`` now lies. Raises
+    RecodeError."""
     keys = cached_key_file(settings.key_file)
-    source_bucket = store.tier_bucket(source_tier)
-    store.ensure_bucket(settings.store, target_bucket)
+    source, source_bucket = settings.location(source_tier)
+    target, target_bucket = settings.location(target_tier)
+    store.ensure_bucket(target, target_bucket)
     placed: list[Rewritten] = []
     before = after = written = 0
     for source_key, new_key in packs:
@@ -134,10 +135,8 @@ def recode_packs(
         if not mine:
             continue
         try:
-            blob = store.get(settings.store, source_bucket, source_key)
-            ring = KeyRing.from_bytes(
-                store.get(settings.store, source_bucket, keys_key_for(source_key))
-            )
+            blob = store.get(source, source_bucket, source_key)
+            ring = KeyRing.from_bytes(store.get(source, source_bucket, keys_key_for(source_key)))
         except Exception as error:  # noqa: BLE001 - the store's many failures, one error
             raise RecodeError(f"reading a pack to re-encode failed: {error}") from None
         members: dict[str, tuple[SealedMember, bool]] = {}
@@ -152,10 +151,8 @@ def recode_packs(
         sealed = [member for member, _ in members.values()]
         pack = build_pack(sealed, keys.active_key_id)
         try:
-            store.put(
-                settings.store, target_bucket, keys_key_for(new_key), pack.keys, storage_class
-            )
-            store.put(settings.store, target_bucket, new_key, pack.data, storage_class)
+            store.put(target, target_bucket, keys_key_for(new_key), pack.keys, storage_class)
+            store.put(target, target_bucket, new_key, pack.data, storage_class)
         except Exception as error:  # noqa: BLE001
             raise RecodeError(f"writing a re-encoded pack failed: {error}") from None
         written += len(pack.data) + len(pack.keys)

@@ -95,13 +95,14 @@ READ_THREADS = ThreadPoolExecutor(4, thread_name_prefix="strata-read")
 
 def read_member(ref: ObjectRef, settings: PipelineSettings) -> bytes:
     """The instance's member: its byte range of the pack, in one ranged GET."""
-    bucket = store.tier_bucket(ref.tier)
-    return store.get(settings.store, bucket, ref.object_key, ref.byte_offset, ref.byte_length)
+    where, bucket = settings.location(ref.tier)
+    return store.get(where, bucket, ref.object_key, ref.byte_offset, ref.byte_length)
 
 
 def data_key(ref: ObjectRef, settings: PipelineSettings) -> bytes:
     """The instance's data key, from its pack's keys object, unwrapped."""
-    blob = store.get(settings.store, store.tier_bucket(ref.tier), keys_key_for(ref.object_key))
+    where, bucket = settings.location(ref.tier)
+    blob = store.get(where, bucket, keys_key_for(ref.object_key))
     return KeyRing.from_bytes(blob).data_key(ref.sha256, cached_key_file(settings.key_file))
 
 

@@ -113,7 +113,6 @@ def test_the_example_policy_parses_as_written() -> None:
     ]
     assert policy.tiers["cold"].codec == "jpeg2000"
     assert policy.tiers["warm"].storage_class == "REDUCED_REDUNDANCY"
-    assert policy.tiers["hot"].bucket_name == "strata-hot"
     assert policy.rules[3].body_parts == ("CHEST",)  # one text is a list of one, upper-cased
     assert policy.held_studies == {"9.9.9"}
 
