@@ -24,7 +24,7 @@ from cluster.client import StrataClient
 from cluster.ops.node import NODE_FILE
 from cluster.tiering.apply import MARKERS
 from tests.integration.conftest import ct_instances
-from tests.integration.node import TEST_TOKEN, Node
+from tests.integration.node import TEST_TOKEN, Node, free_port
 from workers.objects.envelope import KEYS_SUFFIX
 from workers.records import StoreSettings
 
@@ -145,7 +145,7 @@ def assert_byte_exact(node: Node, sent: dict[str, bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    with Node(tmp_path_factory.mktemp("tiering")) as running:
+    with Node(tmp_path_factory.mktemp("tiering"), dimse_port=str(free_port())) as running:
         yield running
 
 
