@@ -16,7 +16,10 @@ The model (every assumption here is printed with the forecast, in docs, and test
   decides for real studies: a study of a modality that is read keeps the median days
   from ingest to its last read seen in the catalog; the share of studies never read is
   measured too, and each cohort is split between the two paths. Holds are per study and
-  not forecast. A cold tier's own codec is not counted (no saving assumed).
+  not forecast.
+- **A tier's own codec.** A tier with a ``codec`` holds its bytes times the ratio measured
+  on the instances already re-encoded into it (their placements' byte ranges against
+  their sizes at ingest); none yet: no saving assumed.
 - **Hardware.** Each tier's bytes take ``drives / (drives − parity)`` times their size on
   drives of ``drive_tb``, parity per the tier's storage class (STANDARD: EC:2 of 4,
   REDUCED_REDUNDANCY: EC:1 of 4), rounded up to whole drives, ``drives_per_node`` to a node.
@@ -30,12 +33,12 @@ import csv
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from cluster.catalog import queries
-from cluster.catalog.schema import ACCESS, DEFAULT_BUCKET, STUDIES
+from cluster.catalog.schema import ACCESS, DEFAULT_BUCKET, INSTANCES, PLACEMENTS, STUDIES
 from cluster.config import TIERS
 from cluster.tiering.engine import StudyState, decide
 from cluster.tiering.policy import Policy
@@ -67,6 +70,8 @@ class Measured:
     ratio: Mapping[str, float]  # stored / raw bytes, per modality
     read_share: Mapping[str, float]  # studies ever read, per modality
     read_after_days: Mapping[str, float]  # median days from ingest to the last read
+    # Per tier: bytes after re-encoding with the tier's codec / bytes before (measured).
+    recoded: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,23 +93,51 @@ class YearRow:
 def measure(
     settings: StoreSettings, bucket: str = DEFAULT_BUCKET, now: datetime | None = None
 ) -> Measured:
-    """Volume, compression, ingest rate and reads, from the catalog (one DuckDB query
-    over ``studies`` and ``access``)."""
+    """Volume, compression, ingest rate and reads, from the catalog (DuckDB over
+    ``studies``, ``instances`` and ``access``), and what each tier's own codec saved on
+    the instances already re-encoded into it (``placements``)."""
     moment = now or datetime.now(UTC)
-    connection = queries.connect(settings, bucket, (STUDIES, ACCESS))
+    connection = queries.connect(settings, bucket, (STUDIES, ACCESS, INSTANCES))
+    # Sizes as ingest stored them (in the hot tier's codec): a tier's own codec is applied
+    # by the projection, once, whether or not a study has been re-encoded yet.
     rows = connection.execute(
         f"""
         WITH reads AS (
             SELECT study_instance_uid, max(access_time) AS last_read FROM {ACCESS} GROUP BY 1
+        ), sizes AS (
+            SELECT study_instance_uid, sum(bytes_in) AS bytes_in,
+                   sum(bytes_stored) AS bytes_stored
+            FROM {INSTANCES} GROUP BY 1
         )
         SELECT coalesce(s.modalities[1], '') AS modality,
                coalesce(s.study_date, CAST(s.first_ingest_time AS DATE)) AS born,
-               s.first_ingest_time, s.bytes_in, s.bytes_stored,
+               s.first_ingest_time, z.bytes_in, z.bytes_stored,
                date_diff('second', s.first_ingest_time, r.last_read) / 86400.0 AS read_after
-        FROM {STUDIES} s LEFT JOIN reads r USING (study_instance_uid)
+        FROM {STUDIES} s JOIN sizes z USING (study_instance_uid)
+        LEFT JOIN reads r USING (study_instance_uid)
+        WHERE s.tier <> 'deleted'
         """
     ).fetchall()
-    return summarize(rows, moment)
+    measured = summarize(rows, moment)
+    recoded = (
+        queries.connect(settings, bucket, (PLACEMENTS, INSTANCES))
+        .execute(
+            f"""
+        WITH latest AS (
+            SELECT sha256, arg_max(tier, placed_time) AS tier,
+                   arg_max(byte_length, placed_time) AS now_bytes,
+                   arg_max(reason, placed_time) AS reason
+            FROM {PLACEMENTS} GROUP BY 1
+        )
+        SELECT l.tier, sum(l.now_bytes), sum(i.bytes_stored)
+        FROM latest l JOIN {INSTANCES} i USING (sha256)
+        WHERE l.reason LIKE '%re-encoded%' GROUP BY 1
+        """
+        )
+        .fetchall()
+    )
+    ratios = {str(tier): float(now) / float(then) for tier, now, then in recoded if then}
+    return replace(measured, recoded=ratios)
 
 
 def summarize(rows: Iterable[tuple[object, ...]], now: datetime) -> Measured:
@@ -232,7 +265,8 @@ def project(
                 if age < 0:
                     continue
                 for tier, share in placed(cohort.modality, age).items():
-                    stored[tier] += cohort.stored_bytes * share
+                    codec = measured.recoded.get(tier, 1.0) if policy.tiers[tier].codec else 1.0
+                    stored[tier] += cohort.stored_bytes * share * codec
                     raw += cohort.raw_bytes * share
             stored_tb = {tier: stored.get(tier, 0.0) / TB for tier in TIERS}
             drives = 0
