@@ -7,7 +7,7 @@ tests can build one by hand.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
@@ -150,7 +150,7 @@ class StoreSettings:
 
     endpoint: str  # "127.0.0.1:9000", no scheme
     access_key: str
-    secret_key: str
+    secret_key: str = field(repr=False)  # never in a log line or a traceback's repr
     secure: bool = False
     region: str = "us-east-1"
 

@@ -264,7 +264,9 @@ _DERIVE = (
     + ", ".join(
         f"{name} = excluded.{name}" for name in _STUDY_COLUMNS[1:] if name != "last_access_time"
     )
-    + ", dirty = studies.dirty + 1, tier_due = 0"
+    # A change makes the study due now; one with nothing left (deleted) is never due.
+    + f", dirty = studies.dirty + 1, tier_due = CASE WHEN excluded.tier = '{DELETED}'"
+    + f" THEN {NEVER_DUE} ELSE 0 END"
 )
 # The last access is the latest one seen, whatever order the rows arrive in.
 _ACCESSED = (

@@ -320,7 +320,12 @@ def _write_instances(
         # Identity rows first, as the writer does: one is read only through its instance.
         rows = [(identity, utc(record.ingest_time).date()) for record, identity in batch]
         write_deltalake(identities, identity_table(rows), mode="append")
-        write_deltalake(table, instances_table([record for record, _ in batch]), mode="append")
+        write_deltalake(
+            table,
+            instances_table([record for record, _ in batch]),
+            mode="append",
+            schema_mode="merge",  # an older, empty table gains the later columns
+        )
         tally.add(written=len(batch))
 
 

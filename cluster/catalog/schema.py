@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.dataset as pa_dataset
 import pyarrow.fs as pa_fs
 from deltalake import DeltaTable
+from deltalake.schema import Field as DeltaField
+from deltalake.schema import PrimitiveType
 
 from cluster.catalog.placements import DELETED, PLACEMENTS_SCHEMA
 from workers.dicom.identity import IdentityRow
@@ -336,6 +338,15 @@ def create_tables(settings: StoreSettings, bucket: str = DEFAULT_BUCKET) -> None
             description=description,
             configuration={"delta.appendOnly": "true"} if append_only else None,
             storage_options=options,
+        )
+    # A table created before a later column: the column is added (null in older rows), so
+    # readers that name it (the analytics view) work before the next flush merges it in.
+    instances = DeltaTable(table_uri(bucket, INSTANCES), storage_options=options)
+    present = pa.schema(instances.schema().to_arrow()).names
+    missing = [name for name in LATER_INSTANCE_COLUMNS if name not in present]
+    if missing:
+        instances.alter.add_columns(
+            [DeltaField(name, PrimitiveType("string"), nullable=True) for name in missing]
         )
 
 

@@ -417,19 +417,29 @@ class CatalogWriter:
         at: datetime | None = None,
         studies: list[str] | None = None,
         totals: bool = False,
+        record: bool = True,
     ) -> Any:
         """The tier plan of ``policy`` (``cluster.tiering.due``): the studies due, or only
-        ``studies``; as of ``at`` (changing nothing) or now. Other calls are served
-        between its batches."""
+        ``studies``; as of ``at`` or now. ``record``: the plan the node carries out, which
+        sets each study's next due moment (only as of now); a plan only shown changes
+        nothing. Other calls are served between its batches; each batch runs under the
+        lock an index reopen takes, and a plan whose index was reopened starts again."""
         from cluster.tiering.due import plan_steps  # the tiering engine uses the catalog
 
-        await self.ready()
-        assert self._index is not None
-        for step in plan_steps(self._index, policy, at, studies, totals=totals):
-            if step is not None:
-                return step
-            await asyncio.sleep(0)
-        raise AssertionError("the plan ended without a result")
+        for _ in range(3):
+            await self.ready()
+            index = self._index
+            assert index is not None
+            steps = plan_steps(index, policy, at, studies, totals=totals, record=record)
+            while True:
+                async with self._delta_lock:
+                    if self._index is not index:
+                        break  # reopened between two batches: the plan starts again
+                    step = next(steps)
+                if step is not None:
+                    return step
+                await asyncio.sleep(0)
+        raise CatalogFlushError("the catalog index was reopened during three tier plans")
 
     async def close(self) -> None:
         """Commit everything queued so far, flush the journal into Delta and fold the study

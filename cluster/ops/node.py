@@ -418,7 +418,9 @@ class Stack:
     ) -> Plan:
         """What ``policy`` would do now (or as of ``at``), from the catalog writer's index:
         the studies that are due (``cluster.tiering.due``); changes no study."""
-        planned: Plan = await self._catalog.plan_tiering.remote(policy, at, None, totals)
+        planned: Plan = await self._catalog.plan_tiering.remote(
+            policy, at, None, totals, record=False
+        )
         return planned
 
     async def apply_tiering(

@@ -10,8 +10,9 @@ the few rows those studies have: its cost grows with the studies whose state cha
 whose day came, not with the archive.
 
 A policy the index has not seen (its digest differs) makes every study due once; a plan
-"as of" another moment (``strata tier plan --at``) reads the due studies without moving
-any due moment, or, under a policy not seen yet, every study.
+only shown (``strata tier plan``) or "as of" another moment reads the due studies without
+moving any due moment, or, under a policy not seen yet, every study: only the plans the
+node carries out (one at a time) record.
 
 Runs inside the catalog writer (``CatalogWriter.plan_tiering``), one batch per step of
 its loop: a batch's rows are read and their due moments written with no ingest, move or
@@ -70,6 +71,7 @@ def plan_steps(
     studies: Sequence[str] | None = None,
     *,
     totals: bool = False,
+    record: bool = True,
 ) -> Iterator[Plan | None]:
     """Yields None after each batch (the caller lets its loop run), then the plan.
 
@@ -77,7 +79,7 @@ def plan_steps(
     the bytes of every tier before and after, for the plan's prices (a scan of the study
     rows; the scheduled plan does not ask for it)."""
     now = at or datetime.now(UTC)
-    record = at is None  # only a plan as of now moves due moments
+    record = record and at is None  # only the node's plan as of now moves due moments
     digest = policy_digest(policy)
     every = False
     if studies is None and not index.policy_matches(digest):

@@ -56,6 +56,18 @@ def load_locations(path: Path, node_store: StoreSettings | None) -> tuple[TierLo
             known = ", ".join(sorted(_FIELDS))
             raise LocationError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {known})")
         found.append(_location(tier, table, where, node_store))
+    # Two tiers in one bucket of one store would make a move copy an object onto itself
+    # and then delete it as its source: refused.
+    placed = {where.tier: (where.store.endpoint, where.bucket) for where in found}
+    seen: dict[tuple[str, str], str] = {}
+    for tier in TIERS:
+        here = placed.get(tier, (node_store.endpoint if node_store else "", f"strata-{tier}"))
+        if here in seen:
+            raise LocationError(
+                f"{path.name}: tiers {seen[here]} and {tier} are both in bucket {here[1]!r} "
+                "of one store; each tier needs its own"
+            )
+        seen[here] = tier
     return tuple(found)
 
 

@@ -273,7 +273,7 @@ def _gathered(item: IngestItem) -> IngestItem:
     parts = ray.get(list(item.parts), timeout=PARTS_TIMEOUT_S)
     data = b"".join([*parts, item.data])
     del parts
-    return IngestItem(item.file_id, data, item.sha256)
+    return IngestItem(item.file_id, data, item.sha256, source=item.source)
 
 
 PARTS_TIMEOUT_S = 60.0

@@ -57,6 +57,7 @@ def test_a_bucket_of_its_own_and_a_second_endpoint(
         ),
         ('[cold]\nendpoint = "http://127.0.0.1:9100"\n', "endpoint must be HOST:PORT"),
         ("[cold]\nsecure = true\n", "need an endpoint"),
+        ('[warm]\nbucket = "strata-hot"\n', "tiers hot and warm are both in bucket 'strata-hot'"),
     ],
 )
 def test_mistakes_are_refused_naming_the_tier_and_field(
