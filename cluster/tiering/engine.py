@@ -120,6 +120,8 @@ def next_change(study: StudyState, policy: Policy, now: datetime) -> datetime | 
     since = _utc(study.tier_since)
     moments: list[datetime] = []
     for rule in policy.rules:
+        if not _can_apply(rule, study):
+            continue  # its other conditions do not change with time (a change resets due)
         if rule.min_age_days is not None:
             moments.append(born + timedelta(days=rule.min_age_days))
         if rule.unread_days is not None:
@@ -128,9 +130,23 @@ def next_change(study: StudyState, policy: Policy, now: datetime) -> datetime | 
             moments.append(_utc(last_read) + timedelta(days=rule.read_within_days, microseconds=1))
         if rule.min_residency_days:
             moments.append(since + timedelta(days=rule.min_residency_days))
-    moments += [born + timedelta(days=retention.keep_days) for retention in policy.retention]
+    for retention in policy.retention:
+        if _retention_matches(retention, study):
+            moments.append(born + timedelta(days=retention.keep_days))
+            break  # the first matching retention decides
     later = [moment for moment in moments if moment > now]
     return min(later) if later else None
+
+
+def _can_apply(rule: Rule, study: StudyState) -> bool:
+    """Whether the rule's conditions that do not depend on time hold for ``study``."""
+    if study.tier not in rule.from_tiers or rule.to == study.tier:
+        return False
+    if rule.modalities and not set(rule.modalities) & {m.upper() for m in study.modalities}:
+        return False
+    if rule.body_parts and not set(rule.body_parts) & {b.upper() for b in study.body_parts}:
+        return False
+    return not (rule.sources and not set(rule.sources) & _doors_and_sources(study.sources))
 
 
 def _matches(rule: Rule, study: StudyState, now: datetime) -> bool:
