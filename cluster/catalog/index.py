@@ -50,7 +50,7 @@ from typing import Any
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from cluster.catalog.placements import DELETED, PLACEMENTS_SCHEMA
+from cluster.catalog.placements import DELETED, LATER_PLACEMENT_COLUMNS, PLACEMENTS_SCHEMA
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
     ACCESS,
@@ -140,7 +140,7 @@ _INSTANCE_COLUMNS = (
     "ingest_time",  # microseconds since the epoch, UTC
 )
 # What a placement overrides in an instance's record.
-_PLACED = ("tier", "object_key", "byte_offset", "byte_length", "key_id")
+_PLACED = ("tier", "object_key", "byte_offset", "byte_length", "key_id", "transfer_syntax_stored")
 _PLACEMENT_COLUMNS = (
     "sha256",
     "tier",
@@ -150,6 +150,7 @@ _PLACEMENT_COLUMNS = (
     "byte_length",
     "key_id",
     "placed_time",
+    "transfer_syntax_stored",  # added later: NULL (the instance's own) in older rows
 )
 _STUDY_COLUMNS = tuple(StudyRow.__dataclass_fields__)
 # Between a study's modalities in the index: DICOM's own value separator, which no
@@ -354,11 +355,16 @@ class CatalogIndex:
             with self._db:
                 self._db.execute(f"ALTER TABLE studies ADD COLUMN {_TIER_DUE}")
                 self._db.execute(_DUE_INDEX)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
-        with self._db:  # columns added later: null (read as "") in older rows
-            for name in LATER_INSTANCE_COLUMNS:
-                if name not in columns:
-                    self._db.execute(f"ALTER TABLE instances ADD COLUMN {name}")
+        with self._db:  # columns added later: null (read as "" or the instance's) in older rows
+            for own_table, later in (
+                ("instances", LATER_INSTANCE_COLUMNS),
+                ("placements", LATER_PLACEMENT_COLUMNS),
+            ):
+                info = self._db.execute(f"PRAGMA table_info({own_table})")
+                columns = {row[1] for row in info}
+                for column in later:
+                    if column not in columns:
+                        self._db.execute(f"ALTER TABLE {own_table} ADD COLUMN {column}")
         done = []
         for name in SOURCES:
             table = tables[name]
@@ -955,6 +961,9 @@ class CatalogIndex:
         values["tier"] = self._codes.ids(values["tier"])
         values["key_id"] = self._codes.ids(values["key_id"])
         values["placed_time"] = _micros(batch.column("placed_time"))
+        syntaxes = values["transfer_syntax_stored"]
+        coded = iter(self._codes.ids([syntax for syntax in syntaxes if syntax]))
+        values["transfer_syntax_stored"] = [next(coded) if syntax else None for syntax in syntaxes]
         return list(zip(*(values[name] for name in _PLACEMENT_COLUMNS), strict=True))
 
     def _record(self, row: Sequence[Any]) -> InstanceRecord:

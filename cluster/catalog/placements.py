@@ -45,8 +45,12 @@ PLACEMENTS_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
         pa.field("placed_time", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("placed_date", pa.date32(), nullable=False),
+        # Added later (null in older rows: the instance's own): the transfer syntax the
+        # object holds there, which a tier's own codec changes.
+        pa.field("transfer_syntax_stored", pa.string(), nullable=True),
     ]
 )
+LATER_PLACEMENT_COLUMNS = ("transfer_syntax_stored",)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Placement:
     key_id: str
     reason: str
     placed_time: datetime
+    transfer_syntax_stored: str = ""  # what the object holds there ("" for a deletion)
 
 
 def placements_table(placements: Iterable[Placement]) -> pa.Table:
@@ -80,6 +85,7 @@ def placements_table(placements: Iterable[Placement]) -> pa.Table:
         moment = placement.placed_time  # naive means UTC, as everywhere in the catalog
         row["placed_time"] = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
         row["placed_date"] = row["placed_time"].date()
+        row["transfer_syntax_stored"] = placement.transfer_syntax_stored or None
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=PLACEMENTS_SCHEMA)
 

@@ -113,7 +113,8 @@ WITH latest AS (
     QUALIFY row_number() OVER (PARTITION BY sop_instance_uid ORDER BY version DESC) = 1
 ), placed AS (
     SELECT sha256, arg_max(tier, placed_time) AS tier,
-           arg_max(byte_length, placed_time) AS byte_length
+           arg_max(byte_length, placed_time) AS byte_length,
+           arg_max(transfer_syntax_stored, placed_time) AS transfer_syntax_stored
     FROM {PLACEMENTS} GROUP BY 1
 ), reads AS (
     SELECT study_instance_uid, count(*) AS reads, max(access_time) AS last_read
@@ -131,7 +132,7 @@ SELECT
     l.source,
     l.sop_class_uid,
     l.transfer_syntax_in,
-    l.transfer_syntax_stored,
+    coalesce(p.transfer_syntax_stored, l.transfer_syntax_stored) AS transfer_syntax_stored,
     l.frames,
     l.rows,
     l.columns,

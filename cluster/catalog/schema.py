@@ -32,7 +32,7 @@ from deltalake import DeltaTable
 from deltalake.schema import Field as DeltaField
 from deltalake.schema import PrimitiveType
 
-from cluster.catalog.placements import DELETED, PLACEMENTS_SCHEMA
+from cluster.catalog.placements import DELETED, LATER_PLACEMENT_COLUMNS, PLACEMENTS_SCHEMA
 from workers.dicom.identity import IdentityRow
 from workers.objects.store import ensure_bucket
 from workers.records import InstanceRecord, StoreSettings
@@ -341,13 +341,14 @@ def create_tables(settings: StoreSettings, bucket: str = DEFAULT_BUCKET) -> None
         )
     # A table created before a later column: the column is added (null in older rows), so
     # readers that name it (the analytics view) work before the next flush merges it in.
-    instances = DeltaTable(table_uri(bucket, INSTANCES), storage_options=options)
-    present = pa.schema(instances.schema().to_arrow()).names
-    missing = [name for name in LATER_INSTANCE_COLUMNS if name not in present]
-    if missing:
-        instances.alter.add_columns(
-            [DeltaField(name, PrimitiveType("string"), nullable=True) for name in missing]
-        )
+    for name, later in ((INSTANCES, LATER_INSTANCE_COLUMNS), (PLACEMENTS, LATER_PLACEMENT_COLUMNS)):
+        table = DeltaTable(table_uri(bucket, name), storage_options=options)
+        present = pa.schema(table.schema().to_arrow()).names
+        missing = [column for column in later if column not in present]
+        if missing:
+            table.alter.add_columns(
+                [DeltaField(column, PrimitiveType("string"), nullable=True) for column in missing]
+            )
 
 
 def utc(moment: datetime) -> datetime:

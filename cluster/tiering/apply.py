@@ -383,6 +383,11 @@ class TierApplier:
                     new.key_id if new else record.key_id,
                     reason,
                     now,
+                    # What the object holds there: the tier's codec if re-encoded, else
+                    # what it held (a plain copy carries an earlier re-encoding along).
+                    codec
+                    if codec is not None and new is not None and new.recoded
+                    else record.transfer_syntax_stored,
                 )
             )
         try:

@@ -97,6 +97,8 @@ def test_a_cold_study_is_re_encoded_and_returns_its_original_bytes(
             assert (decoded == pydicom.dcmread(io.BytesIO(data)).pixel_array).all()
         found = client.find_instances(study_instance_uid=study)
         assert sum(instance.bytes_stored for instance in found) < before
+        # The catalog says what each object holds now (its placement's syntax).
+        assert {instance.transfer_syntax_stored for instance in found} == {JPEG_LS}
     assert "Traceback" not in node.log_text()
 
 
