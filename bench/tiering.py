@@ -215,29 +215,6 @@ def write_archive(
     )
 
 
-def timed_plan(
-    settings: catalog.StoreSettings, bucket: str, at: datetime
-) -> tuple[float, float, int]:
-    """Seconds, peak resident MiB above the start, and studies changed, of one plan."""
-    me = psutil.Process()
-    base = me.memory_info().rss
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], me.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    planned = engine.plan(study_states(settings, bucket), POLICY, at)
-    seconds = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    return seconds, (peak[0] - base) / 2**20, len(planned.decisions)
-
-
 class Peak:
     """Peak resident memory of this process above its level at the start, sampled."""
 
@@ -259,6 +236,17 @@ class Peak:
         self._done.set()
         self._thread.join()
         self.mib = (self.top - self.base) / 2**20
+
+
+def timed_plan(
+    settings: catalog.StoreSettings, bucket: str, at: datetime
+) -> tuple[float, float, int]:
+    """Seconds, peak resident MiB above the start, and studies changed, of one plan."""
+    with Peak() as peak:
+        started = time.perf_counter()
+        planned = engine.plan(study_states(settings, bucket), POLICY, at)
+        seconds = time.perf_counter() - started
+    return seconds, peak.mib, len(planned.decisions)
 
 
 def index_plans(

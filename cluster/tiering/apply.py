@@ -313,9 +313,7 @@ class TierApplier:
     async def move(self, decision: Decision) -> None:
         study = decision.study.study_instance_uid
         source, target = decision.study.tier, self._policy.tiers[decision.to]
-        records: list[InstanceRecord] = await self._catalog.find_instances.remote(
-            InstanceFilters(study_uid=study), _MOST_INSTANCES
-        )
+        records = await self._instances_of(study)
         moving = [record for record in records if record.tier == source]
         if not moving:
             return  # already moved (by an earlier apply): nothing to do
@@ -396,9 +394,7 @@ class TierApplier:
             await self._undo(marker)  # the catalog refused it: the study stays where it is
             raise MoveError(str(error.cause)) from None
         # The sources go only once the catalog is seen to place every instance in the copy.
-        now_records: list[InstanceRecord] = await self._catalog.find_instances.remote(
-            InstanceFilters(study_uid=study), _MOST_INSTANCES
-        )
+        now_records = await self._instances_of(study)
         where_now = {record.sha256: (record.tier, record.object_key) for record in now_records}
         if any(where_now.get(p.sha256) != (p.tier, p.object_key) for p in placements):
             await self._undo(marker)
@@ -409,9 +405,7 @@ class TierApplier:
         """Delete a study at the end of its retention: record it in the catalog, then
         destroy its keys (see the module's docstring)."""
         study = decision.study.study_instance_uid
-        records: list[InstanceRecord] = await self._catalog.find_instances.remote(
-            InstanceFilters(study_uid=study), _MOST_INSTANCES
-        )
+        records = await self._instances_of(study)
         if not records:
             return  # deleted already (by an earlier apply): nothing to do
         packs = tuple(sorted({(record.tier, record.object_key) for record in records}))
@@ -464,17 +458,10 @@ class TierApplier:
         """Finish the moves and deletions whose markers are left; returns how many there
         were."""
         resumed = 0
-        keys = await asyncio.to_thread(
-            lambda: list(store.list_keys(self._store, self._bucket, DELETING))
-        )
-        for key in keys:
-            marker = DeletionMarker.from_bytes(
-                await asyncio.to_thread(store.get, self._store, self._bucket, key)
-            )
-            live: list[InstanceRecord] = await self._catalog.find_instances.remote(
-                InstanceFilters(study_uid=marker.study_instance_uid), _MOST_INSTANCES
-            )
-            named = {key for _, key in marker.packs}
+        for key, data in await self._markers(DELETING):
+            marker = DeletionMarker.from_bytes(data)
+            live = await self._instances_of(marker.study_instance_uid)
+            named = {pack for _, pack in marker.packs}
             try:
                 if any(record.object_key in named for record in live):
                     log.info("an interrupted retention deletion had not been recorded: undone")
@@ -490,16 +477,10 @@ class TierApplier:
 
     async def _recover_moves(self) -> int:
         """Finish the moves whose markers are left; returns how many there were."""
-        keys = await asyncio.to_thread(
-            lambda: list(store.list_keys(self._store, self._bucket, MARKERS))
-        )
-        for key in keys:
-            marker = Marker.from_bytes(
-                await asyncio.to_thread(store.get, self._store, self._bucket, key)
-            )
-            records: list[InstanceRecord] = await self._catalog.find_instances.remote(
-                InstanceFilters(study_uid=marker.study_instance_uid), _MOST_INSTANCES
-            )
+        markers = await self._markers(MARKERS)
+        for _, data in markers:
+            marker = Marker.from_bytes(data)
+            records = await self._instances_of(marker.study_instance_uid)
             still = [
                 record
                 for record in records
@@ -521,7 +502,25 @@ class TierApplier:
                 await self._finish(marker, placed=placed)
             except Exception as error:  # noqa: BLE001 - the next apply tries it again
                 log.error("an interrupted tier move could not be finished: %s", error)
-        return len(keys)
+        return len(markers)
+
+    async def _instances_of(self, study_instance_uid: str) -> list[InstanceRecord]:
+        """Every instance (every version) of a study the catalog holds, not deleted."""
+        records: list[InstanceRecord] = await self._catalog.find_instances.remote(
+            InstanceFilters(study_uid=study_instance_uid), _MOST_INSTANCES
+        )
+        return records
+
+    async def _markers(self, prefix: str) -> list[tuple[str, bytes]]:
+        """The markers under ``prefix`` left by earlier applies: (key, contents)."""
+
+        def read() -> list[tuple[str, bytes]]:
+            return [
+                (key, store.get(self._store, self._bucket, key))
+                for key in store.list_keys(self._store, self._bucket, prefix)
+            ]
+
+        return await asyncio.to_thread(read)
 
     async def _undo(self, marker: Marker) -> None:
         await self._finish(marker, placed=False)

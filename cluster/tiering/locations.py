@@ -18,7 +18,6 @@ are refused with the tier and the field named.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import TIERS
+from cluster.security.exposure import is_loopback
 from workers.records import StoreSettings, TierLocation
 
 _FIELDS = {"endpoint", "bucket", "secure", "access_key_env", "secret_key_env", "region"}
@@ -89,7 +89,7 @@ def _location(
     if not isinstance(secure, bool):
         raise LocationError(f"{where} secure must be true or false, not {secure!r}")
     host = endpoint.rsplit(":", 1)[0].strip("[]")
-    if not secure and not _loopback(host):
+    if not secure and not is_loopback(host):
         raise LocationError(
             f"{where}: endpoint {endpoint} is not on this machine, so it needs secure = true "
             "(TLS): image data never travels in the clear"
@@ -109,12 +109,3 @@ def _location(
     return TierLocation(
         tier, StoreSettings(endpoint, credentials[0], credentials[1], secure, region), bucket
     )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

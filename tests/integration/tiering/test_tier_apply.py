@@ -91,6 +91,36 @@ def apply(node: Node, policy: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def apply_killed_when_listed(
+    node: Node, policy: Path, prefix: str, poll_s: float = 0.005
+) -> subprocess.CompletedProcess[str]:
+    """Run an apply and SIGKILL the node's front end as soon as an object under ``prefix``
+    (a marker) appears in the catalog bucket; wait until the supervisor has the node
+    serving again. Returns the interrupted apply's result."""
+    store = node.object_store()
+    killed = threading.Event()
+
+    def kill_when_listed() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if list(store.list_objects("strata-catalog", prefix=prefix, recursive=True)):
+                os.kill(node.front_end_pid, 9)  # the supervisor starts the node again
+                killed.set()
+                return
+            time.sleep(poll_s)
+
+    watcher = threading.Thread(target=kill_when_listed)
+    watcher.start()
+    first = apply(node, policy)
+    watcher.join()
+    assert killed.is_set(), first.stdout + first.stderr
+    deadline = time.monotonic() + 180
+    while not node.healthy():
+        assert time.monotonic() < deadline, node.log_tail()
+        time.sleep(0.5)
+    return first
+
+
 SUMMARY = ("planned", "moved", "deleted", "failed", "GB", "resumed")
 
 
@@ -190,31 +220,9 @@ def test_an_apply_killed_mid_way_finishes_when_run_again(node: Node, tmp_path: P
         sent.update(ingest(node, tmp_path / f"s{number}", files))
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY.format(held=""))  # the study held before is not now
-    store = node.object_store()
     cold_before = packs(node, "strata-cold")  # the study the test before moved
-    killed = threading.Event()
-
-    def kill_when_a_move_has_begun() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            markers = list(store.list_objects("strata-catalog", prefix=MARKERS, recursive=True))
-            if markers:
-                os.kill(node.front_end_pid, 9)  # the supervisor starts the node again
-                killed.set()
-                return
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=kill_when_a_move_has_begun)
-    watcher.start()
-    first = apply(node, policy)
-    watcher.join()
-    assert killed.is_set(), first.stdout + first.stderr
+    first = apply_killed_when_listed(node, policy, MARKERS, poll_s=0.01)
     assert first.returncode != 0  # the node went away under it
-    deadline = time.monotonic() + 180
-    while not node.healthy():
-        assert time.monotonic() < deadline, node.log_tail()
-        time.sleep(0.5)
-
     second = apply(node, policy)
     assert second.returncode == 0, second.stdout + second.stderr
     assert int(summary(second)[SUMMARY.index("resumed")]) >= 1  # the moves the kill cut off

@@ -5,9 +5,6 @@ original bytes; an interrupted re-encoding move leaves no new pack behind."""
 from __future__ import annotations
 
 import io
-import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from cluster.tiering.apply import MARKERS
 from tests.integration.node import TEST_TOKEN, Node
 from tests.integration.tiering.test_tier_apply import (
     apply,
+    apply_killed_when_listed,
     assert_byte_exact,
     ingest,
     packs,
@@ -109,27 +107,7 @@ def test_an_interrupted_re_encoding_move_leaves_nothing_behind(node: Node, tmp_p
         sent.update(ingest(node, tmp_path / f"k{number}", files))
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    store = node.object_store()
-    killed = threading.Event()
-
-    def kill_when_a_move_has_begun() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if list(store.list_objects("strata-catalog", prefix=MARKERS, recursive=True)):
-                os.kill(node.front_end_pid, 9)
-                killed.set()
-                return
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=kill_when_a_move_has_begun)
-    watcher.start()
-    apply(node, policy)
-    watcher.join()
-    assert killed.is_set()
-    deadline = time.monotonic() + 180
-    while not node.healthy():
-        assert time.monotonic() < deadline, node.log_tail()
-        time.sleep(0.5)
+    apply_killed_when_listed(node, policy, MARKERS)
     second = apply(node, policy)
     assert second.returncode == 0, second.stdout + second.stderr
     store = node.object_store()

@@ -7,9 +7,6 @@ byte, and a deletion cut off by a kill is finished by the next apply."""
 from __future__ import annotations
 
 import json
-import os
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +21,7 @@ from cluster.tiering.apply import DELETING, MARKERS
 from tests.integration.node import TEST_TOKEN, Node
 from tests.integration.tiering.test_tier_apply import (
     apply,
+    apply_killed_when_listed,
     assert_byte_exact,
     ingest,
     study_files,
@@ -142,28 +140,7 @@ def test_a_deletion_killed_mid_way_is_finished_by_the_next_apply(
         ingest(node, tmp_path / f"x{number}", files)
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY.format(held=""))
-    store = node.object_store()
-    killed = threading.Event()
-
-    def kill_when_a_deletion_has_begun() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if list(store.list_objects("strata-catalog", prefix=DELETING, recursive=True)):
-                os.kill(node.front_end_pid, 9)  # the supervisor starts the node again
-                killed.set()
-                return
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=kill_when_a_deletion_has_begun)
-    watcher.start()
-    first = apply(node, policy)
-    watcher.join()
-    assert killed.is_set(), first.stdout + first.stderr
-    deadline = time.monotonic() + 180
-    while not node.healthy():
-        assert time.monotonic() < deadline, node.log_tail()
-        time.sleep(0.5)
-
+    apply_killed_when_listed(node, policy, DELETING)
     second = apply(node, policy)
     assert second.returncode == 0, second.stdout + second.stderr
     store = node.object_store()  # the restarted node's MinIO listens elsewhere
