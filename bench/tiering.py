@@ -205,6 +205,7 @@ def write_archive(
                 [NOW - timedelta(days=1)] * len(moved), pa.timestamp("us", tz="UTC")
             ),
             "placed_date": pa.array([(NOW - timedelta(days=1)).date()] * len(moved), pa.date32()),
+            "transfer_syntax_stored": pa.nulls(len(moved), pa.string()),
         }
     ).cast(schema.PLACEMENTS_SCHEMA)
     write_deltalake(
