@@ -33,7 +33,9 @@ import pydicom
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 
 from workers.objects.keys import Pseudonymizer
 
@@ -64,6 +66,7 @@ SERIES_ATTRIBUTES = (
 INSTANCE_ATTRIBUTES = ("InstanceNumber", "ContentDate", "ContentTime", "NumberOfFrames")
 SEALED = (*PATIENT_ATTRIBUTES, *STUDY_ATTRIBUTES, *SERIES_ATTRIBUTES, *INSTANCE_ATTRIBUTES)
 _TAGS: list[str] = [*SEALED, "SpecificCharacterSet"]
+SEALED_TAGS: tuple[int, ...] = tuple(int(Tag(name)) for name in SEALED)
 
 NONCE_BYTES = 12
 PREFIX_LETTERS = (1, 2, 3)  # family-name prefixes a name search can be narrowed by
@@ -82,18 +85,25 @@ class IdentityRow:
 def attributes_of(header_bytes: bytes) -> dict[str, str]:
     """The searchable attributes of a file (``header_bytes``: the file up to its Pixel
     Data, or all of it), as strings; absent and empty ones left out. Never raises on a
-    file the pipeline accepted: what cannot be read is left out."""
+    file the pipeline accepted: what cannot be read is left out. (Ingest takes them from
+    the data set ``split_file`` has already read: ``SplitFile.searchable``.)"""
     try:
         dataset = pydicom.dcmread(
             BytesIO(header_bytes), force=True, stop_before_pixels=True, specific_tags=_TAGS
         )
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError):
         return {}
+    return attributes_in(dataset)
+
+
+def attributes_in(dataset: Dataset) -> dict[str, str]:
+    """The searchable attributes of a data set pydicom has read (with at least
+    ``SEALED_TAGS`` among its specific tags), as ``attributes_of`` gives them."""
     found = {}
     for name in SEALED:
         try:
             value = dataset.get(name)
-        except (ValueError, TypeError, KeyError, AttributeError, LookupError):
+        except (ValueError, TypeError, KeyError, AttributeError, LookupError, OSError):
             continue  # a value this keyword's VR cannot hold: not searchable
         if value is None:
             continue
@@ -159,9 +169,13 @@ class IdentityKeys:
         return {str(key): str(value) for key, value in opened.items()}
 
     def row(
-        self, sha256: str, study_instance_uid: str, sop_instance_uid: str, header_bytes: bytes
+        self,
+        sha256: str,
+        study_instance_uid: str,
+        sop_instance_uid: str,
+        attributes: Mapping[str, str],
     ) -> IdentityRow:
-        attributes = attributes_of(header_bytes)
+        """The row of one instance with these searchable attributes (``attributes_of``)."""
         return IdentityRow(
             sha256=sha256,
             study_instance_uid=study_instance_uid,

@@ -326,7 +326,7 @@ def prepare(item: IngestItem, settings: PipelineSettings) -> Prepared:
         key_id=member.key_id,
     )
     identity = identity_keys(keys.pseudonymizer()).row(
-        item.sha256, header.study_instance_uid, header.sop_instance_uid, data[: split.pixel_start]
+        item.sha256, header.study_instance_uid, header.sop_instance_uid, split.searchable()
     )
     return Prepared(item.file_id, member, record, identity)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import imagecodecs
 
-from workers.dicom.identity import IdentityRow, identity_keys
+from workers.dicom.identity import IdentityRow, attributes_of, identity_keys
 from workers.dicom.split import InstanceHeader, PixelLayout, prefix_header, split_file
 from workers.errors import RejectError
 from workers.objects import store
@@ -185,7 +185,10 @@ def row_from_member(
         byte_offset=member.offset,
     )
     identity = identity_keys(keys.pseudonymizer()).row(
-        manifest.sha256, file_header.study_instance_uid, file_header.sop_instance_uid, header_bytes
+        manifest.sha256,
+        file_header.study_instance_uid,
+        file_header.sop_instance_uid,
+        attributes_of(header_bytes),
     )
     return RecoveredRow(record, identity)
 

@@ -59,6 +59,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from cluster.archive import Archive, ArchiveError
 from cluster.archive.find import FindError, Query, as_dataset
 from cluster.doors.dimse import status
+from cluster.doors.dimse.reactor import wait_instead_of_polling
 from cluster.security.exposure import exposure_problem, is_loopback
 from workers.errors import Reason
 from workers.pipeline.restore import transcode_targets
@@ -229,6 +230,7 @@ class DimseDoor:
         is negotiated: "calling AE title not recognised" (PS3.8, A-ASSOCIATE-RJ)."""
         assoc = event.assoc
         assoc.dul._run_loop_delay = _DUL_POLL_S
+        wait_instead_of_polling(assoc)
         request: Any = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         if not self._allowed(calling, assoc.requestor.address):

@@ -29,6 +29,7 @@ from pydicom.uid import (
 )
 
 from tests.unit.conftest import PHI, make_file
+from workers.dicom.identity import attributes_of
 from workers.dicom.split import SplitFile, sample_bytes, split_file
 from workers.errors import Reason, RejectError
 
@@ -130,6 +131,9 @@ def test_every_readable_file_splits_exactly_or_is_rejected_as_listed(path: Path)
     middle = data[split.pixel_start : split.pixel_end]
     assert data[: split.pixel_start] + middle + data[split.pixel_end :] == data
     _assert_header_matches(split, dataset)
+    # The identity index's attributes, from the read split_file made, are what a read of
+    # the header alone gives.
+    assert split.searchable() == attributes_of(data[: split.pixel_start])
 
     if "PixelData" not in dataset or split.header.transfer_syntax == DeflatedExplicitVRLittleEndian:
         assert split.pixel_start == split.pixel_end == len(data)
