@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -122,29 +123,17 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> BatchRe
     started = time.process_time()
     began = time.perf_counter()
     outcomes: dict[str, Outcome] = {}
+    if len(items) > 1:
+        made = list(_PREPARING.map(lambda item: _prepared(item, settings), items))
+    else:
+        made = [_prepared(item, settings) for item in items]
     prepared: list[Prepared] = []
-    for item in items:
-        try:
-            whole = _gathered(item)
-        except Exception as error:  # noqa: BLE001 - this file's parts are gone, not the batch's
-            log.error("file %s: its parts could not be read: %s", _short(item.sha256), error)
-            outcomes[item.file_id] = Rejected(
-                item.file_id, Reason.STORAGE_FAILED.value, _PARTS_LOST
-            )
-            continue
-        try:
-            prepared.append(prepare(whole, settings))
-        except RejectError as error:
-            outcomes[item.file_id] = Rejected(item.file_id, error.reason.value, error.message)
-        except Exception as error:
-            log.exception("file %s failed in the pipeline", _short(item.sha256))
-            outcomes[item.file_id] = Rejected(
-                item.file_id,
-                Reason.INTERNAL.value,
-                f"the pipeline failed with {type(error).__name__}; nothing was stored "
-                "for this file and the error was logged",
-            )
-        del whole
+    for one in made:
+        if isinstance(one, Prepared):
+            prepared.append(one)
+        else:
+            outcomes[one.file_id] = one
+    del made
     storing = time.perf_counter()
     for study in _by_study(prepared):
         try:
@@ -161,6 +150,36 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> BatchRe
     ordered = [outcomes[item.file_id] for item in items]
     ended = time.perf_counter()
     return BatchResult(ordered, time.process_time() - started, ended - began, ended - storing)
+
+
+def _prepared(item: IngestItem, settings: PipelineSettings) -> Prepared | Rejected:
+    """One file prepared (``prepare``), or why not; never raises."""
+    try:
+        whole = _gathered(item)
+    except Exception as error:  # noqa: BLE001 - this file's parts are gone, not the batch's
+        log.error("file %s: its parts could not be read: %s", _short(item.sha256), error)
+        return Rejected(item.file_id, Reason.STORAGE_FAILED.value, _PARTS_LOST)
+    try:
+        return prepare(whole, settings)
+    except RejectError as error:
+        return Rejected(item.file_id, error.reason.value, error.message)
+    except Exception as error:
+        log.exception("file %s failed in the pipeline", _short(item.sha256))
+        return Rejected(
+            item.file_id,
+            Reason.INTERNAL.value,
+            f"the pipeline failed with {type(error).__name__}; nothing was stored "
+            "for this file and the error was logged",
+        )
+
+
+# The files of one batch are prepared on the worker's cores at once: the codecs let go of
+# the GIL (two threads encoded and verified 1.6 times as many CT slices a second as one),
+# so one task can use the cores of several, and its batch is still one pack per study
+# (two PUTs) instead of one per task.
+_PREPARING = ThreadPoolExecutor(
+    max(1, min(4, len(os.sched_getaffinity(0)))), thread_name_prefix="strata-prepare"
+)
 
 
 @dataclass(frozen=True)

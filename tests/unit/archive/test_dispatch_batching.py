@@ -1,5 +1,5 @@
-"""How the dispatcher forms batches: held for senders that wait on each answer, spread
-over free worker cores, a lone sender never held.
+"""How the dispatcher forms batches: held for senders that wait on each answer, sent as
+one task, a lone sender never held.
 
 The worker task is a small fake (it records the batches it is given and answers when the
 test says); the real pipeline and Ray are exercised by the integration tests."""
@@ -66,11 +66,11 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_files_of_awaited_senders_wait_for_each_other_and_leave_spread(task: FakeTask) -> None:
-    asyncio.run(_files_of_awaited_senders_wait_for_each_other_and_leave_spread(task))
+def test_files_of_awaited_senders_wait_for_each_other_and_leave_together(task: FakeTask) -> None:
+    asyncio.run(_files_of_awaited_senders_wait_for_each_other_and_leave_together(task))
 
 
-async def _files_of_awaited_senders_wait_for_each_other_and_leave_spread(task: FakeTask) -> None:
+async def _files_of_awaited_senders_wait_for_each_other_and_leave_together(task: FakeTask) -> None:
     work = dispatcher()
     senders = [object() for _ in range(4)]
     for sender in senders:
@@ -83,7 +83,7 @@ async def _files_of_awaited_senders_wait_for_each_other_and_leave_spread(task: F
     assert task.batches == []  # held: the fourth sender is sending
     sent.append(asyncio.create_task(work.submit(item("f3"), sender=senders[3])))
     results: list[FileResult] = await asyncio.gather(*sent)
-    assert sorted(map(sorted, task.batches)) == [["f0", "f2"], ["f1", "f3"]]
+    assert [sorted(batch) for batch in task.batches] == [["f0", "f1", "f2", "f3"]]
     assert [result.status for result in results] == ["rejected"] * 4
 
 
