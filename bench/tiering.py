@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import sys
 import tempfile
 import threading
@@ -96,6 +95,10 @@ def write_archive(
     weights = 1.2 ** np.arange(10)
     years = rng.choice(10, size=studies, p=weights / weights.sum())
     age_days = (9 - years) * 365 + rng.integers(0, 365, size=studies)
+    # Numbered in the order they came in (oldest first), as an archive receives them: a
+    # million instance rows written at once then fall in a few weeks of ingest_date
+    # partitions, not in all 3,650 (tens of rows a file, hundreds of thousands of files).
+    age_days = np.sort(age_days)[::-1]
     born = NOW - age_days.astype("timedelta64[D]").astype(timedelta)
     read = rng.random(studies) < 0.6  # 60 % read at least once: most soon after ingest
     read_after = np.where(
@@ -158,6 +161,9 @@ def write_archive(
     )
     rows = studies * per
     born_us = np.array([int(b.timestamp() * 1e6) for b in born], dtype=np.int64)
+    tier_of = np.array(tiers, dtype=object)
+    # Written a million rows at a time, instances and the placements of their moved
+    # studies alike: at 10⁸ instance rows, no column is ever whole in memory.
     for first in range(0, rows, 1_000_000):
         part = synthetic_columns(first, min(1_000_000, rows - first), per)
         owner = np.arange(first, first + part.num_rows) // per
@@ -173,6 +179,14 @@ def write_archive(
             mode="append",
             storage_options=options,
         )
+        moved = tier_of[owner] != "hot"
+        if moved.any():
+            write_deltalake(
+                catalog.table_uri(bucket, catalog.PLACEMENTS),
+                placements_of(part.filter(pa.array(moved)), tier_of[owner][moved], owner[moved]),
+                mode="append",
+                storage_options=options,
+            )
     reads = [(uids[s], moment) for s, moment in enumerate(read_at) if moment is not None]
     access = pa.table(
         {
@@ -184,36 +198,31 @@ def write_archive(
     write_deltalake(
         catalog.table_uri(bucket, catalog.ACCESS), access, mode="append", storage_options=options
     )
-    # A placement row for every instance of a study that is not hot (as a move writes).
-    moved_studies = [s for s, tier in enumerate(tiers) if tier != "hot"]
-    moved = [s for s in moved_studies for _ in range(per)]
-    sops = [f"{ROOT}.{s}.{s * per + i}" for s in moved_studies for i in range(per)]
-    placed = pa.table(
+
+
+def placements_of(instances: pa.Table, tiers: np.ndarray, studies: np.ndarray) -> pa.Table:
+    """The placement rows of these instance rows, each in its study's tier (as a move
+    writes them)."""
+    count = instances.num_rows
+    placed = NOW - timedelta(days=1)
+    return pa.table(
         {
-            "sha256": [hashlib.sha256(sop.encode()).hexdigest() for sop in sops],
-            "sop_instance_uid": sops,
-            "version": pa.array([1] * len(moved), pa.int32()),
-            "study_instance_uid": [uids[s] for s in moved],
-            "tier": [tiers[s] for s in moved],
-            "bucket": [f"strata-{tiers[s]}" for s in moved],
-            "object_key": [f"v2/{s}" for s in moved],
-            "byte_offset": [0] * len(moved),
-            "byte_length": [180_000] * len(moved),
-            "key_id": ["kek-1"] * len(moved),
-            "reason": ["tier move: bench"] * len(moved),
-            "placed_time": pa.array(
-                [NOW - timedelta(days=1)] * len(moved), pa.timestamp("us", tz="UTC")
-            ),
-            "placed_date": pa.array([(NOW - timedelta(days=1)).date()] * len(moved), pa.date32()),
-            "transfer_syntax_stored": pa.nulls(len(moved), pa.string()),
+            "sha256": instances.column("sha256"),
+            "sop_instance_uid": instances.column("sop_instance_uid"),
+            "version": pa.array(np.ones(count, dtype=np.int32)),
+            "study_instance_uid": instances.column("study_instance_uid"),
+            "tier": pa.array(tiers.tolist(), pa.string()),
+            "bucket": pa.array([f"strata-{tier}" for tier in tiers.tolist()], pa.string()),
+            "object_key": pa.array([f"v2/{study}" for study in studies.tolist()], pa.string()),
+            "byte_offset": pa.array(np.zeros(count, dtype=np.int64)),
+            "byte_length": pa.array(np.full(count, 180_000, dtype=np.int64)),
+            "key_id": pa.array(["kek-1"] * count, pa.string()),
+            "reason": pa.array(["tier move: bench"] * count, pa.string()),
+            "placed_time": pa.array([placed] * count, pa.timestamp("us", tz="UTC")),
+            "placed_date": pa.array([placed.date()] * count, pa.date32()),
+            "transfer_syntax_stored": pa.nulls(count, pa.string()),
         }
     ).cast(schema.PLACEMENTS_SCHEMA)
-    write_deltalake(
-        catalog.table_uri(bucket, catalog.PLACEMENTS),
-        placed,
-        mode="append",
-        storage_options=options,
-    )
 
 
 class Peak:
