@@ -15,10 +15,11 @@ and each went alone, paying a task, a pack PUT and a group commit for one file (
 160 batches and 140 commits for 160 files from 4 ``storescu``). So such a sender, once
 answered, is *awaited*: a batch that could leave at once waits (at most ``batch_hold_s``)
 while an awaited sender has not sent its next file, and leaves as soon as the last one
-has. A batch that leaves with several places free is spread over them, one task per
-worker core at most, so held files do not queue behind each other on one core; their
-rows are committed together. A lone sender is never held back (it is never awaited while
-its own file is here), and a sender silent for ``sender_quiet_s`` is not awaited.
+has. A batch is one task, which prepares its small files on two cores at once
+(``workers.pipeline.ingest``), so held files do not queue behind each other on one core
+and make one pack per study; their rows are committed together. A lone sender is never
+held back (it is never awaited while its own file is here), and a sender silent for
+``sender_quiet_s`` is not awaited.
 
 Every file gets a ticket, unique in this process, when it is submitted; the pipeline and the
 catalog writer know it only by that ticket, so files that different streams or connections
@@ -306,7 +307,7 @@ class Dispatcher:
         batch, self._pending, self._pending_bytes = self._pending, [], 0
         if not batch:
             return
-        # One task: the worker prepares its files on all its cores at once and writes one
+        # One task: the worker prepares its small files on two cores at once and writes one
         # pack per study. Spread over two tasks, four DIMSE files held for each other
         # were two packs (four PUTs) and cost 12 % more CPU per file in all (bench/
         # vs_orthanc.py, five runs each way), for no more files a second.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -123,10 +122,18 @@ def ingest_batch(items: list[IngestItem], settings: PipelineSettings) -> BatchRe
     started = time.process_time()
     began = time.perf_counter()
     outcomes: dict[str, Outcome] = {}
-    if len(items) > 1:
-        made = list(_PREPARING.map(lambda item: _prepared(item, settings), items))
-    else:
-        made = [_prepared(item, settings) for item in items]
+    shared = [item for item in items if _may_share_cores(item)] if len(items) > 1 else []
+    ready = dict(
+        zip(
+            (item.file_id for item in shared),
+            _PREPARING.map(lambda item: _prepared(item, settings), shared),
+            strict=True,
+        )
+    )
+    made = [
+        ready[item.file_id] if item.file_id in ready else _prepared(item, settings)
+        for item in items
+    ]
     prepared: list[Prepared] = []
     for one in made:
         if isinstance(one, Prepared):
@@ -173,13 +180,24 @@ def _prepared(item: IngestItem, settings: PipelineSettings) -> Prepared | Reject
         )
 
 
-# The files of one batch are prepared on the worker's cores at once: the codecs let go of
+# The small files of one batch are prepared on two cores at once: the codecs let go of
 # the GIL (two threads encoded and verified 1.6 times as many CT slices a second as one),
-# so one task can use the cores of several, and its batch is still one pack per study
-# (two PUTs) instead of one per task.
-_PREPARING = ThreadPoolExecutor(
-    max(1, min(4, len(os.sched_getaffinity(0)))), thread_name_prefix="strata-prepare"
-)
+# so a task held by four DIMSE associations' files uses the cores of two, and its batch is
+# still one pack per study (two PUTs) instead of one per task. Ray counts the task as one
+# CPU, so a node whose every core runs a task runs at most twice as many threads as cores.
+_PREPARING = ThreadPoolExecutor(2, thread_name_prefix="strata-prepare")
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
+
+
+def _may_share_cores(item: IngestItem) -> bool:
+    """Whether ``item`` is prepared in a pool thread: only a file that came whole (under
+    the front end's 4 MiB part size) and is not deflated. A larger one may fan its frames
+    out over Ray tasks, and ``ray.get`` gives a task's CPU back to Ray only from its main
+    thread (from another, the runs could wait for a CPU the waiting task holds); a
+    deflated one is inflated up to ``max_file_bytes``, which threads would multiply. (The
+    transfer syntax is in the file meta, within its first few hundred bytes; a false
+    "deflated" only keeps a file on the main thread.)"""
+    return not item.parts and _DEFLATED not in bytes(item.data[:4096])
 
 
 @dataclass(frozen=True)

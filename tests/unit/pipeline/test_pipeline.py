@@ -29,8 +29,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from tests.unit.conftest import make_file
 from workers.objects.envelope import KeyRing
 from workers.objects.keys import create_key_file, load_key_file
+from workers.pipeline import ingest
 from workers.pipeline.ingest import PipelineSettings, pack_instances, prepare
 from workers.pipeline.restore import ObjectRef, TranscodeRefusedError, rebuild, transcode_targets
 from workers.records import HTJ2K_LOSSLESS, IngestItem, InstanceRecord, StoreSettings
@@ -266,3 +268,32 @@ def test_an_ingest_item_pickles_its_bytes_out_of_band() -> None:
     assert again == IngestItem("f", bytes(data), item.sha256)
     # Without out-of-band support (an older protocol) it still round-trips.
     assert pickle.loads(pickle.dumps(item, protocol=4)) == again
+
+
+def test_a_batch_prepared_on_several_threads_answers_each_file_in_order(key_file: Path) -> None:
+    settings_ = PipelineSettings(StoreSettings("127.0.0.1:1", "unused", "unused"), str(key_file))
+    good = make_file(transfer_syntax=ExplicitVRLittleEndian)
+    cut = good[:-10]  # truncated inside its Pixel Data
+    items = [
+        IngestItem(f"f{number}", data, hashlib.sha256(data).hexdigest())
+        for number, data in enumerate([b"not dicom", cut, b"\0" * 200, cut])
+    ]
+    assert all(ingest._may_share_cores(item) for item in items)
+    result = ingest.ingest_batch(items, settings_)
+    assert [outcome.file_id for outcome in result.outcomes] == ["f0", "f1", "f2", "f3"]
+    assert [outcome.reason for outcome in result.outcomes] == [  # type: ignore[union-attr]
+        "not_dicom",
+        "truncated",
+        "not_dicom",
+        "truncated",
+    ]
+
+
+def test_only_small_whole_files_that_are_not_deflated_share_the_cores() -> None:
+    def item(data: bytes, parts: tuple[object, ...] = ()) -> IngestItem:
+        return IngestItem("f", data, "ab" * 32, parts, 4 << 20 if parts else 0)
+
+    assert ingest._may_share_cores(item(make_file(transfer_syntax=ExplicitVRLittleEndian)))
+    assert not ingest._may_share_cores(item(b"tail", parts=(object(),)))  # may fan out
+    deflated = make_file(transfer_syntax=DeflatedExplicitVRLittleEndian)
+    assert not ingest._may_share_cores(item(deflated))
