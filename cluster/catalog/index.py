@@ -48,8 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable
 
+from cluster.catalog import columns
+from cluster.catalog.columns import pack_hex, pack_uid
 from cluster.catalog.placements import DELETED, LATER_PLACEMENT_COLUMNS, PLACEMENTS_SCHEMA
 from cluster.catalog.queries import InstanceFilters, StudyFilters
 from cluster.catalog.schema import (
@@ -69,7 +72,7 @@ from cluster.catalog.schema import (
     table_dataset,
     table_root,
 )
-from workers.objects.store import pack_id_of, pack_key_from
+from workers.objects.store import pack_id_in, pack_key_from, study_prefix
 from workers.records import InstanceRecord
 
 log = logging.getLogger("strata.catalog")
@@ -426,12 +429,15 @@ class CatalogIndex:
             # not at all when they are equal.
             self._db.executemany(
                 _WRITTEN,
-                [(study_date_partition(row).isoformat(), _uid(uid)) for uid, row in known.items()],
+                [
+                    (study_date_partition(row).isoformat(), pack_uid(uid))
+                    for uid, row in known.items()
+                ],
             )
             self._db.executemany(
                 _CLEAN,
                 [
-                    (_uid(uid), self._dirty(uid))
+                    (pack_uid(uid), self._dirty(uid))
                     for uid, written in known.items()
                     if _same_in_delta(self.study(uid), written)
                 ],
@@ -582,12 +588,12 @@ class CatalogIndex:
     # -- reading ----------------------------------------------------------------------
 
     def by_sha256(self, sha256: str) -> InstanceRecord | None:
-        row = self._db.execute(_SELECT + " WHERE i.sha256 = ?", (_packed(sha256),)).fetchone()
+        row = self._db.execute(_SELECT + " WHERE i.sha256 = ?", (pack_hex(sha256),)).fetchone()
         return self._record(row) if row is not None else None
 
     def by_sha256s(self, sha256s: Sequence[str]) -> dict[str, InstanceRecord]:
         found: dict[str, InstanceRecord] = {}
-        for chunk, marks in _in_lists([_packed(sha) for sha in sha256s]):
+        for chunk, marks in _in_lists([pack_hex(sha) for sha in sha256s]):
             for row in self._db.execute(_SELECT + f" WHERE i.sha256 IN ({marks})", chunk):
                 record = self._record(row)
                 found[record.sha256] = record
@@ -596,7 +602,7 @@ class CatalogIndex:
     def by_sop(self, sop_instance_uid: str, version: int | None = None) -> InstanceRecord | None:
         """The newest version of a SOP Instance (or the given ``version``)."""
         where = " WHERE i.sop_key = ? AND i.sop_instance_uid = ?"
-        values: tuple[Any, ...] = (uid_key(sop_instance_uid), _uid(sop_instance_uid))
+        values: tuple[Any, ...] = (uid_key(sop_instance_uid), pack_uid(sop_instance_uid))
         if version is None:
             sql = _SELECT + where + " ORDER BY i.version DESC LIMIT 1"
         else:
@@ -622,7 +628,7 @@ class CatalogIndex:
     def identities(self, sha256s: Sequence[str]) -> dict[str, bytes]:
         """The sealed identity boxes of these files (those it has), by SHA-256."""
         found: dict[str, bytes] = {}
-        for chunk, marks in _in_lists([_packed(sha) for sha in sha256s]):
+        for chunk, marks in _in_lists([pack_hex(sha) for sha in sha256s]):
             sql = f"SELECT sha256, sealed FROM identity WHERE sha256 IN ({marks})"
             for sha, sealed in self._db.execute(sql, chunk):
                 found[_unpacked(sha)] = bytes(sealed)
@@ -638,14 +644,14 @@ class CatalogIndex:
         )
         found: dict[str, tuple[str, bytes]] = {}
         for uid in study_uids:
-            row = self._db.execute(sql, (uid_key(uid), _uid(uid))).fetchone()
+            row = self._db.execute(sql, (uid_key(uid), pack_uid(uid))).fetchone()
             if row is not None:
                 found[uid] = (_unuid(row[0]), bytes(row[1]))
         return found
 
     def study(self, study_instance_uid: str) -> StudyRow | None:
         row = self._db.execute(
-            _SELECT_STUDY + " WHERE study_instance_uid = ?", (_uid(study_instance_uid),)
+            _SELECT_STUDY + " WHERE study_instance_uid = ?", (pack_uid(study_instance_uid),)
         ).fetchone()
         return _study(row) if row is not None else None
 
@@ -689,7 +695,7 @@ class CatalogIndex:
             if uid is not None:
                 conditions += [
                     (f"i.{_KEYS[column]} = ?", uid_key(uid)),
-                    (f"i.{column} = ?", _uid(uid)),
+                    (f"i.{column} = ?", pack_uid(uid)),
                 ]
         if filters.modality is not None:
             code = self._codes.known(filters.modality)
@@ -728,7 +734,7 @@ class CatalogIndex:
             values.append(_micros_of(upto))
         if after is not None:
             where += " AND (tier_due, study_instance_uid) > (?, ?)"
-            values += [after[0], _uid(after[1])]
+            values += [after[0], pack_uid(after[1])]
         sql = (
             f"SELECT {', '.join(_STUDY_COLUMNS)}, tier_due FROM studies WHERE {where} "
             "ORDER BY tier_due, study_instance_uid LIMIT ?"
@@ -753,7 +759,7 @@ class CatalogIndex:
         """A study's body parts (upper case), when its latest placement was made (None:
         never moved, in its tier since ingest) and the sources of its instances: what the
         policy reads beside its row."""
-        key, uid = uid_key(study_instance_uid), _uid(study_instance_uid)
+        key, uid = uid_key(study_instance_uid), pack_uid(study_instance_uid)
         parts = self._db.execute(
             "SELECT DISTINCT upper(c.value) FROM instances i JOIN codes c ON c.id = i.body_part"
             " WHERE i.study_key = ? AND i.study_instance_uid = ? AND c.value != ''",
@@ -783,7 +789,7 @@ class CatalogIndex:
             self._db.executemany(
                 "UPDATE studies SET tier_due = ? WHERE study_instance_uid = ?",
                 [
-                    (NEVER_DUE if moment is None else _micros_of(moment), _uid(uid))
+                    (NEVER_DUE if moment is None else _micros_of(moment), pack_uid(uid))
                     for uid, moment in due
                 ],
             )
@@ -821,7 +827,7 @@ class CatalogIndex:
 
     def _dirty(self, study_instance_uid: str) -> int:
         sql = "SELECT dirty FROM studies WHERE study_instance_uid = ?"
-        row = self._db.execute(sql, (_uid(study_instance_uid),)).fetchone()
+        row = self._db.execute(sql, (pack_uid(study_instance_uid),)).fetchone()
         return int(row[0]) if row else 0
 
     def dirty_count(self) -> int:
@@ -834,12 +840,12 @@ class CatalogIndex:
             self._db.executemany(
                 _WRITTEN,
                 [
-                    (study_date_partition(r).isoformat(), _uid(r.study_instance_uid))
+                    (study_date_partition(r).isoformat(), pack_uid(r.study_instance_uid))
                     for r, _ in rows
                 ],
             )
-            self._db.executemany(_CLEAN, [(_uid(r.study_instance_uid), gen) for r, gen in rows])
-            self._db.executemany(_NOT_PENDING, [(_uid(r.study_instance_uid),) for r, _ in rows])
+            self._db.executemany(_CLEAN, [(pack_uid(r.study_instance_uid), gen) for r, gen in rows])
+            self._db.executemany(_NOT_PENDING, [(pack_uid(r.study_instance_uid),) for r, _ in rows])
 
     def begin_fold(self, new: Sequence[StudyRow], fold: int) -> None:
         """These rows, new to Delta, are about to be appended by fold number ``fold``.
@@ -853,7 +859,11 @@ class CatalogIndex:
                 self._db.executemany(
                     "UPDATE studies SET fold = ?, fold_date = ? WHERE study_instance_uid = ?",
                     [
-                        (fold, study_date_partition(row).isoformat(), _uid(row.study_instance_uid))
+                        (
+                            fold,
+                            study_date_partition(row).isoformat(),
+                            pack_uid(row.study_instance_uid),
+                        )
                         for row in new
                     ],
                 )
@@ -925,46 +935,64 @@ class CatalogIndex:
         """Derive these studies' rows again (their last access is kept)."""
         for chunk, marks in _in_lists(sorted(set(study_uids))):
             keys = [uid_key(uid) for uid in chunk]
-            uids = [_uid(uid) for uid in chunk]
+            uids = [pack_uid(uid) for uid in chunk]
             self._db.execute(_DERIVE.format(keys=marks, uids=marks), [*keys, *uids])
 
     def _instance_rows(self, batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
-        """Rows of ``instances`` (Arrow) as index rows; new codes are committed first."""
+        """Rows of ``instances`` (Arrow) as index rows; new codes are committed first.
+
+        Converted a column at a time (``columns``): a rebuild converts every row of the
+        archive, and a Python call per value was most of its time."""
+        column = batch.column
+        values: dict[str, list[Any]] = {name: column(name).to_pylist() for name in _PLAIN}
+        for name in _CODED:
+            strings = column(name)
+            if name in LATER_INSTANCE_COLUMNS and strings.null_count:
+                strings = pc.fill_null(strings, "")  # null in older rows
+            values[name] = self._coded(strings)
+        for name in _HEXED:
+            values[name] = columns.pack_hex_column(column(name))
+        for uid, key in _KEYS.items():
+            uids = column(uid)
+            if uid == "sop_instance_uid":  # one per row: nothing to share
+                values[key] = [uid_key(value) for value in uids.to_pylist()]
+            else:
+                values[key] = columns.by_distinct(uids, _uid_keys)
+            values[uid] = columns.pack_uid_column(uids)
         # Dates and times converted by column, in Arrow: Python objects for them would be
         # most of a rebuild's time.
-        values = {
-            name: batch.column(name).to_pylist()
-            for name in RECORD_FIELDS
-            if name not in ("study_date", "ingest_time")
-        }
-        for name in LATER_INSTANCE_COLUMNS:
-            values[name] = [value or "" for value in values[name]]  # null in older rows
-        for name in _CODED:
-            values[name] = self._codes.ids(values[name])
-        for name in _HEXED:
-            values[name] = [_packed(value) for value in values[name]]
-        for uid, key in _KEYS.items():
-            values[key] = [uid_key(value) for value in values[uid]]
-        values["study_date"] = batch.column("study_date").cast(pa.int32()).to_pylist()
-        values["ingest_time"] = _micros(batch.column("ingest_time"))
+        values["study_date"] = column("study_date").cast(pa.int32()).to_pylist()
+        values["ingest_time"] = _micros(column("ingest_time"))
+        prefixes = columns.by_distinct(column("study_instance_uid"), _study_prefixes)
         values["object_key"] = [
-            pack_id_of(key, study) or key
-            for key, study in zip(values["object_key"], values["study_instance_uid"], strict=True)
+            (prefix is not None and pack_id_in(key, prefix)) or key
+            for key, prefix in zip(column("object_key").to_pylist(), prefixes, strict=True)
         ]
-        for uid in _KEYS:
-            values[uid] = [_uid(value) for value in values[uid]]
         return list(zip(*(values[name] for name in _INSTANCE_COLUMNS), strict=True))
 
     def _placement_rows(self, batch: pa.RecordBatch) -> list[tuple[Any, ...]]:
-        values = {name: batch.column(name).to_pylist() for name in _PLACEMENT_COLUMNS}
-        values["sha256"] = [_packed(value) for value in values["sha256"]]
-        values["tier"] = self._codes.ids(values["tier"])
-        values["key_id"] = self._codes.ids(values["key_id"])
-        values["placed_time"] = _micros(batch.column("placed_time"))
-        syntaxes = values["transfer_syntax_stored"]
-        coded = iter(self._codes.ids([syntax for syntax in syntaxes if syntax]))
-        values["transfer_syntax_stored"] = [next(coded) if syntax else None for syntax in syntaxes]
+        column = batch.column
+        plain = ("bucket", "object_key", "byte_offset", "byte_length")
+        values = {name: column(name).to_pylist() for name in plain}
+        values["sha256"] = columns.pack_hex_column(column("sha256"))
+        values["tier"] = self._coded(column("tier"))
+        values["key_id"] = self._coded(column("key_id"))
+        values["placed_time"] = _micros(column("placed_time"))
+        # Null or empty: the instance's own (an older row, or a move that kept it).
+        values["transfer_syntax_stored"] = self._coded(column("transfer_syntax_stored"), True)
         return list(zip(*(values[name] for name in _PLACEMENT_COLUMNS), strict=True))
+
+    def _coded(self, strings: pa.Array, empty_as_none: bool = False) -> list[Any]:
+        """The code of each string (new ones committed first), asked once per distinct
+        string; null (and with ``empty_as_none`` an empty string) as None."""
+
+        def codes(values: list[str]) -> list[int | None]:
+            if not empty_as_none:
+                return list(self._codes.ids(values))
+            found = iter(self._codes.ids([value for value in values if value]))
+            return [next(found) if value else None for value in values]
+
+        return columns.by_distinct(strings, codes)
 
     def _record(self, row: Sequence[Any]) -> InstanceRecord:
         values = dict(zip(RECORD_FIELDS, row, strict=True))
@@ -1061,35 +1089,20 @@ def uid_key(uid: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-_HEX_DIGITS = frozenset("0123456789abcdef")
+def _uid_keys(uids: list[str]) -> list[int]:
+    return [uid_key(uid) for uid in uids]
 
 
-def _packed(value: str) -> bytes | str:
-    """Lowercase hex of whole bytes as the bytes it spells; anything else as it is (SQLite
-    keeps either in one column, and tells them apart)."""
-    if value and len(value) % 2 == 0 and _HEX_DIGITS.issuperset(value):
-        return bytes.fromhex(value)
-    return value
+def _study_prefixes(study_uids: list[str]) -> list[str]:
+    return [study_prefix(uid) for uid in study_uids]
 
 
-# A UID's characters as hex digits in the same order (the pad digit 0 sorts first).
-_UID_TO_HEX = str.maketrans(".0123456789", "123456789ab")
+# The inverse of ``columns.pack_uid``'s translation.
 _HEX_TO_UID = str.maketrans("123456789ab", ".0123456789")
-_UID_CHARACTERS = frozenset(".0123456789")
-
-
-def _uid(value: str) -> bytes | str:
-    """A UID (digits and dots) as half as many bytes, four bits a character, which sort
-    as the UIDs do; anything else as it is. (No library packs UIDs; this is two
-    translations.)"""
-    if value and _UID_CHARACTERS.issuperset(value):
-        digits = value.translate(_UID_TO_HEX)
-        return bytes.fromhex(digits + "0" * (len(digits) % 2))
-    return value
 
 
 def _uid_or_none(value: str | None) -> bytes | str | None:
-    return None if value is None else _uid(value)
+    return None if value is None else pack_uid(value)
 
 
 def _unuid(value: bytes | str) -> str:
@@ -1097,7 +1110,7 @@ def _unuid(value: bytes | str) -> str:
 
 
 def _packed_or_none(value: str | None) -> bytes | str | None:
-    return None if value is None else _packed(value)
+    return None if value is None else pack_hex(value)
 
 
 def _unpacked(value: bytes | str) -> str:
@@ -1173,12 +1186,12 @@ def _identity_rows(
         batch.column("sealed").to_pylist(),
         strict=True,
     ):
-        packed = _uid(study)
-        yield _packed(sha), sealed, [(token_key(token), packed) for token in tokens]
+        packed = pack_uid(study)
+        yield pack_hex(sha), sealed, [(token_key(token), packed) for token in tokens]
 
 
 def _access_rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
-    uids = [_uid(uid) for uid in batch.column("study_instance_uid").to_pylist()]
+    uids = [pack_uid(uid) for uid in batch.column("study_instance_uid").to_pylist()]
     for uid, moment in zip(uids, _micros(batch.column("access_time")), strict=True):
         yield moment, uid, moment
 

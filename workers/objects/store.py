@@ -264,10 +264,9 @@ def pack_key_for(study_instance_uid: str) -> str:
     return study_prefix(study_instance_uid) + secrets.token_hex(16)
 
 
-def pack_id_of(key: str, study_instance_uid: str) -> bytes | None:
-    """The 16 random bytes of a pack key named by ``pack_key_for`` for this study, else
-    None (the catalog index keeps only those bytes)."""
-    prefix = study_prefix(study_instance_uid)
+def pack_id_in(key: str, prefix: str) -> bytes | None:
+    """The 16 random bytes of a pack key named by ``pack_key_for`` for the study whose
+    ``study_prefix`` is ``prefix``, else None (the catalog index keeps only those bytes)."""
     rest = key[len(prefix) :]
     if not key.startswith(prefix) or len(rest) != 32:
         return None
@@ -278,7 +277,7 @@ def pack_id_of(key: str, study_instance_uid: str) -> bytes | None:
 
 
 def pack_key_from(pack_id: bytes, study_instance_uid: str) -> str:
-    """The inverse of ``pack_id_of``."""
+    """The inverse of ``pack_id_in``."""
     return study_prefix(study_instance_uid) + pack_id.hex()
 
 

@@ -204,7 +204,9 @@ _TEXT = st.text(alphabet=st.sampled_from(".0123456789abcdefXYZ-' "), max_size=70
 
 @given(st.lists(_TEXT, min_size=2, max_size=6))
 def test_uids_and_hex_packed_in_the_index_come_back_and_sort_alike(values: list[str]) -> None:
-    from cluster.catalog.index import _packed, _uid, _unpacked, _unuid
+    from cluster.catalog.columns import pack_hex as _packed
+    from cluster.catalog.columns import pack_uid as _uid
+    from cluster.catalog.index import _unpacked, _unuid
 
     for value in values:
         assert _unuid(_uid(value)) == value
@@ -215,7 +217,8 @@ def test_uids_and_hex_packed_in_the_index_come_back_and_sort_alike(values: list[
 
 
 def test_a_uid_takes_half_its_length_and_other_text_is_kept() -> None:
-    from cluster.catalog.index import _packed, _uid
+    from cluster.catalog.columns import pack_hex as _packed
+    from cluster.catalog.columns import pack_uid as _uid
 
     uid = "1.2.826.0.1.3680043.10.543.20261202.7.123"
     assert isinstance(_uid(uid), bytes) and len(_uid(uid)) == (len(uid) + 1) // 2
