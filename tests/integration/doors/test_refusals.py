@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import requests
 from cryptography import x509
@@ -19,8 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from cluster.client import StrataClient
 from cluster.rpc import strata_pb2 as pb
@@ -122,6 +127,7 @@ def test_plain_tcp_clients_are_refused_by_tls_doors(tls_node: tuple[Node, Path])
     assert plain_echo.returncode != 0
     ae = AE(ae_title="TLSSCU")
     ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     context = ssl.create_default_context(cafile=str(cert))
     assoc = ae.associate(
         "127.0.0.1", node.dimse_port, ae_title="STRATA", tls_args=(context, "127.0.0.1")
@@ -129,5 +135,18 @@ def test_plain_tcp_clients_are_refused_by_tls_doors(tls_node: tuple[Node, Path])
     assert assoc.is_established
     try:
         assert assoc.send_c_echo().Status == 0x0000
+        # A file of several PDUs (the door takes 1 MiB ones), each of many TLS records.
+        assert assoc.send_c_store(_large_ct()).Status == 0x0000
     finally:
         assoc.release()
+
+
+def _large_ct() -> Dataset:
+    """pydicom's small CT with 1024 × 1024 pixels of noise: about 2 MiB."""
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.Rows = dataset.Columns = 1024
+    noise = np.random.default_rng(5).integers(0, 4096, (1024, 1024), dtype=np.uint16)
+    dataset.PixelData = noise.tobytes()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return dataset

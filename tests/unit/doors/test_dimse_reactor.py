@@ -4,7 +4,9 @@ they are installed on; the real door is exercised by the DIMSE integration tests
 
 from __future__ import annotations
 
+import os
 import queue
+import resource
 import socket
 import threading
 import tracemalloc
@@ -106,6 +108,76 @@ def test_a_message_taken_while_another_thread_pauses_the_reactor_goes_back() -> 
     loop.join(5)
     assert assoc.served == [(1, "the next request")]
     assert not loop.is_alive()
+
+
+def _fake_dul(connection: socket.socket) -> Any:
+    dul = types.SimpleNamespace(
+        to_provider_queue=queue.Queue(), socket=types.SimpleNamespace(socket=connection)
+    )
+    reactor.wait_on_the_socket(dul)
+    return dul
+
+
+def _waits_until(dul: Any, wake: Any) -> bool:
+    """Whether ``_wait_for`` returns once ``wake`` has run (it would wait a minute else)."""
+    waiting = threading.Thread(target=reactor._wait_for, args=(dul,), daemon=True)
+    waiting.start()
+    wake()
+    waiting.join(30)
+    return not waiting.is_alive()
+
+
+def test_the_dul_loop_wakes_for_a_primitive_to_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reactor, "_DUL_WAIT_S", 60.0)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        dul = _fake_dul(ours)
+        assert _waits_until(dul, lambda: dul.to_provider_queue.put("a P-DATA primitive"))
+        assert dul.to_provider_queue.get_nowait() == "a P-DATA primitive"
+        # The wake-up was taken: the next wait waits again, for the peer this time.
+        assert _waits_until(dul, lambda: theirs.sendall(b"\x04\x00"))
+
+
+def test_the_dul_loop_waits_on_descriptors_past_1024(monkeypatch: pytest.MonkeyPatch) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    monkeypatch.setattr(reactor, "_DUL_WAIT_S", 60.0)
+    monkeypatch.setattr(reactor.time, "sleep", _never)  # the fallback for a failed wait
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            dul = _fake_dul(ours)
+            assert dul._strata_alarm.bell.fileno() > 1024
+            waiting = threading.Thread(target=reactor._wait_for, args=(dul,), daemon=True)
+            waiting.start()
+            waiting.join(0.2)
+            assert waiting.is_alive()  # it waits: nothing has come
+            dul.to_provider_queue.put("a primitive")
+            waiting.join(30)
+            assert not waiting.is_alive()
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _never(seconds: float) -> None:
+    raise AssertionError("the wait failed and fell back to sleeping")
+
+
+def test_the_dul_loop_ends_its_wake_up_socket() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        dul = _fake_dul(ours)
+        dul._kill_thread = True
+        dul._idle_timer = types.SimpleNamespace(start=lambda: None)
+        dul.assoc = types.SimpleNamespace(_dul_ready=threading.Event())
+        reactor._run_dul(dul)
+        assert dul._strata_alarm.bell.fileno() == -1
+        dul.to_provider_queue.put("sent after the end")  # no error: nobody to wake
 
 
 def test_the_loops_replaced_are_those_of_the_pynetdicom_installed() -> None:
