@@ -1052,6 +1052,7 @@ class _Codes:
         if missing:
             if len(self._ids) + len(missing) > self._REMEMBERED:
                 self.forget()
+                missing = set(values)  # those known a moment ago too
             # Never inside another transaction: its rollback would take codes back that
             # are remembered here.
             assert not self._db.in_transaction, "codes are added between transactions"

@@ -1,7 +1,9 @@
-"""The index's values a column at a time equal them a value at a time."""
+"""The index's values a column at a time equal them a value at a time; its codes."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from unittest import mock
 
 import pyarrow as pa
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from cluster.catalog import columns
 from cluster.catalog.columns import pack_hex, pack_uid
-from cluster.catalog.index import _unuid, uid_key
+from cluster.catalog.index import _Codes, _unuid, uid_key
 
 # Values like those the catalog holds (hex digests, UIDs) and values unlike them (empty,
 # odd lengths, capitals, other characters, non-ASCII), null among them.
@@ -78,3 +80,19 @@ def test_by_distinct_keeps_tuples_whole(bulk_from: int) -> None:
     with mock.patch.object(columns, "_BULK_ROWS", bulk_from):
         got = columns.by_distinct(pa.array(["a", "b", "a"]), lambda d: [(v, v) for v in d])
     assert got == [("a", "a"), ("b", "b"), ("a", "a")]
+
+
+def test_codes_past_the_remembered_limit_are_all_found_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Storage notes carry sizes, so a large archive has many distinct ones: a batch that
+    # crosses the limit holds codes known a moment ago and new ones alike.
+    monkeypatch.setattr(_Codes, "_REMEMBERED", 4)
+    connection = sqlite3.connect(tmp_path / "codes.sqlite")
+    connection.execute("CREATE TABLE codes (id INTEGER PRIMARY KEY, value TEXT NOT NULL UNIQUE)")
+    codes = _Codes(connection)
+    first = codes.ids(["a", "b", "c"])
+    crossing = codes.ids(["a", "b", "d", "e"])  # 3 known + 2 new > 4: forgotten meanwhile
+    assert crossing[:2] == first[:2]
+    assert len(set(crossing)) == 4
+    assert codes.ids(["c"]) == [first[2]]
